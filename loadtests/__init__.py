@@ -1,0 +1,1 @@
+"""Locust load tests for the orchestrator; run them with ``python -m loadtests.run``."""

@@ -1,0 +1,1 @@
+"""The ``lodestar`` command line, the local stack runner, evaluation and benchmarks."""

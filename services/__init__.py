@@ -1,0 +1,1 @@
+"""Lodestar services: one package per FastAPI service (engine, api, __main__)."""

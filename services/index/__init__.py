@@ -1,0 +1,1 @@
+"""The index service: dense (exact; ANN + exact re-scoring later) and BM25 retrieval."""

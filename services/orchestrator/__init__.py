@@ -1,0 +1,1 @@
+"""The orchestrator: Lodestar's single public entry point (/search, /answer, /feedback)."""

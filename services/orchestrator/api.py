@@ -1,0 +1,363 @@
+"""The public API (port 8000): /search, /answer, /feedback, traces, collections and jobs.
+
+Thin: validate, call the pipelines and clients, persist the trace, shape the response.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from celery import Celery
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from sse_starlette.sse import EventSourceResponse
+
+from services.orchestrator.engine import INDEX_RETRIEVERS, AnswerPipeline, SearchPipeline
+from shared.app import require_ready
+from shared.clients import IndexClient
+from shared.errors import ErrorCode, LodestarError, invalid
+from shared.jobs import TASK_INDEX_DOCUMENTS, job_status
+from shared.models import Generation
+from shared.schemas import CollectionInfo, Document, Hit, is_valid_collection_name
+from shared.settings import Settings
+from shared.store import FeedbackIn, Store, Trace, new_id
+
+# --- request and response models ---------------------------------------------------------------
+
+
+class SearchRequest(BaseModel):
+    query: str
+    collection: str = "wiki"
+    k: int = 10
+    retrievers: list[str] = Field(default_factory=lambda: list(INDEX_RETRIEVERS), min_length=1)
+    fusion: Literal["rrf"] = "rrf"
+    rerank: str | None = None
+
+
+class SearchResponse(BaseModel):
+    trace_id: str
+    hits: list[Hit]
+    timings_ms: dict[str, float]
+    degraded: list[str]
+
+
+class AnswerRequest(BaseModel):
+    question: str
+    collection: str = "wiki"
+    k: int = 3
+    max_rounds: int = Field(1, ge=1, le=8)
+    stream: bool = False
+
+
+class Citation(BaseModel):
+    doc_id: str
+    title: str
+
+
+class Round(BaseModel):
+    query: str
+    hit_ids: list[str]
+    answer: str
+
+
+class AnswerResponse(BaseModel):
+    trace_id: str
+    answer: str
+    citations: list[Citation]
+    rounds: list[Round]
+    timings_ms: dict[str, float]
+    degraded: list[str]
+
+
+class FeedbackRequest(BaseModel):
+    trace_id: str = Field(min_length=1, max_length=64)
+    stage: str = Field(min_length=1, max_length=32)
+    target_type: Literal["subquery", "doc", "answer", "claim", "citation"]
+    target_id: str = Field(min_length=1, max_length=512)
+    action: str = Field(min_length=1, max_length=32)
+    value: Any = None
+    source: Literal["user", "shadow"] = "user"
+    agent_id: str | None = Field(None, max_length=128)
+    confidence: float | None = Field(None, ge=0.0, le=1.0)
+    rationale: str | None = Field(None, max_length=4000)
+    idempotency_key: str | None = Field(None, min_length=1, max_length=200)
+
+
+class FeedbackResponse(BaseModel):
+    feedback_id: str
+    created: bool
+
+
+class UpsertDocumentsRequest(BaseModel):
+    documents: list[Document] = Field(min_length=1)
+
+
+# --- dependencies ------------------------------------------------------------------------------
+
+
+def _state(request: Request, name: str) -> Any:
+    return getattr(request.app.state, name)
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = _state(request, "settings")
+    return settings
+
+
+def get_store(request: Request) -> Store:
+    store: Store = _state(request, "store")
+    return store
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StoreDep = Annotated[Store, Depends(get_store)]
+
+
+def get_index(request: Request) -> IndexClient:
+    client: IndexClient = _state(request, "index")
+    return client
+
+
+def get_search(request: Request) -> SearchPipeline:
+    pipeline: SearchPipeline = _state(request, "search")
+    return pipeline
+
+
+def get_answer(request: Request) -> AnswerPipeline:
+    pipeline: AnswerPipeline = _state(request, "answer")
+    return pipeline
+
+
+def get_celery(request: Request) -> Celery:
+    app: Celery = _state(request, "celery")
+    return app
+
+
+IndexDep = Annotated[IndexClient, Depends(get_index)]
+SearchDep = Annotated[SearchPipeline, Depends(get_search)]
+AnswerDep = Annotated[AnswerPipeline, Depends(get_answer)]
+CeleryDep = Annotated[Celery, Depends(get_celery)]
+
+router = APIRouter()
+ready = [Depends(require_ready)]
+
+
+def validate_text(value: str, field: str, settings: Settings) -> str:
+    stripped = value.strip()
+    if not stripped:
+        raise LodestarError(ErrorCode.empty, f"{field} is empty", field=field)
+    if len(stripped) > settings.max_query_chars:
+        raise invalid(f"{field} exceeds {settings.max_query_chars} characters", field=field)
+    return stripped
+
+
+def validate_k(k: int, settings: Settings) -> None:
+    if not 1 <= k <= settings.max_k:
+        raise invalid(f"k must be between 1 and {settings.max_k}", field="k")
+
+
+def validate_collection(name: str) -> None:
+    if not is_valid_collection_name(name):
+        raise invalid(
+            "collection names are 1-64 characters of a-z, 0-9, '_' and '-'", field="collection"
+        )
+
+
+# --- search and answer -------------------------------------------------------------------------
+
+
+@router.post("/search", response_model=SearchResponse, dependencies=ready)
+async def search(
+    body: SearchRequest, settings: SettingsDep, store: StoreDep, pipeline: SearchDep
+) -> SearchResponse:
+    query = validate_text(body.query, "query", settings)
+    validate_k(body.k, settings)
+    validate_collection(body.collection)
+    started = time.perf_counter()
+    trace = Trace(kind="search", request=body.model_dump())
+    outcome = await pipeline.run(
+        trace,
+        query=query,
+        collection=body.collection,
+        k=body.k,
+        retrievers=body.retrievers,
+        rerank=body.rerank,
+    )
+    timings = {**outcome.timings_ms, "total": (time.perf_counter() - started) * 1000}
+    response = SearchResponse(
+        trace_id=trace.trace_id,
+        hits=outcome.hits,
+        timings_ms=_round(timings),
+        degraded=outcome.degraded,
+    )
+    trace.response = {"hit_ids": [h.doc_id for h in outcome.hits], "degraded": outcome.degraded}
+    await run_in_threadpool(store.save_trace, trace)
+    return response
+
+
+@router.post("/answer", response_model=AnswerResponse, dependencies=ready)
+async def answer(
+    body: AnswerRequest, settings: SettingsDep, store: StoreDep, pipeline: AnswerDep
+) -> Any:
+    question = validate_text(body.question, "question", settings)
+    validate_k(body.k, settings)
+    validate_collection(body.collection)
+    if body.max_rounds > 1:
+        # Multi-round answering needs the SIM-RAG critic, which is not part of this release.
+        raise invalid(
+            "max_rounds > 1 needs the critic service, which is not available yet",
+            field="max_rounds",
+        )
+    trace = Trace(kind="answer", request=body.model_dump())
+    if body.stream:
+        return EventSourceResponse(_answer_events(trace, question, body, store, pipeline))
+    started = time.perf_counter()
+    outcome = await pipeline.run(trace, question=question, collection=body.collection, k=body.k)
+    timings = {**outcome.timings_ms, "total": (time.perf_counter() - started) * 1000}
+    response = AnswerResponse(
+        trace_id=trace.trace_id,
+        answer=outcome.answer,
+        citations=[Citation(doc_id=h.doc_id, title=h.title) for h in outcome.citations],
+        rounds=[
+            Round(query=question, hit_ids=[h.doc_id for h in outcome.hits], answer=outcome.answer)
+        ],
+        timings_ms=_round(timings),
+        degraded=outcome.degraded,
+    )
+    trace.response = response.model_dump(exclude={"timings_ms"})
+    await run_in_threadpool(store.save_trace, trace)
+    return response
+
+
+async def _answer_events(
+    trace: Trace, question: str, body: AnswerRequest, store: Store, pipeline: AnswerPipeline
+) -> AsyncIterator[dict[str, str]]:
+    """SSE: a ``round`` event with the hits, ``token`` events as the answer is written, and a
+    final ``citations`` event (with the trace id) once the trace is stored."""
+    started = time.perf_counter()
+    try:
+        outcome = await pipeline.retrieve(trace, question, body.collection, body.k)
+    except LodestarError as exc:
+        yield {"event": "error", "data": json.dumps(exc.body())}
+        return
+    yield {
+        "event": "round",
+        "data": json.dumps(
+            {"round": 1, "query": question, "hits": [h.model_dump() for h in outcome.hits]}
+        ),
+    }
+    generation: Generation | None = None
+    async for piece in pipeline.stream(question, outcome.hits):
+        if isinstance(piece, Generation):
+            generation = piece
+        elif piece:
+            yield {"event": "token", "data": json.dumps({"text": piece})}
+    assert generation is not None  # Generator.stream always ends with its Generation
+    result = pipeline.finish(trace, question, outcome, generation)
+    timings = {**result.timings_ms, "total": (time.perf_counter() - started) * 1000}
+    final = {
+        "trace_id": trace.trace_id,
+        "answer": result.answer,
+        "citations": [{"doc_id": h.doc_id, "title": h.title} for h in result.citations],
+        "rounds": [
+            {"query": question, "hit_ids": [h.doc_id for h in result.hits], "answer": result.answer}
+        ],
+        "timings_ms": _round(timings),
+        "degraded": result.degraded,
+    }
+    trace.response = {k: v for k, v in final.items() if k != "timings_ms"}
+    await run_in_threadpool(store.save_trace, trace)
+    yield {"event": "citations", "data": json.dumps(final)}
+
+
+def _round(timings: dict[str, float]) -> dict[str, float]:
+    return {k: round(v, 2) for k, v in timings.items()}
+
+
+# --- feedback and traces -----------------------------------------------------------------------
+
+
+@router.post("/feedback", status_code=201, response_model=FeedbackResponse)
+async def post_feedback(body: FeedbackRequest, store: StoreDep) -> FeedbackResponse:
+    item = FeedbackIn(**body.model_dump())
+    feedback_id, created = await run_in_threadpool(store.add_feedback, item)
+    return FeedbackResponse(feedback_id=feedback_id, created=created)
+
+
+@router.get("/traces/{trace_id}")
+async def get_trace(trace_id: str, store: StoreDep) -> dict[str, Any]:
+    trace: dict[str, Any] = await run_in_threadpool(store.get_trace, trace_id)
+    return trace
+
+
+# --- collections and jobs ----------------------------------------------------------------------
+
+
+@router.get("/collections", response_model=list[CollectionInfo])
+async def list_collections(index: IndexDep) -> list[CollectionInfo]:
+    return await index.collections()
+
+
+@router.get("/collections/{name}", response_model=CollectionInfo)
+async def get_collection(name: str, index: IndexDep) -> CollectionInfo:
+    validate_collection(name)
+    return await index.collection(name)
+
+
+@router.put("/collections/{name}/documents")
+async def upsert_documents(
+    name: str,
+    body: UpsertDocumentsRequest,
+    settings: SettingsDep,
+    store: StoreDep,
+    index: IndexDep,
+    celery: CeleryDep,
+) -> Response:
+    """Small batches are indexed inside the request; large ones become a job (202 + job id)."""
+    validate_collection(name)
+    ids = [doc.id for doc in body.documents]
+    if len(set(ids)) != len(ids):
+        raise invalid("a document id appears twice in one batch", field="documents")
+    if len(body.documents) <= settings.inline_ingest_max_docs:
+        result = await index.upsert(name, body.documents)
+        return JSONResponse(result.model_dump(), status_code=200)
+    job_id = new_id()
+    batch = await run_in_threadpool(_stage_batch, settings.data_dir, job_id, body.documents)
+    await run_in_threadpool(
+        store.record_job, job_id, TASK_INDEX_DOCUMENTS, {"collection": name, "documents": len(ids)}
+    )
+    celery.send_task(TASK_INDEX_DOCUMENTS, args=[name, str(batch)], task_id=job_id, queue="cpu")
+    return JSONResponse({"job_id": job_id, "status_url": f"/jobs/{job_id}"}, status_code=202)
+
+
+def _stage_batch(data_dir: Path, job_id: str, documents: list[Document]) -> Path:
+    """Write the batch where the worker can read it (the shared data directory)."""
+    incoming = (data_dir / "incoming").resolve()
+    incoming.mkdir(parents=True, exist_ok=True)
+    path = incoming / f"{job_id}.jsonl"
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", encoding="utf-8") as handle:
+        for doc in documents:
+            handle.write(json.dumps(doc.model_dump(), ensure_ascii=False) + "\n")
+    tmp.rename(path)
+    return path
+
+
+@router.delete("/collections/{name}/documents/{doc_id:path}")
+async def delete_document(name: str, doc_id: str, index: IndexDep) -> dict[str, Any]:
+    validate_collection(name)
+    result = await index.delete(name, doc_id)
+    return result.model_dump()
+
+
+@router.get("/jobs/{job_id}")
+async def get_job(job_id: str, store: StoreDep, celery: CeleryDep) -> dict[str, Any]:
+    job = await run_in_threadpool(store.get_job, job_id)
+    status = await run_in_threadpool(job_status, celery, job_id)
+    return {**status, "kind": job["kind"], "params": job["params"], "created_at": job["created_at"]}

@@ -1,0 +1,41 @@
+"""Wires the orchestrator: store, clients, pipelines, the LLM and the job queue."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from services.orchestrator.api import router
+from services.orchestrator.engine import AnswerPipeline, SearchPipeline
+from shared.app import Readiness, create_app
+from shared.clients import IndexClient
+from shared.jobs import make_celery
+from shared.models import Generator, get_generator
+from shared.settings import Settings
+from shared.store import Store, database_url
+
+
+def build_app(settings: Settings) -> FastAPI:
+    store = Store(database_url(settings.database_url, settings.data_dir))
+    index = IndexClient(settings)
+    search = SearchPipeline(index, rrf_k=settings.rrf_k)
+
+    def generator() -> Generator:
+        return get_generator(settings)
+
+    answer = AnswerPipeline(search, generator, max_new_tokens=settings.answer_max_new_tokens)
+
+    def warm_up(readiness: Readiness) -> None:
+        model = generator()
+        readiness.set_ready(generator=model.model_id, store=store.engine.dialect.name)
+
+    async def shutdown() -> None:
+        await index.aclose()
+        store.close()
+
+    app = create_app("orchestrator", settings, [router], warm_up=warm_up, on_shutdown=shutdown)
+    app.state.store = store
+    app.state.index = index
+    app.state.search = search
+    app.state.answer = answer
+    app.state.celery = make_celery(settings)
+    return app

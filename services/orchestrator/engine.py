@@ -1,0 +1,382 @@
+"""The orchestrator's pipelines: first-stage retrieval with fusion, and answering from passages.
+
+Plain Python over async clients, so the same code runs behind the API, in the evaluation
+harness and in tests. Every stage appends a ``StageRun`` to the trace with stable target ids
+(documents, the answer, citations) that feedback can point at.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from shared.clients import DependencyError
+from shared.errors import ErrorCode, LodestarError
+from shared.models import Generation
+from shared.schemas import Hit, IndexSearchRequest, IndexSearchResponse, SourceRank
+from shared.store import StageRun, Trace
+
+#: First-stage retrievers served by the index service.
+INDEX_RETRIEVERS = ("dense", "bm25")
+#: How deep each retriever's list is before fusion: RRF needs more than k to work with.
+FUSION_DEPTH = 100
+RERANKERS: tuple[str, ...] = ()  # filled by the reranker issue (ICR)
+
+
+class IndexSearcher(Protocol):
+    async def search(self, request: IndexSearchRequest) -> IndexSearchResponse: ...
+
+
+class ChatGenerator(Protocol):
+    model_id: str
+
+    def generate(
+        self,
+        messages: Sequence[dict[str, str]],
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+    ) -> Generation: ...
+
+    def stream(
+        self,
+        messages: Sequence[dict[str, str]],
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+    ) -> Iterator[str | Generation]: ...
+
+
+def reciprocal_rank_fusion(ranked_lists: dict[str, list[Hit]], rrf_k: int, k: int) -> list[Hit]:
+    """RRF (Cormack et al. 2009): score(d) = Σ_r 1 / (rrf_k + rank_r(d)), ranks 1-based.
+
+    Ties break by the best single rank, then by doc id, so the order is deterministic.
+    """
+    fused: dict[str, Hit] = {}
+    scores: dict[str, float] = {}
+    best_rank: dict[str, int] = {}
+    for retriever, hits in ranked_lists.items():
+        for rank, hit in enumerate(hits, start=1):
+            scores[hit.doc_id] = scores.get(hit.doc_id, 0.0) + 1.0 / (rrf_k + rank)
+            best_rank[hit.doc_id] = min(best_rank.get(hit.doc_id, rank), rank)
+            entry = fused.get(hit.doc_id)
+            if entry is None:
+                entry = fused[hit.doc_id] = Hit(
+                    doc_id=hit.doc_id, title=hit.title, text=hit.text, score=0.0
+                )
+            entry.sources[retriever] = SourceRank(rank=rank, score=hit.score)
+    order = sorted(fused, key=lambda d: (-scores[d], best_rank[d], d))[:k]
+    return [fused[d].model_copy(update={"score": scores[d]}) for d in order]
+
+
+def _doc_targets(hits: Sequence[Hit]) -> list[dict[str, str]]:
+    return [{"type": "doc", "id": hit.doc_id} for hit in hits]
+
+
+@dataclass
+class SearchOutcome:
+    hits: list[Hit]
+    timings_ms: dict[str, float]
+    degraded: list[str] = field(default_factory=list)
+
+
+class SearchPipeline:
+    def __init__(self, index: IndexSearcher, rrf_k: int = 60) -> None:
+        self.index = index
+        self.rrf_k = rrf_k
+
+    async def run(
+        self,
+        trace: Trace,
+        *,
+        query: str,
+        collection: str,
+        k: int,
+        retrievers: Sequence[str],
+        rerank: str | None = None,
+    ) -> SearchOutcome:
+        unknown = [r for r in retrievers if r not in INDEX_RETRIEVERS]
+        if unknown:
+            raise LodestarError(
+                ErrorCode.validation,
+                f"unknown retriever {unknown[0]!r}; available: {', '.join(INDEX_RETRIEVERS)}",
+                field="retrievers",
+            )
+        if rerank is not None and rerank not in RERANKERS:
+            raise LodestarError(
+                ErrorCode.validation,
+                f"unknown reranker {rerank!r}; available: {', '.join(RERANKERS) or 'none yet'}",
+                field="rerank",
+            )
+        timings: dict[str, float] = {}
+        degraded: list[str] = []
+        depth = max(k, FUSION_DEPTH) if len(retrievers) > 1 else k
+        started = time.perf_counter()
+        request = IndexSearchRequest(
+            collection=collection, query=query, k=depth, retrievers=list(dict.fromkeys(retrievers))
+        )
+        try:
+            response = await self.index.search(request)
+        except DependencyError as exc:
+            raise LodestarError(
+                ErrorCode.dependency_failed, f"no retriever answered: {exc.message}"
+            ) from exc
+        timings["retrieve"] = (time.perf_counter() - started) * 1000
+        for name, value in response.timings_ms.items():
+            timings[f"index.{name}"] = value
+        for retriever, hits in response.results.items():
+            trace.stages.append(
+                StageRun(
+                    stage="retrieve",
+                    inputs={"query": query, "k": depth},
+                    outputs={
+                        "hits": [
+                            {"doc_id": h.doc_id, "rank": i, "score": h.score}
+                            for i, h in enumerate(hits, 1)
+                        ]
+                    },
+                    targets=_doc_targets(hits),
+                    model_id="sentence-transformers/all-MiniLM-L6-v2"
+                    if retriever == "dense"
+                    else "bm25",
+                    params={
+                        "retriever": retriever,
+                        "collection": collection,
+                        "version": response.version,
+                    },
+                    latency_ms=response.timings_ms.get(retriever, 0.0),
+                )
+            )
+        started = time.perf_counter()
+        if len(response.results) == 1:
+            (only,) = response.results.values()
+            hits = only[:k]
+        else:
+            hits = reciprocal_rank_fusion(response.results, self.rrf_k, k)
+        timings["fusion"] = (time.perf_counter() - started) * 1000
+        trace.stages.append(
+            StageRun(
+                stage="fusion",
+                inputs={"retrievers": list(response.results), "k": k},
+                outputs={
+                    "hits": [
+                        {"doc_id": h.doc_id, "rank": i, "score": h.score}
+                        for i, h in enumerate(hits, 1)
+                    ]
+                },
+                targets=_doc_targets(hits),
+                params={
+                    "method": "rrf" if len(response.results) > 1 else "none",
+                    "rrf_k": self.rrf_k,
+                },
+                latency_ms=timings["fusion"],
+            )
+        )
+        return SearchOutcome(hits=hits, timings_ms=timings, degraded=degraded)
+
+
+# --- answering -----------------------------------------------------------------------------------
+
+ANSWER_SYSTEM_PROMPT = (
+    "You answer questions using only the numbered passages you are given. "
+    "Reply with the shortest possible answer (a name, a number or a short phrase), "
+    "followed by the number of the passage that supports it in brackets, like: Paris [2]."
+)
+_CITATION_RE = re.compile(r"\[(\d{1,2})\]")
+_WORD_RE = re.compile(r"\w+")
+_STOP = frozenset(
+    [
+        "a",
+        "an",
+        "the",
+        "of",
+        "in",
+        "on",
+        "at",
+        "to",
+        "is",
+        "was",
+        "by",
+        "for",
+        "and",
+        "or",
+        "with",
+        "as",
+        "from",
+        "it",
+        "its",
+        "this",
+        "that",
+        "be",
+        "are",
+        "were",
+    ]
+)
+
+
+def build_answer_messages(
+    question: str, hits: Sequence[Hit], passage_chars: int = 1200
+) -> list[dict[str, str]]:
+    passages = "\n\n".join(
+        f"[{i}] {hit.title}: {hit.text[:passage_chars]}" for i, hit in enumerate(hits, start=1)
+    )
+    user = f"Passages:\n{passages}\n\nQuestion: {question}\nAnswer:"
+    return [{"role": "system", "content": ANSWER_SYSTEM_PROMPT}, {"role": "user", "content": user}]
+
+
+_ANSWER_PREFIX_RE = re.compile(r"^(the\s+)?(short\s+|final\s+)?answer\b\s*(is\b)?\s*[:\-]?\s*", re.IGNORECASE)
+
+
+def build_closed_book_messages(question: str) -> list[dict[str, str]]:
+    """The prompt for answering without retrieval (the "no retrieval" baseline of RAG
+    evaluations): the same answer format as :func:`build_answer_messages`, no passages."""
+    system = (
+        "You answer questions from your own knowledge. "
+        "Reply with the shortest possible answer (a name, a number or a short phrase), "
+        "with no explanation."
+    )
+    user = f"Question: {question}\nAnswer:"
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
+def clean_answer(raw: str) -> str:
+    """The answer without citation markers or a leading "The answer is:", cut at the first line."""
+    first_line = raw.strip().splitlines()[0] if raw.strip() else ""
+    text = _CITATION_RE.sub("", first_line).strip()
+    return _ANSWER_PREFIX_RE.sub("", text).strip().rstrip(".").strip()
+
+
+def choose_citations(raw_answer: str, hits: Sequence[Hit]) -> tuple[list[Hit], str]:
+    """Citations the model wrote as [n]; failing that, the passages that contain the answer's
+    content words (a 135M model often omits markers); failing that, the top passage.
+    Returns the cited hits and which rule chose them, which the trace records."""
+    marked = []
+    for match in _CITATION_RE.finditer(raw_answer):
+        index = int(match.group(1)) - 1
+        if 0 <= index < len(hits) and hits[index] not in marked:
+            marked.append(hits[index])
+    if marked:
+        return marked, "marker"
+    words = {w for w in _WORD_RE.findall(clean_answer(raw_answer).lower()) if w not in _STOP}
+    if words:
+        overlapping = [
+            hit for hit in hits if words & set(_WORD_RE.findall(f"{hit.title} {hit.text}".lower()))
+        ]
+        if overlapping:
+            return overlapping[:2], "overlap"
+    return list(hits[:1]), "top_passage"
+
+
+@dataclass
+class AnswerOutcome:
+    answer: str
+    raw_answer: str
+    citations: list[Hit]
+    hits: list[Hit]
+    timings_ms: dict[str, float]
+    degraded: list[str]
+    generation: Generation
+
+
+def generation_stage(
+    model_id: str,
+    question: str,
+    hits: Sequence[Hit],
+    generation: Generation,
+    citations: Sequence[Hit],
+    citation_rule: str,
+    max_new_tokens: int,
+) -> StageRun:
+    return StageRun(
+        stage="generate",
+        inputs={"question": question, "doc_ids": [h.doc_id for h in hits]},
+        outputs={
+            "answer": clean_answer(generation.text),
+            "raw": generation.text,
+            "citations": [h.doc_id for h in citations],
+            "citation_rule": citation_rule,
+            "prompt_tokens": generation.prompt_tokens,
+            "new_tokens": generation.new_tokens,
+        },
+        targets=[{"type": "answer", "id": "answer"}]
+        + [{"type": "citation", "id": h.doc_id} for h in citations],
+        model_id=model_id,
+        params={"max_new_tokens": max_new_tokens, "temperature": 0.0},
+        latency_ms=generation.seconds * 1000,
+    )
+
+
+class AnswerPipeline:
+    """Single-round RAG: retrieve, then the LLM answers from the passages and cites them.
+
+    Multi-round answering with a critic (SIM-RAG) extends this with more rounds.
+    """
+
+    def __init__(
+        self,
+        search: SearchPipeline,
+        generator_factory: Callable[[], ChatGenerator],
+        max_new_tokens: int = 64,
+    ) -> None:
+        self.search = search
+        self.generator_factory = generator_factory
+        self.max_new_tokens = max_new_tokens
+
+    async def retrieve(self, trace: Trace, question: str, collection: str, k: int) -> SearchOutcome:
+        return await self.search.run(
+            trace, query=question, collection=collection, k=k, retrievers=INDEX_RETRIEVERS
+        )
+
+    def _generate(self, question: str, hits: Sequence[Hit]) -> Generation:
+        return self.generator_factory().generate(
+            build_answer_messages(question, hits), max_new_tokens=self.max_new_tokens
+        )
+
+    async def run(self, trace: Trace, *, question: str, collection: str, k: int) -> AnswerOutcome:
+        outcome = await self.retrieve(trace, question, collection, k)
+        generation = await asyncio.to_thread(self._generate, question, outcome.hits)
+        return self.finish(trace, question, outcome, generation)
+
+    def finish(
+        self, trace: Trace, question: str, outcome: SearchOutcome, generation: Generation
+    ) -> AnswerOutcome:
+        citations, rule = choose_citations(generation.text, outcome.hits)
+        generator = self.generator_factory()
+        trace.stages.append(
+            generation_stage(
+                generator.model_id,
+                question,
+                outcome.hits,
+                generation,
+                citations,
+                rule,
+                self.max_new_tokens,
+            )
+        )
+        timings = {**outcome.timings_ms, "generate": generation.seconds * 1000}
+        return AnswerOutcome(
+            answer=clean_answer(generation.text),
+            raw_answer=generation.text,
+            citations=citations,
+            hits=outcome.hits,
+            timings_ms=timings,
+            degraded=outcome.degraded,
+            generation=generation,
+        )
+
+    async def stream(self, question: str, hits: Sequence[Hit]) -> AsyncIterator[str | Generation]:
+        """Text pieces as they are generated, then the final ``Generation``, without blocking the
+        event loop on the model."""
+        generator = self.generator_factory()
+        messages = build_answer_messages(question, hits)
+        iterator = iter(generator.stream(messages, max_new_tokens=self.max_new_tokens))
+        sentinel = object()
+        while True:
+            piece: Any = await asyncio.to_thread(next, iterator, sentinel)
+            if piece is sentinel:
+                return
+            yield piece

@@ -1,0 +1,1 @@
+"""Celery workers for the CPU and GPU queues: index builds, training, offline updates."""

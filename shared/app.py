@@ -1,0 +1,452 @@
+"""``create_app``: the scaffolding every Lodestar service shares.
+
+It gives each service ``/healthz`` (process alive), ``/readyz`` (models and indexes loaded),
+``/metrics`` (Prometheus), the closed error model of ``shared.errors``, a body-size limit, a
+concurrency limit that answers 429 at once, a per-request deadline (propagated to downstream calls
+through ``X-Lodestar-Deadline``), optional API-key auth, timing headers and structured logs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import hmac
+import json
+import logging
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from shared.errors import HTTP_STATUS, ErrorCode, LodestarError
+from shared.settings import Settings, hash_api_key
+
+DEADLINE_HEADER = "x-lodestar-deadline"
+REQUEST_ID_HEADER = "x-request-id"
+UNGUARDED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+
+#: Absolute time (``time.time()``) by which the current request must be answered.
+request_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "request_deadline", default=None
+)
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+logger = logging.getLogger("lodestar")
+
+
+def remaining_seconds(default: float) -> float:
+    """Seconds left before the current request's deadline, or ``default`` outside a request."""
+    deadline = request_deadline.get()
+    if deadline is None:
+        return default
+    return min(default, max(0.0, deadline - time.time()))
+
+
+# --- readiness ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Readiness:
+    """What ``/readyz`` reports. Warm-up runs in a thread so ``/healthz`` answers meanwhile."""
+
+    ready: bool = False
+    reason: str = "starting"
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def set_ready(self, **details: Any) -> None:
+        self.details.update(details)
+        self.ready, self.reason = True, "ready"
+
+    def set_failed(self, reason: str) -> None:
+        self.ready, self.reason = False, reason
+
+
+# --- logging -----------------------------------------------------------------------------------
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        payload: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+            "request_id": request_id.get(),
+        }
+        extra = getattr(record, "fields", None)
+        if isinstance(extra, dict):
+            payload.update(extra)
+        if record.exc_info:
+            payload["exc"] = self.formatException(record.exc_info)
+        return json.dumps(payload, default=str)
+
+
+def configure_logging(settings: Settings) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if settings.log_json:
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level.upper())
+
+
+# --- ASGI middleware ---------------------------------------------------------------------------
+
+
+async def _send_error(
+    send: Send, error: LodestarError, headers: Iterable[tuple[str, str]] = ()
+) -> None:
+    body = json.dumps(error.body()).encode()
+    raw_headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+    ]
+    if error.retry_after_s is not None:
+        raw_headers.append((b"retry-after", str(error.retry_after_s).encode()))
+    raw_headers.extend((k.encode(), v.encode()) for k, v in headers)
+    await send({"type": "http.response.start", "status": error.status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class GuardMiddleware:
+    """Body limit, concurrency limit, deadline, request id, timing headers and request metrics.
+
+    One middleware rather than four so the order is explicit: the cheap rejections (429, 413)
+    happen before any body is read or any handler runs.
+    """
+
+    def __init__(
+        self, app: ASGIApp, *, service: str, settings: Settings, metrics: _Metrics
+    ) -> None:
+        self.app = app
+        self.service = service
+        self.settings = settings
+        self.metrics = metrics
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        rid = headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex[:16]
+        rid_token = request_id.set(rid)
+        started = time.perf_counter()
+        status_holder = {"status": 500}
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status_holder["status"] = message["status"]
+                elapsed_ms = (time.perf_counter() - started) * 1000
+                extra = [
+                    (b"x-request-id", rid.encode()),
+                    (b"x-lodestar-time-ms", f"{elapsed_ms:.1f}".encode()),
+                    (b"server-timing", f"app;dur={elapsed_ms:.1f}".encode()),
+                ]
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        try:
+            if path in UNGUARDED_PATHS:
+                await self.app(scope, receive, send_with_headers)
+                return
+            if self.in_flight >= self.settings.max_concurrency:
+                await _send_error(
+                    send_with_headers,
+                    LodestarError(
+                        ErrorCode.overloaded,
+                        f"{self.service} is at its concurrency limit "
+                        f"({self.settings.max_concurrency}); retry shortly",
+                        retry_after_s=1,
+                    ),
+                )
+                return
+            self.in_flight += 1
+            try:
+                await self._guarded(scope, receive, send_with_headers, headers)
+            finally:
+                self.in_flight -= 1
+        finally:
+            route = scope.get("route")
+            route_path = getattr(route, "path", "unmatched")
+            self.metrics.observe(
+                scope["method"], route_path, status_holder["status"], time.perf_counter() - started
+            )
+            logger.info(
+                "request",
+                extra={
+                    "fields": {
+                        "method": scope["method"],
+                        "path": path,
+                        "status": status_holder["status"],
+                        "ms": round((time.perf_counter() - started) * 1000, 1),
+                    }
+                },
+            )
+            request_id.reset(rid_token)
+
+    async def _guarded(
+        self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]
+    ) -> None:
+        limit = self.settings.max_body_bytes
+        declared = headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await _send_error(send, _too_large(limit))
+            return
+        # Read the body up front (bounded by the limit) so chunked uploads are capped too.
+        chunks: list[bytes] = []
+        size = 0
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                await _send_error(send, _too_large(limit))
+                return
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        now = time.time()
+        deadline = now + self.settings.request_timeout_s
+        upstream = headers.get(DEADLINE_HEADER)
+        if upstream:
+            with suppress(ValueError):
+                deadline = min(deadline, float(upstream))
+        token = request_deadline.set(deadline)
+        response_started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+            await send(message)
+
+        try:
+            async with asyncio.timeout(max(0.0, deadline - now)):
+                await self.app(scope, replay, tracking_send)
+        except TimeoutError:
+            if not response_started:
+                await _send_error(
+                    send,
+                    LodestarError(ErrorCode.timeout, "the request ran past its deadline"),
+                )
+        finally:
+            request_deadline.reset(token)
+
+
+def _too_large(limit: int) -> LodestarError:
+    return LodestarError(ErrorCode.too_large, f"request body exceeds {limit} bytes")
+
+
+class _Metrics:
+    """Prometheus metrics named like text-embeddings-inference: ``<svc>_request_{count,...}``."""
+
+    def __init__(self, service: str) -> None:
+        self.registry = CollectorRegistry()
+        labels = ("method", "route")
+        self.count = Counter(f"{service}_request_count", "Requests", labels, registry=self.registry)
+        self.success = Counter(
+            f"{service}_request_success",
+            "Requests answered 2xx/3xx",
+            labels,
+            registry=self.registry,
+        )
+        self.failure = Counter(
+            f"{service}_request_failure",
+            "Requests answered with an error",
+            (*labels, "status"),
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            f"{service}_request_duration_seconds",
+            "Request latency",
+            labels,
+            registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
+
+    def observe(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.count.labels(method, route).inc()
+        self.duration.labels(method, route).observe(seconds)
+        if status < 400:
+            self.success.labels(method, route).inc()
+        else:
+            self.failure.labels(method, route, str(status)).inc()
+
+
+# --- auth --------------------------------------------------------------------------------------
+
+
+def _api_key_dependency(settings: Settings) -> Callable[[Request], None]:
+    accepted = [bytes.fromhex(h) for h in settings.api_key_hashes]
+
+    def check_api_key(request: Request) -> None:
+        if not accepted:
+            return
+        header = request.headers.get("authorization", "")
+        key = (
+            header[7:]
+            if header.lower().startswith("bearer ")
+            else request.headers.get("x-api-key", "")
+        )
+        if not key:
+            raise LodestarError(ErrorCode.unauthorized, "missing API key (Authorization: Bearer …)")
+        digest = bytes.fromhex(hash_api_key(key))
+        # Compare against every stored digest without short-circuiting (constant time).
+        matched = False
+        for candidate in accepted:
+            matched |= hmac.compare_digest(digest, candidate)
+        if not matched:
+            raise LodestarError(ErrorCode.unauthorized, "invalid API key")
+
+    return check_api_key
+
+
+# --- the factory -------------------------------------------------------------------------------
+
+WarmUp = Callable[[Readiness], None]
+
+
+def create_app(
+    service: str,
+    settings: Settings,
+    routers: Sequence[APIRouter],
+    *,
+    warm_up: WarmUp | None = None,
+    on_shutdown: Callable[[], Awaitable[None] | None] | None = None,
+    title: str | None = None,
+) -> FastAPI:
+    """Build a service app. ``warm_up`` loads models/indexes in a thread and marks readiness."""
+    readiness = Readiness()
+    metrics = _Metrics(service)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> Any:
+        if warm_up is None:
+            readiness.set_ready()
+        else:
+
+            def run_warm_up() -> None:
+                try:
+                    warm_up(readiness)
+                except Exception as exc:  # readiness reports it; the process stays up for /healthz
+                    logger.exception("warm-up failed")
+                    readiness.set_failed(f"warm-up failed: {exc}")
+
+            threading.Thread(target=run_warm_up, name=f"{service}-warm-up", daemon=True).start()
+        yield
+        if on_shutdown is not None:
+            result = on_shutdown()
+            if result is not None:
+                await result
+
+    app = FastAPI(title=title or f"lodestar-{service}", lifespan=lifespan)
+    app.state.settings = settings
+    app.state.readiness = readiness
+    app.state.service = service
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> dict[str, str]:
+        return {"status": "alive", "service": service}
+
+    @app.get("/readyz", include_in_schema=False)
+    def readyz() -> JSONResponse:
+        status = 200 if readiness.ready else 503
+        return JSONResponse(
+            {"ready": readiness.ready, "reason": readiness.reason, **readiness.details},
+            status_code=status,
+        )
+
+    @app.get("/metrics", include_in_schema=False)
+    def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    auth = Depends(_api_key_dependency(settings))
+    for router in routers:
+        app.include_router(router, dependencies=[auth])
+
+    _install_error_handlers(app)
+    app.add_middleware(GuardMiddleware, service=service, settings=settings, metrics=metrics)
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(LodestarError)
+    async def lodestar_error(_: Request, exc: LodestarError) -> JSONResponse:
+        headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s else None
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        loc = [str(part) for part in first.get("loc", ())]
+        if loc and loc[0] in ("body", "query", "path", "header"):
+            loc = loc[1:]  # where the value came from, not which field it is
+        message = first.get("msg", "invalid request")
+        if first.get("type") == "json_invalid":
+            message, loc = "request body is not valid JSON", []
+        error = LodestarError(ErrorCode.validation, message, field=".".join(loc) or None)
+        return JSONResponse(error.body(), status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: ErrorCode.not_found, 405: ErrorCode.validation}.get(exc.status_code)
+        if code is None:
+            code = next(
+                (c for c, s in HTTP_STATUS.items() if s == exc.status_code), ErrorCode.internal
+            )
+        error = LodestarError(code, str(exc.detail))
+        return JSONResponse(error.body(), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unhandled error", exc_info=exc)
+        error = LodestarError(ErrorCode.internal, "internal error; see the service log")
+        return JSONResponse(error.body(), status_code=500)
+
+
+def get_readiness(request: Request) -> Readiness:
+    readiness: Readiness = request.app.state.readiness
+    return readiness
+
+
+def require_ready(request: Request) -> None:
+    """Dependency for endpoints that need loaded models: 503 instead of a half-answer."""
+    readiness = get_readiness(request)
+    if not readiness.ready:
+        raise LodestarError(
+            ErrorCode.unavailable, f"service not ready: {readiness.reason}", retry_after_s=5
+        )

@@ -1,0 +1,164 @@
+"""Versioned artefacts published atomically: build aside, fsync, manifest, rename ``CURRENT``.
+
+Layout of one artefact family (an index collection, a model)::
+
+    <root>/CURRENT                 name of the serving version (replaced by atomic rename)
+    <root>/versions/<version>/     a complete, immutable version with manifest.json
+    <root>/versions/<version>.tmp/ a version being built (ignored by readers, removed on retry)
+
+A crash at any point leaves the previous ``CURRENT`` serving: a version directory appears under
+its final name only after every file in it is fsynced, and ``CURRENT`` changes by ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+CURRENT = "CURRENT"
+
+
+class ArtifactError(RuntimeError):
+    pass
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def new_version_name() -> str:
+    """Sortable and unique enough for one writer at a time (writers hold the family lock)."""
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{time.time_ns() % 1_000_000_000:09d}"
+
+
+@dataclass(frozen=True)
+class ArtifactFamily:
+    root: Path
+
+    @property
+    def versions_dir(self) -> Path:
+        return self.root / "versions"
+
+    def current_version(self) -> str | None:
+        pointer = self.root / CURRENT
+        try:
+            name = pointer.read_text().strip()
+        except FileNotFoundError:
+            return None
+        return name or None
+
+    def current_path(self) -> Path | None:
+        version = self.current_version()
+        return None if version is None else self.versions_dir / version
+
+    def read_manifest(self, version: str | None = None) -> dict[str, Any]:
+        version = version or self.current_version()
+        if version is None:
+            raise ArtifactError(f"{self.root} has no published version")
+        manifest: dict[str, Any] = json.loads((self.versions_dir / version / MANIFEST).read_text())
+        return manifest
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """One writer per family across processes (the service and the workers)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with (self.root / ".lock").open("a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    @contextmanager
+    def build(self, manifest: dict[str, Any]) -> Iterator[Path]:
+        """Yield a scratch directory; on clean exit, seal it and make it ``CURRENT``.
+
+        The caller must hold ``lock()``. Leftover ``.tmp`` directories of crashed builds are
+        removed first.
+        """
+        self.versions_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.versions_dir.glob("*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True)
+        version = new_version_name()
+        scratch = self.versions_dir / f"{version}.tmp"
+        scratch.mkdir()
+        try:
+            yield scratch
+        except BaseException:
+            shutil.rmtree(scratch, ignore_errors=True)
+            raise
+        self._seal(scratch, version, manifest)
+        final = self.versions_dir / version
+        os.replace(scratch, final)
+        _fsync_dir(self.versions_dir)
+        self._point_current_at(version)
+
+    def _seal(self, scratch: Path, version: str, manifest: dict[str, Any]) -> None:
+        files: dict[str, dict[str, Any]] = {}
+        for path in sorted(p for p in scratch.rglob("*") if p.is_file()):
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+            rel = str(path.relative_to(scratch))
+            files[rel] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+        for directory in {p.parent for p in scratch.rglob("*")} | {scratch}:
+            _fsync_dir(directory)
+        full = {**manifest, "version": version, "created_at": time.time(), "files": files}
+        manifest_path = scratch / MANIFEST
+        with manifest_path.open("w") as handle:
+            json.dump(full, handle, indent=2, sort_keys=True)
+            handle.flush()
+            os.fsync(handle.fileno())
+        _fsync_dir(scratch)
+
+    def _point_current_at(self, version: str) -> None:
+        tmp = self.root / f"{CURRENT}.tmp"
+        with tmp.open("w") as handle:
+            handle.write(version + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, self.root / CURRENT)
+        _fsync_dir(self.root)
+
+    def verify(self, version: str | None = None) -> None:
+        """Check every file of a version against its manifest checksum."""
+        version = version or self.current_version()
+        if version is None:
+            raise ArtifactError(f"{self.root} has no published version")
+        manifest = self.read_manifest(version)
+        base = self.versions_dir / version
+        for rel, meta in manifest["files"].items():
+            if _sha256(base / rel) != meta["sha256"]:
+                raise ArtifactError(f"{base / rel} does not match its manifest checksum")
+
+    def prune(self, keep: int = 2) -> None:
+        """Remove old versions, never the current one; readers of an old snapshot keep working
+        because memory maps and open files outlive the directory entry."""
+        current = self.current_version()
+        versions = sorted(
+            p for p in self.versions_dir.iterdir() if p.is_dir() and not p.name.endswith(".tmp")
+        )
+        for old in versions[:-keep]:
+            if old.name != current:
+                shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,161 @@
+"""Typed async clients for calls between services: one method per endpoint.
+
+Every call carries a timeout capped by the current request's deadline, and propagates that
+deadline (``X-Lodestar-Deadline``) so the callee stops working on answers nobody will wait for.
+A downstream error in the closed set that concerns the caller's input (404, 422, ...) is re-raised
+as is; a downstream that is down, slow or broken raises ``DependencyError`` so the caller can fall
+back and report the service in ``degraded``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import httpx
+from pydantic import BaseModel
+
+from shared.app import (
+    DEADLINE_HEADER,
+    REQUEST_ID_HEADER,
+    remaining_seconds,
+    request_deadline,
+    request_id,
+)
+from shared.errors import ErrorCode, LodestarError
+from shared.schemas import (
+    CollectionInfo,
+    Document,
+    IndexSearchRequest,
+    IndexSearchResponse,
+    WriteResponse,
+)
+from shared.settings import Settings
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+#: Downstream codes that describe the caller's request, not the downstream's health.
+_PASS_THROUGH = {
+    ErrorCode.validation,
+    ErrorCode.empty,
+    ErrorCode.too_large,
+    ErrorCode.not_found,
+    ErrorCode.conflict,
+}
+
+
+class DependencyError(LodestarError):
+    """A downstream service failed; ``service`` names it for the ``degraded`` list."""
+
+    def __init__(self, service: str, message: str) -> None:
+        super().__init__(ErrorCode.dependency_failed, f"{service}: {message}")
+        self.service = service
+
+
+class ServiceClient:
+    def __init__(
+        self,
+        service: str,
+        base_url: str,
+        settings: Settings,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.service = service
+        self.settings = settings
+        headers = (
+            {"authorization": f"Bearer {settings.service_api_key}"}
+            if settings.service_api_key
+            else {}
+        )
+        self._http = httpx.AsyncClient(base_url=base_url, headers=headers, transport=transport)
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        model: type[ModelT] | None,
+        json: Any = None,
+        timeout: float | None = None,
+    ) -> Any:
+        budget = remaining_seconds(timeout or self.settings.downstream_timeout_s)
+        if budget <= 0:
+            raise DependencyError(self.service, "no time left before the request deadline")
+        headers = {REQUEST_ID_HEADER: request_id.get()}
+        deadline = request_deadline.get()
+        if deadline is not None:
+            headers[DEADLINE_HEADER] = f"{deadline:.3f}"
+        try:
+            response = await self._http.request(
+                method, path, json=json, headers=headers, timeout=budget
+            )
+        except httpx.TimeoutException as exc:
+            raise DependencyError(self.service, f"timed out after {budget:.1f} s") from exc
+        except httpx.HTTPError as exc:
+            raise DependencyError(self.service, f"unreachable ({type(exc).__name__})") from exc
+        if response.status_code >= 400:
+            raise self._error(response)
+        payload = response.json()
+        return payload if model is None else model.model_validate(payload)
+
+    def _error(self, response: httpx.Response) -> LodestarError:
+        try:
+            error = response.json()["error"]
+            code = ErrorCode(error["code"])
+        except (ValueError, KeyError, TypeError):
+            return DependencyError(self.service, f"HTTP {response.status_code}")
+        if code in _PASS_THROUGH:
+            return LodestarError(code, error.get("message", ""), field=error.get("field"))
+        return DependencyError(self.service, f"{code.value}: {error.get('message', '')}")
+
+    async def ready(self) -> bool:
+        try:
+            response = await self._http.get("/readyz", timeout=2.0)
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+
+class IndexClient(ServiceClient):
+    def __init__(
+        self, settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
+        super().__init__("index", settings.index_url, settings, transport=transport)
+
+    async def search(self, request: IndexSearchRequest) -> IndexSearchResponse:
+        result: IndexSearchResponse = await self._call(
+            "POST", "/search", IndexSearchResponse, request.model_dump()
+        )
+        return result
+
+    async def collections(self) -> list[CollectionInfo]:
+        rows = await self._call("GET", "/collections", None)
+        return [CollectionInfo.model_validate(row) for row in rows]
+
+    async def collection(self, name: str) -> CollectionInfo:
+        info: CollectionInfo = await self._call("GET", f"/collections/{name}", CollectionInfo)
+        return info
+
+    async def upsert(self, name: str, documents: list[Document]) -> WriteResponse:
+        body = {"documents": [doc.model_dump() for doc in documents]}
+        # Inline upserts embed their documents: allow the whole request budget, not the default.
+        result: WriteResponse = await self._call(
+            "PUT",
+            f"/collections/{name}/documents",
+            WriteResponse,
+            body,
+            timeout=self.settings.request_timeout_s,
+        )
+        return result
+
+    async def delete(self, name: str, doc_id: str) -> WriteResponse:
+        result: WriteResponse = await self._call(
+            "DELETE",
+            f"/collections/{name}/documents/{quote(doc_id, safe='')}",
+            WriteResponse,
+            timeout=self.settings.request_timeout_s,
+        )
+        return result

@@ -1,0 +1,169 @@
+"""Settings for every Lodestar process, read from ``LODESTAR_*`` environment variables.
+
+One class serves all services so that a deployment is configured in one place (a ``.env`` file or
+the compose file); each field's docstring says what it trades off. ``Settings.check_production``
+refuses to start with settings that are only safe on a developer's laptop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+SERVICE_NAMES = ("orchestrator", "index", "fmindex", "dsi", "reranker", "rewriter", "critic")
+
+#: The port each service listens on unless ``LODESTAR_<NAME>_PORT`` says otherwise.
+DEFAULT_PORTS: dict[str, int] = {
+    "orchestrator": 8000,
+    "index": 8001,
+    "fmindex": 8002,
+    "dsi": 8003,
+    "reranker": 8004,
+    "rewriter": 8005,
+    "critic": 8006,
+}
+
+
+def hash_api_key(key: str) -> str:
+    """The form in which API keys are stored: a SHA-256 hex digest, never the key itself."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="LODESTAR_", env_file=".env", extra="ignore", use_attribute_docstrings=True
+    )
+
+    env: Literal["development", "production"] = "development"
+    """`production` refuses unsafe defaults (no API keys, debug endpoints) at start-up."""
+
+    data_dir: Path = Path("var")
+    """Where collections, models, the SQLite store and the SQLite broker live. Shared by the index
+    service and the workers (the worker writes index versions the service then serves)."""
+
+    models_dir: Path | None = None
+    """Converted model weights; defaults to ``<data_dir>/models``. Tests share one across runs."""
+
+    host: str = "127.0.0.1"
+    """Interface every service binds to; `0.0.0.0` in containers."""
+
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_json: bool = True
+    """Structured (JSON) logs for machines; set false for human-readable lines."""
+
+    # --- ports and URLs of the services -------------------------------------------------------
+    orchestrator_port: int = DEFAULT_PORTS["orchestrator"]
+    index_port: int = DEFAULT_PORTS["index"]
+    fmindex_port: int = DEFAULT_PORTS["fmindex"]
+    dsi_port: int = DEFAULT_PORTS["dsi"]
+    reranker_port: int = DEFAULT_PORTS["reranker"]
+    rewriter_port: int = DEFAULT_PORTS["rewriter"]
+    critic_port: int = DEFAULT_PORTS["critic"]
+    index_url: str = f"http://127.0.0.1:{DEFAULT_PORTS['index']}"
+    """Base URL the orchestrator uses to reach the index service."""
+
+    # --- security and limits ------------------------------------------------------------------
+    api_key_hashes: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Comma-separated SHA-256 digests of accepted API keys (`lodestar hash-key KEY`). Empty means
+    no authentication, which production refuses."""
+
+    service_api_key: str | None = None
+    """The key this process presents to other Lodestar services when they require one."""
+
+    max_body_bytes: int = 8 * 1024 * 1024
+    """Largest request body accepted (413 beyond). Bounds memory per request."""
+
+    max_k: int = 1000
+    """Largest `k` any endpoint accepts. CompactDS re-scores ~1000 candidates, so 1000 suffices."""
+
+    max_query_chars: int = 2000
+    """Longest query or question accepted (422 beyond); long prompts cost LLM time linearly."""
+
+    max_concurrency: int = 16
+    """Requests in flight per process before new ones get an immediate 429 with Retry-After,
+    instead of queueing without bound and timing out later."""
+
+    request_timeout_s: float = 60.0
+    """Wall-clock budget of one request; also the deadline propagated to downstream services."""
+
+    downstream_timeout_s: float = 10.0
+    """Timeout of one inter-service call (capped by the remaining request deadline)."""
+
+    # --- storage and jobs ---------------------------------------------------------------------
+    database_url: str | None = None
+    """SQLAlchemy URL of the trace and feedback store; empty means SQLite in WAL mode under
+    data_dir. PostgreSQL: `postgresql+psycopg://user@host/db`."""
+
+    broker_url: str | None = None
+    """Celery broker. Empty means a serverless SQLite broker under data_dir, so the same worker
+    code runs on a laptop without Redis. Production: `redis://host:6379/0`."""
+
+    result_backend: str | None = None
+    """Celery result backend; empty means the broker's Redis, or SQLite when the broker is SQLite."""
+
+    inline_ingest_max_docs: int = 64
+    """Upserts of at most this many documents are indexed inside the request; larger batches run
+    as a background job (202 + job id) so a request never holds a connection for minutes."""
+
+    # --- models and retrieval -----------------------------------------------------------------
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """`auto` uses CUDA when torch sees a GPU; results are the same on either."""
+
+    embed_batch_size: int = 64
+    """Passages embedded per forward pass; larger is faster until memory runs out."""
+
+    passage_words: int = 256
+    """Chunk size in whitespace words (CompactDS uses 256, title prepended)."""
+
+    rrf_k: int = 60
+    """Reciprocal-rank-fusion constant: larger flattens the advantage of the very top ranks."""
+
+    answer_max_new_tokens: int = 64
+    """Longest generated answer; SmolLM2 on two cores writes ~20-30 tokens/s."""
+
+    @field_validator("api_key_hashes", mode="before")
+    @classmethod
+    def _split_hashes(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip().lower() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("api_key_hashes")
+    @classmethod
+    def _hashes_are_sha256(cls, value: list[str]) -> list[str]:
+        for digest in value:
+            if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+                raise ValueError(
+                    "api_key_hashes holds SHA-256 hex digests (lodestar hash-key KEY), not keys"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _check_production(self) -> Settings:
+        if self.env == "production" and not self.api_key_hashes:
+            raise ValueError(
+                "LODESTAR_ENV=production requires LODESTAR_API_KEY_HASHES: "
+                "refusing to serve without authentication"
+            )
+        if self.max_k < 1 or self.max_concurrency < 1 or self.max_body_bytes < 1024:
+            raise ValueError("max_k and max_concurrency must be >= 1, max_body_bytes >= 1024")
+        return self
+
+    @property
+    def resolved_models_dir(self) -> Path:
+        return self.models_dir if self.models_dir is not None else self.data_dir / "models"
+
+    def port_of(self, service: str) -> int:
+        if service not in SERVICE_NAMES:
+            raise KeyError(f"unknown service {service!r}")
+        return int(getattr(self, f"{service}_port"))
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

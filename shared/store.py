@@ -1,0 +1,334 @@
+"""The system of record for traces, feedback and jobs (SQLAlchemy Core).
+
+SQLite in WAL mode with ``synchronous=FULL`` by default (a committed row survives power loss);
+PostgreSQL when ``LODESTAR_DATABASE_URL`` is set. A write returns only after its transaction has
+committed, so an API that answers 201 after ``add_feedback`` has made the feedback durable.
+
+Traces follow NExT-Search's data model: a trace has stage runs (retrieve, fusion, rerank,
+generate, ...), each with inputs, outputs, the model and parameters used, its latency, and the
+*targets* it produced (documents, the answer, citations) under stable ids, so feedback can point
+at exactly one output of one stage.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from sqlalchemy import (
+    JSON,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    insert,
+    select,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+
+from shared.errors import ErrorCode, LodestarError, not_found
+
+metadata = MetaData()
+
+traces = Table(
+    "traces",
+    metadata,
+    Column("trace_id", String(64), primary_key=True),
+    Column("kind", String(32), nullable=False),
+    Column("session_id", String(64), nullable=True),
+    Column("parent_trace_id", String(64), nullable=True),
+    Column("request", JSON, nullable=False),
+    Column("response", JSON, nullable=True),
+    Column("created_at", Float, nullable=False),
+)
+
+stage_runs = Table(
+    "stage_runs",
+    metadata,
+    Column("stage_run_id", String(64), primary_key=True),
+    Column("trace_id", String(64), ForeignKey("traces.trace_id"), nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("stage", String(32), nullable=False),
+    Column("inputs", JSON, nullable=False),
+    Column("outputs", JSON, nullable=False),
+    Column("targets", JSON, nullable=False),
+    Column("model_id", String(200), nullable=True),
+    Column("params", JSON, nullable=False),
+    Column("latency_ms", Float, nullable=False),
+    Index("ix_stage_runs_trace", "trace_id"),
+)
+
+feedback = Table(
+    "feedback",
+    metadata,
+    Column("feedback_id", String(64), primary_key=True),
+    Column("trace_id", String(64), ForeignKey("traces.trace_id"), nullable=False),
+    Column("stage", String(32), nullable=False),
+    Column("target_type", String(32), nullable=False),
+    Column("target_id", String(512), nullable=False),
+    Column("action", String(32), nullable=False),
+    Column("value", JSON, nullable=True),
+    Column("source", String(16), nullable=False),
+    Column("agent_id", String(128), nullable=True),
+    Column("confidence", Float, nullable=True),
+    Column("rationale", Text, nullable=True),
+    Column("idempotency_key", String(200), nullable=True, unique=True),
+    Column("created_at", Float, nullable=False),
+    Index("ix_feedback_trace", "trace_id"),
+)
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("job_id", String(64), primary_key=True),
+    Column("kind", String(64), nullable=False),
+    Column("params", JSON, nullable=False),
+    Column("created_at", Float, nullable=False),
+)
+
+TargetType = Literal["subquery", "doc", "answer", "claim", "citation"]
+FeedbackSource = Literal["user", "shadow"]
+
+#: The actions NExT-Search defines per target type (METHODS.md §8); anything else is a 422.
+ACTIONS: dict[str, frozenset[str]] = {
+    "subquery": frozenset({"add", "delete", "edit", "reorder"}),
+    "doc": frozenset({"relevant", "irrelevant", "pin", "remove"}),
+    "answer": frozenset({"thumbs", "correct_span", "flag_hallucination", "preferred_answer"}),
+    "claim": frozenset({"correct_span", "flag_hallucination"}),
+    "citation": frozenset({"bad_citation", "good_citation"}),
+}
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass
+class StageRun:
+    stage: str
+    inputs: dict[str, Any]
+    outputs: dict[str, Any]
+    targets: list[dict[str, str]]
+    model_id: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    latency_ms: float = 0.0
+    stage_run_id: str = field(default_factory=new_id)
+
+
+@dataclass
+class Trace:
+    kind: str
+    request: dict[str, Any]
+    stages: list[StageRun] = field(default_factory=list)
+    response: dict[str, Any] | None = None
+    session_id: str | None = None
+    parent_trace_id: str | None = None
+    trace_id: str = field(default_factory=new_id)
+
+
+@dataclass(frozen=True)
+class FeedbackIn:
+    trace_id: str
+    stage: str
+    target_type: str
+    target_id: str
+    action: str
+    value: Any = None
+    source: str = "user"
+    agent_id: str | None = None
+    confidence: float | None = None
+    rationale: str | None = None
+    idempotency_key: str | None = None
+
+
+def database_url(configured: str | None, data_dir: Path) -> str:
+    if configured:
+        return configured
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(data_dir / 'lodestar.sqlite').resolve()}"
+
+
+def _sqlite_durability(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _set_pragmas(dbapi_connection: Any, _: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=10000")
+        cursor.close()
+
+
+class Store:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = create_engine(url, pool_pre_ping=True, future=True)
+        if self.engine.dialect.name == "sqlite":
+            _sqlite_durability(self.engine)
+        metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # --- traces ---------------------------------------------------------------------------------
+
+    def save_trace(self, trace: Trace) -> str:
+        now = time.time()
+        with self.engine.begin() as conn:
+            conn.execute(
+                insert(traces).values(
+                    trace_id=trace.trace_id,
+                    kind=trace.kind,
+                    session_id=trace.session_id,
+                    parent_trace_id=trace.parent_trace_id,
+                    request=trace.request,
+                    response=trace.response,
+                    created_at=now,
+                )
+            )
+            if trace.stages:
+                conn.execute(
+                    insert(stage_runs),
+                    [
+                        {
+                            "stage_run_id": run.stage_run_id,
+                            "trace_id": trace.trace_id,
+                            "seq": seq,
+                            "stage": run.stage,
+                            "inputs": run.inputs,
+                            "outputs": run.outputs,
+                            "targets": run.targets,
+                            "model_id": run.model_id,
+                            "params": run.params,
+                            "latency_ms": run.latency_ms,
+                        }
+                        for seq, run in enumerate(trace.stages)
+                    ],
+                )
+        return trace.trace_id
+
+    def get_trace(self, trace_id: str) -> dict[str, Any]:
+        with self.engine.connect() as conn:
+            row = (
+                conn.execute(select(traces).where(traces.c.trace_id == trace_id)).mappings().first()
+            )
+            if row is None:
+                raise not_found("trace", trace_id, field="trace_id")
+            runs = conn.execute(
+                select(stage_runs)
+                .where(stage_runs.c.trace_id == trace_id)
+                .order_by(stage_runs.c.seq)
+            ).mappings()
+            stages = [
+                {k: v for k, v in run.items() if k not in ("trace_id", "seq")} for run in runs
+            ]
+            fb = conn.execute(
+                select(feedback)
+                .where(feedback.c.trace_id == trace_id)
+                .order_by(feedback.c.created_at)
+            ).mappings()
+            return {**dict(row), "stages": stages, "feedback": [dict(f) for f in fb]}
+
+    # --- feedback -------------------------------------------------------------------------------
+
+    def add_feedback(self, item: FeedbackIn) -> tuple[str, bool]:
+        """Store feedback durably; returns (feedback_id, created). A repeated idempotency key
+        returns the first feedback's id and ``created=False``."""
+        if item.idempotency_key:
+            existing = self._feedback_by_key(item.idempotency_key)
+            if existing is not None:
+                return existing, False
+        allowed = ACTIONS.get(item.target_type)
+        if allowed is None:
+            raise LodestarError(
+                ErrorCode.validation,
+                f"unknown target_type {item.target_type!r}",
+                field="target_type",
+            )
+        if item.action not in allowed:
+            raise LodestarError(
+                ErrorCode.validation,
+                f"action {item.action!r} does not apply to a {item.target_type}; "
+                f"expected one of {sorted(allowed)}",
+                field="action",
+            )
+        feedback_id = new_id()
+        try:
+            with self.engine.begin() as conn:
+                exists = conn.execute(
+                    select(traces.c.trace_id).where(traces.c.trace_id == item.trace_id)
+                ).first()
+                if exists is None:
+                    raise not_found("trace", item.trace_id, field="trace_id")
+                runs = conn.execute(
+                    select(stage_runs.c.targets).where(
+                        stage_runs.c.trace_id == item.trace_id, stage_runs.c.stage == item.stage
+                    )
+                ).all()
+                if not runs:
+                    raise not_found(f"stage in trace {item.trace_id}:", item.stage, field="stage")
+                known = {(t["type"], t["id"]) for (targets,) in runs for t in targets}
+                if (item.target_type, item.target_id) not in known:
+                    raise not_found(
+                        f"{item.target_type} in stage {item.stage}:",
+                        item.target_id,
+                        field="target_id",
+                    )
+                conn.execute(
+                    insert(feedback).values(
+                        feedback_id=feedback_id,
+                        trace_id=item.trace_id,
+                        stage=item.stage,
+                        target_type=item.target_type,
+                        target_id=item.target_id,
+                        action=item.action,
+                        value=item.value,
+                        source=item.source,
+                        agent_id=item.agent_id,
+                        confidence=item.confidence,
+                        rationale=item.rationale,
+                        idempotency_key=item.idempotency_key,
+                        created_at=time.time(),
+                    )
+                )
+        except IntegrityError:
+            # A concurrent request with the same idempotency key won the race: return its id.
+            if item.idempotency_key:
+                existing = self._feedback_by_key(item.idempotency_key)
+                if existing is not None:
+                    return existing, False
+            raise
+        return feedback_id, True
+
+    def _feedback_by_key(self, key: str) -> str | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(feedback.c.feedback_id).where(feedback.c.idempotency_key == key)
+            ).first()
+        return None if row is None else str(row[0])
+
+    # --- jobs -----------------------------------------------------------------------------------
+
+    def record_job(self, job_id: str, kind: str, params: dict[str, Any]) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                insert(jobs).values(job_id=job_id, kind=kind, params=params, created_at=time.time())
+            )
+
+    def get_job(self, job_id: str) -> dict[str, Any]:
+        with self.engine.connect() as conn:
+            row = conn.execute(select(jobs).where(jobs.c.job_id == job_id)).mappings().first()
+        if row is None:
+            raise not_found("job", job_id)
+        return dict(row)

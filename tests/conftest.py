@@ -1,0 +1,208 @@
+"""Shared fixtures: real models, real PostgreSQL and Redis, real service processes on loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from shared.schemas import Document
+from shared.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+#: Converted model weights are shared across test runs (the GGUF conversion takes ~30 s).
+MODELS_DIR = Path(os.environ.get("LODESTAR_MODELS_DIR", ROOT / "var" / "models"))
+POSTGRES_ADMIN_URL = os.environ.get("LODESTAR_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("LODESTAR_TEST_REDIS", "redis://127.0.0.1:6379/15")
+
+
+def make_settings(data_dir: Path, **overrides: object) -> Settings:
+    return Settings(data_dir=data_dir, models_dir=MODELS_DIR, log_json=False, **overrides)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return make_settings(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def wiki_sample() -> list[Document]:
+    """80 real Wikipedia summaries, always including the articles the tests ask about."""
+    from shared.datasets import load_wikipedia_summaries
+
+    docs = load_wikipedia_summaries()
+    wanted = {"Mona Lisa", "Leonardo da Vinci", "Eiffel Tower", "Isaac Newton", "Photosynthesis"}
+    chosen = [d for d in docs if d.id in wanted]
+    chosen += [d for d in docs[::125] if d.id not in wanted][: 80 - len(chosen)]
+    return chosen
+
+
+@pytest.fixture(scope="session")
+def built_data_dir(tmp_path_factory: pytest.TempPathFactory, wiki_sample: list[Document]) -> Path:
+    """A data directory with a small ``wiki`` collection, built once per session."""
+    from services.index.engine import IndexEngine
+    from shared.models import get_embedder
+
+    data_dir = tmp_path_factory.mktemp("built")
+    settings = make_settings(data_dir)
+    IndexEngine(data_dir, lambda: get_embedder(settings)).upsert("wiki", wiki_sample)
+    return data_dir
+
+
+# --- PostgreSQL and Redis ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh database on the local PostgreSQL server, dropped afterwards."""
+    from sqlalchemy import create_engine, text
+
+    name = f"lodestar_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as exc:  # pragma: no cover - the server is part of the environment
+        pytest.fail(f"PostgreSQL at {POSTGRES_ADMIN_URL} is required: {exc}")
+    url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    yield url
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        client.ping()
+    except redis.RedisError as exc:  # pragma: no cover
+        pytest.fail(f"Redis at {REDIS_URL} is required: {exc}")
+    client.flushdb()
+    yield REDIS_URL
+    client.flushdb()
+
+
+# --- service processes -------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Process:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log: Path
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait()
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait()
+
+
+def spawn(name: str, args: list[str], env: dict[str, str], log_dir: Path) -> Process:
+    log = log_dir / f"{name}.log"
+    handle = log.open("ab")
+    popen = subprocess.Popen(
+        [sys.executable, *args], env=env, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True
+    )
+    return Process(name, popen, log)
+
+
+def wait_ready(url: str, process: Process, timeout_s: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.popen.poll() is not None:
+            raise RuntimeError(f"{process.name} exited:\n{process.log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{process.name} not ready after {timeout_s} s:\n{process.log.read_text()[-3000:]}")
+
+
+def stack_env(data_dir: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LODESTAR_")}
+    env.update(
+        LODESTAR_DATA_DIR=str(data_dir),
+        LODESTAR_MODELS_DIR=str(MODELS_DIR),
+        LODESTAR_LOG_JSON="false",
+        PYTHONUNBUFFERED="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Stack:
+    orchestrator_url: str
+    index_url: str
+    data_dir: Path
+    processes: dict[str, Process]
+    env: dict[str, str]
+
+
+@pytest.fixture(scope="session")
+def live_stack(built_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """index + orchestrator + a Celery worker as real processes, Redis as the broker."""
+    import redis
+
+    redis.Redis.from_url(REDIS_URL).flushdb()
+    logs = tmp_path_factory.mktemp("logs")
+    index_port, orchestrator_port = free_port(), free_port()
+    env = stack_env(
+        built_data_dir,
+        LODESTAR_INDEX_PORT=str(index_port),
+        LODESTAR_ORCHESTRATOR_PORT=str(orchestrator_port),
+        LODESTAR_INDEX_URL=f"http://127.0.0.1:{index_port}",
+        LODESTAR_BROKER_URL=REDIS_URL,
+        LODESTAR_INLINE_INGEST_MAX_DOCS="3",
+        LODESTAR_ANSWER_MAX_NEW_TOKENS="24",
+    )
+    processes = {
+        "index": spawn("index", ["-m", "services.index"], env, logs),
+        "orchestrator": spawn("orchestrator", ["-m", "services.orchestrator"], env, logs),
+        "worker": spawn("worker", ["-m", "services.worker", "--queues", "cpu"], env, logs),
+    }
+    stack = Stack(
+        orchestrator_url=f"http://127.0.0.1:{orchestrator_port}",
+        index_url=f"http://127.0.0.1:{index_port}",
+        data_dir=built_data_dir,
+        processes=processes,
+        env=env,
+    )
+    try:
+        wait_ready(stack.index_url, processes["index"])
+        wait_ready(stack.orchestrator_url, processes["orchestrator"])
+        yield stack
+    finally:
+        for process in processes.values():
+            process.stop()

@@ -1,0 +1,78 @@
+"""Atomic publication: a crash at any point leaves the previous version serving."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shared.artifacts import ArtifactError, ArtifactFamily
+
+
+def publish(family: ArtifactFamily, content: str) -> str:
+    with family.lock(), family.build({"kind": "test"}) as scratch:
+        (scratch / "data.txt").write_text(content)
+    version = family.current_version()
+    assert version is not None
+    return version
+
+
+def test_build_publishes_a_sealed_version(tmp_path: Path) -> None:
+    family = ArtifactFamily(tmp_path / "fam")
+    version = publish(family, "one")
+    manifest = family.read_manifest()
+    assert manifest["version"] == version and manifest["kind"] == "test"
+    assert manifest["files"]["data.txt"]["bytes"] == 3
+    family.verify()
+    (family.versions_dir / version / "data.txt").write_text("tampered")
+    with pytest.raises(ArtifactError, match="checksum"):
+        family.verify()
+
+
+def test_failed_build_keeps_the_previous_version(tmp_path: Path) -> None:
+    family = ArtifactFamily(tmp_path / "fam")
+    first = publish(family, "one")
+    with pytest.raises(RuntimeError), family.lock(), family.build({}) as scratch:
+        (scratch / "data.txt").write_text("half")
+        raise RuntimeError("build failed")
+    assert family.current_version() == first
+    assert not list(family.versions_dir.glob("*.tmp"))
+
+
+CRASHING_BUILD = """
+import os, signal, sys
+from pathlib import Path
+from shared.artifacts import ArtifactFamily
+family = ArtifactFamily(Path(sys.argv[1]))
+with family.lock(), family.build({}) as scratch:
+    (scratch / "data.txt").write_text("half written")
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_killed_build_process_leaves_previous_version_and_next_build_succeeds(tmp_path: Path) -> None:
+    family = ArtifactFamily(tmp_path / "fam")
+    first = publish(family, "one")
+    result = subprocess.run([sys.executable, "-c", CRASHING_BUILD, str(family.root)], cwd=Path(__file__).parents[2], check=False)
+    assert result.returncode == -signal.SIGKILL
+    assert family.current_version() == first
+    assert (family.versions_dir / first / "data.txt").read_text() == "one"
+    assert list(family.versions_dir.glob("*.tmp")), "the crashed build's scratch directory is left behind"
+    second = publish(family, "two")  # the lock died with the process; the stale scratch is cleaned
+    assert second != first and not list(family.versions_dir.glob("*.tmp"))
+    assert (family.versions_dir / second / "data.txt").read_text() == "two"
+
+
+def test_prune_keeps_the_current_version(tmp_path: Path) -> None:
+    family = ArtifactFamily(tmp_path / "fam")
+    versions = [publish(family, str(i)) for i in range(4)]
+    family.prune(keep=2)
+    remaining = sorted(p.name for p in family.versions_dir.iterdir())
+    assert remaining == versions[-2:]
+    assert json.loads((family.versions_dir / versions[-1] / "manifest.json").read_text())["version"] == versions[-1]
+    assert os.path.exists(family.root / "CURRENT")

@@ -450,3 +450,37 @@ def require_ready(request: Request) -> None:
         raise LodestarError(
             ErrorCode.unavailable, f"service not ready: {readiness.reason}", retry_after_s=5
         )
+
+
+def from_state(name: str) -> Callable[[Request], Any]:
+    """A FastAPI dependency returning ``app.state.<name>`` (what ``app.py`` wired in)."""
+
+    def dependency(request: Request) -> Any:
+        return getattr(request.app.state, name)
+
+    dependency.__name__ = f"state_{name}"
+    return dependency
+
+
+# --- input limits shared by every service ------------------------------------------------------
+
+
+def check_text(value: str, field: str, settings: Settings) -> str:
+    """A query or question: stripped, non-empty (400 ``empty``), within the length limit."""
+    stripped = value.strip()
+    if not stripped:
+        raise LodestarError(ErrorCode.empty, f"{field} is empty", field=field)
+    if len(stripped) > settings.max_query_chars:
+        raise LodestarError(
+            ErrorCode.validation,
+            f"{field} exceeds {settings.max_query_chars} characters",
+            field=field,
+        )
+    return stripped
+
+
+def check_k(k: int, settings: Settings) -> None:
+    if not 1 <= k <= settings.max_k:
+        raise LodestarError(
+            ErrorCode.validation, f"k must be between 1 and {settings.max_k}", field="k"
+        )

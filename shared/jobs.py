@@ -68,8 +68,6 @@ def make_celery(settings: Settings) -> Celery:
         accept_content=["json"],
         result_extended=True,
         broker_connection_retry_on_startup=True,
-        # The SQLite transport polls; one second keeps job start-up snappy without busy-looping.
-        broker_transport_options={"polling_interval": 1.0},
         worker_hijack_root_logger=False,
     )
     return app

@@ -22,7 +22,9 @@ from shared.settings import Settings
 ROOT = Path(__file__).resolve().parents[1]
 #: Converted model weights are shared across test runs (the GGUF conversion takes ~30 s).
 MODELS_DIR = Path(os.environ.get("LODESTAR_MODELS_DIR", ROOT / "var" / "models"))
-POSTGRES_ADMIN_URL = os.environ.get("LODESTAR_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+POSTGRES_ADMIN_URL = os.environ.get(
+    "LODESTAR_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
 REDIS_URL = os.environ.get("LODESTAR_TEST_REDIS", "redis://127.0.0.1:6379/15")
 
 
@@ -129,7 +131,12 @@ def spawn(name: str, args: list[str], env: dict[str, str], log_dir: Path) -> Pro
     log = log_dir / f"{name}.log"
     handle = log.open("ab")
     popen = subprocess.Popen(
-        [sys.executable, *args], env=env, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True
+        [sys.executable, *args],
+        env=env,
+        stdout=handle,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        start_new_session=True,
     )
     return Process(name, popen, log)
 
@@ -145,7 +152,9 @@ def wait_ready(url: str, process: Process, timeout_s: float = 180.0) -> None:
         except httpx.HTTPError:
             pass
         time.sleep(0.3)
-    raise RuntimeError(f"{process.name} not ready after {timeout_s} s:\n{process.log.read_text()[-3000:]}")
+    raise RuntimeError(
+        f"{process.name} not ready after {timeout_s} s:\n{process.log.read_text()[-3000:]}"
+    )
 
 
 def stack_env(data_dir: Path, **extra: str) -> dict[str, str]:

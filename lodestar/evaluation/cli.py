@@ -8,8 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lodestar.evaluation.common import EXPECTED_PATH, RESULTS_DIR, EvalUsageError
-from lodestar.evaluation.expected import ExpectedFileError
+from lodestar.evaluation.common import DOCS_DIR, EXPECTED_PATH, RESULTS_DIR, EvalUsageError
 from shared.settings import Settings
 
 Handler = Callable[[argparse.Namespace, Settings], int]
@@ -22,7 +21,7 @@ def _guarded(handler: Handler) -> Handler:
     def run(args: argparse.Namespace, settings: Settings) -> int:
         try:
             return handler(args, settings)
-        except (EvalUsageError, ExpectedFileError) as exc:
+        except EvalUsageError as exc:  # includes ExpectedFileError
             print(f"lodestar eval: error: {exc}", file=sys.stderr)
             return USAGE_EXIT
 
@@ -114,7 +113,9 @@ def register(subparsers: Any) -> None:
         help=f"comma-separated, from: {', '.join(retrieval.SYSTEMS)}",
     )
     ret.add_argument("--split", help="qrels split (default: test)")
-    ret.add_argument("--stack", metavar="URL", help="a running orchestrator, e.g. http://127.0.0.1:8000")
+    ret.add_argument(
+        "--stack", metavar="URL", help="a running orchestrator, e.g. http://127.0.0.1:8000"
+    )
     ret.add_argument("--out", type=Path, help=f"results folder (default: {RESULTS_DIR})")
     ret.add_argument("--rebuild", action="store_true", help="rebuild the cached collection")
     ret.set_defaults(handler=_guarded(cmd_retrieval))
@@ -128,7 +129,9 @@ def register(subparsers: Any) -> None:
     )
     rg.add_argument("--limit", type=int, help="only the first N questions")
     rg.add_argument("--k", type=int, default=rag.DEFAULT_K, help="passages given to the reader")
-    rg.add_argument("--stack", metavar="URL", help="a running orchestrator, e.g. http://127.0.0.1:8000")
+    rg.add_argument(
+        "--stack", metavar="URL", help="a running orchestrator, e.g. http://127.0.0.1:8000"
+    )
     rg.add_argument("--out", type=Path, help=f"results folder (default: {RESULTS_DIR})")
     rg.add_argument("--rebuild", action="store_true", help="rebuild the cached collection")
     rg.set_defaults(handler=_guarded(cmd_rag))
@@ -139,15 +142,15 @@ def register(subparsers: Any) -> None:
     check.add_argument("--ci", action="store_true", help="only the rows marked ci: true")
     check.add_argument("--expected", type=Path, default=EXPECTED_PATH, help="expected figures")
     check.add_argument(
-        "--out", type=Path, help="where to write the measured results (default: <data_dir>/eval/check)"
+        "--out",
+        type=Path,
+        help="where to write the measured results (default: <data_dir>/eval/check)",
     )
     check.set_defaults(handler=_guarded(cmd_check))
 
     report = group.add_parser("report", help="regenerate docs/results.md from the JSON results")
     report.add_argument("--results", type=Path, default=RESULTS_DIR, help="results folder")
-    report.add_argument(
-        "--out", type=Path, default=Path(RESULTS_DIR.parents[1] / "docs" / "results.md")
-    )
+    report.add_argument("--out", type=Path, default=DOCS_DIR / "results.md")
     report.add_argument(
         "--images", type=Path, help="where the plots go (default: <out folder>/img)"
     )

@@ -10,12 +10,10 @@ import platform
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import numpy as np
-
-from shared.metrics import paired_bootstrap, paired_t_test
-from shared.schemas import Document
+if TYPE_CHECKING:
+    from shared.schemas import Document
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BENCHMARKS_DIR = REPO_ROOT / "benchmarks"
@@ -31,6 +29,10 @@ T = TypeVar("T")
 
 class EvalUsageError(ValueError):
     """Bad input from the user (unknown dataset, system, split...): the CLI exits with code 2."""
+
+
+class ExpectedFileError(EvalUsageError):
+    """``expected.yaml`` is malformed; the message names the row and the field."""
 
 
 def parse_names(text: str, known: Mapping[str, T], what: str) -> list[str]:
@@ -184,6 +186,8 @@ def ensure_collection(
 
 def latency_summary(values_ms: Sequence[float]) -> dict[str, float]:
     """p50, p95 and mean of per-query latencies, in milliseconds."""
+    import numpy as np
+
     if not values_ms:
         return {"p50": float("nan"), "p95": float("nan"), "mean": float("nan")}
     array = np.asarray(values_ms, dtype=np.float64)
@@ -205,6 +209,10 @@ def significance_table(
     ``per_item`` is ``{system: {item_id: {metric: value}}}``; only items every system of the pair
     has a (non-null) value for are paired, in sorted id order.
     """
+    import numpy as np
+
+    from shared.metrics import paired_bootstrap, paired_t_test
+
     rows: list[dict[str, Any]] = []
     for a, b in itertools.combinations(per_item, 2):
         for metric in metrics:

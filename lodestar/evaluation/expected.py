@@ -33,21 +33,19 @@ from typing import Any
 import yaml
 
 from lodestar.evaluation import rag, retrieval
-from lodestar.evaluation.common import EXPECTED_PATH, write_json
+from lodestar.evaluation.common import EXPECTED_PATH, ExpectedFileError, write_json
 from shared.settings import Settings
+
+__all__ = ["ExpectedFileError"]
 
 TASKS = ("retrieval", "rag")
 TASK_METRICS: dict[str, tuple[str, ...]] = {
     "retrieval": retrieval.METRICS,
-    "rag": ("em", "f1", "support_recall", "rounds"),
+    "rag": ("em", "f1", "acc", "support_recall", "rounds"),
 }
 #: Absolute slack on top of every tolerance, so a figure exactly at the bound passes despite
 #: binary floating point (0.6789 + 0.005 is not exactly 0.6839).
 EPSILON = 1e-9
-
-
-class ExpectedFileError(ValueError):
-    """``expected.yaml`` is malformed; the message names the row and the field."""
 
 
 @dataclass(frozen=True)

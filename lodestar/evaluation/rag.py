@@ -10,8 +10,10 @@ documents retrieved in each round, tokens generated, latency. Methods run the pr
 Multi-round methods (SIM-RAG, IRCoT-style) are further entries in :data:`METHODS`: a
 :class:`RagMethod` whose ``answer`` coroutine returns one list of retrieved ids per round.
 
-Metrics per question: SQuAD exact match and token F1 (``shared.metrics``), supporting-document
-recall (the share of the question's gold supporting documents among those retrieved so far,
+Metrics per question: SQuAD exact match and token F1 (``shared.metrics``); answer accuracy
+``acc`` (a normalised gold answer occurs in the normalised prediction: lost-in-the-middle's
+``best_subspan_em`` on whole words; FlashRAG's ``acc``), which credits a correct answer inside a sentence, as a
+135M reader tends to write them; supporting-document recall (the share of the question's gold supporting documents among those retrieved so far,
 after each round; the last value is the question's figure), rounds, tokens generated, latency.
 """
 
@@ -41,7 +43,6 @@ from lodestar.evaluation.common import (
 )
 from lodestar.evaluation.retrieval import HttpBackend
 from shared.datasets import load_hotpotqa, load_nq_open_oracle
-from shared.metrics import exact_match, f1
 from shared.models import LLM_ID
 from shared.schemas import Document, QAExample
 from shared.settings import Settings
@@ -49,8 +50,8 @@ from shared.settings import Settings
 #: Passages the single-round pipeline gives the reader (CompactDS passes the top 3).
 DEFAULT_K = 3
 #: Metrics reported per method, in this order.
-METRICS = ("em", "f1", "support_recall", "rounds", "new_tokens")
-SIGNIFICANCE_METRICS = ("em", "f1")
+METRICS = ("em", "f1", "acc", "support_recall", "rounds", "new_tokens")
+SIGNIFICANCE_METRICS = ("em", "f1", "acc")
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,9 +236,25 @@ def support_recall_per_round(rounds: Sequence[Sequence[str]], gold: Sequence[str
     return out
 
 
-def score_outcome(
-    example: QAExample, outcome: RagOutcome, latency_ms: float
-) -> dict[str, Any]:
+def answer_in_prediction(prediction: str, golds: Sequence[str]) -> float:
+    """1.0 if any SQuAD-normalised gold answer occurs in the normalised prediction, else 0.0.
+
+    Lost-in-the-middle's ``best_subspan_em``, made stricter: the gold must match whole words, so
+    a gold "1" does not match a prediction "2017"."""
+    from shared.metrics import normalize_answer
+
+    normalized = f" {normalize_answer(prediction)} "
+    return float(
+        any(
+            gold_norm and f" {gold_norm} " in normalized
+            for gold_norm in (normalize_answer(g) for g in golds)
+        )
+    )
+
+
+def score_outcome(example: QAExample, outcome: RagOutcome, latency_ms: float) -> dict[str, Any]:
+    from shared.metrics import exact_match, f1
+
     per_round = support_recall_per_round(outcome.rounds, example.supporting_doc_ids)
     return {
         "question": example.question,
@@ -246,6 +263,7 @@ def score_outcome(
         "raw": outcome.raw_answer,
         "em": exact_match(outcome.answer, example.answers),
         "f1": round(f1(outcome.answer, example.answers), 4),
+        "acc": answer_in_prediction(outcome.answer, example.answers),
         # No retrieval, no recall: None keeps the no-retrieval baseline out of this mean.
         "support_recall": round(per_round[-1], 4) if per_round else None,
         "support_recall_per_round": [round(r, 4) for r in per_round],
@@ -374,18 +392,22 @@ def format_rag(result: dict[str, Any]) -> str:
     lines = [
         f"{result['dataset']}: {result['num_questions']} questions, k {result['k']}, "
         f"collection {result['collection']} ({result['backend']}), {result['wall_s']} s",
-        f"{'method':<10} {'EM':>6} {'F1':>6} {'supp.R':>7} {'rounds':>6} {'tokens':>7} "
+        f"{'method':<10} {'EM':>6} {'F1':>6} {'Acc':>6} {'supp.R':>7} {'rounds':>6} {'tokens':>7} "
         f"{'p50 ms':>8} {'p95 ms':>8}",
     ]
     for name, row in result["methods"].items():
         m, lat = row["metrics"], row["latency_ms"]
         lines.append(
-            f"{name:<10} {_fmt(m['em'], '.4f'):>6} {_fmt(m['f1'], '.4f'):>6} "
+            f"{name:<10} {_fmt(m['em'], '.4f'):>6} {_fmt(m['f1'], '.4f'):>6} {_fmt(m['acc'], '.4f'):>6} "
             f"{_fmt(m['support_recall'], '.4f'):>7} {_fmt(m['rounds'], '.2f'):>6} "
             f"{_fmt(m['new_tokens'], '.1f'):>7} {lat['p50']:>8.0f} {lat['p95']:>8.0f}"
         )
     if result["significance"]:
-        lines += ["", "paired significance (two-sided):", format_significance(result["significance"])]
+        lines += [
+            "",
+            "paired significance (two-sided):",
+            format_significance(result["significance"]),
+        ]
     return "\n".join(lines)
 
 

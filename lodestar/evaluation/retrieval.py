@@ -40,7 +40,6 @@ from lodestar.evaluation.common import (
     write_json,
 )
 from shared.datasets import BeirDataset, load_scifact
-from shared.metrics import evaluate_run
 from shared.settings import Settings
 
 #: Documents retrieved per query (Recall@100 needs 100).
@@ -246,9 +245,7 @@ def pipeline_system(
     there are several), optionally re-ranked."""
     chosen = tuple(retrievers)
 
-    async def search(
-        backend: SearchBackend, query: str, collection: str, k: int
-    ) -> SearchResult:
+    async def search(backend: SearchBackend, query: str, collection: str, k: int) -> SearchResult:
         return await backend.search(
             query=query, collection=collection, k=k, retrievers=chosen, rerank=rerank
         )
@@ -307,7 +304,9 @@ async def _run_system(
         result = await system.search(backend, text, collection, DEPTH)
         latency[qid] = (time.perf_counter() - started) * 1000
         ranked[qid] = result.doc_ids
-        run[qid] = {doc_id: float(DEPTH + 1 - rank) for rank, doc_id in enumerate(result.doc_ids, 1)}
+        run[qid] = {
+            doc_id: float(DEPTH + 1 - rank) for rank, doc_id in enumerate(result.doc_ids, 1)
+        }
     return SystemRun(system.name, run, ranked, latency, time.perf_counter() - started_all)
 
 
@@ -357,6 +356,8 @@ async def evaluate_retrieval_async(
     finally:
         await backend.aclose()
 
+    from shared.metrics import evaluate_run
+
     per_system: dict[str, Any] = {}
     per_query: dict[str, dict[str, dict[str, Any]]] = {}
     for system, system_run in zip(chosen, runs, strict=True):
@@ -399,7 +400,9 @@ async def evaluate_retrieval_async(
     }
 
 
-def evaluate_retrieval(settings: Settings, dataset: str, systems: Sequence[str], **kwargs: Any) -> dict[str, Any]:
+def evaluate_retrieval(
+    settings: Settings, dataset: str, systems: Sequence[str], **kwargs: Any
+) -> dict[str, Any]:
     return asyncio.run(evaluate_retrieval_async(settings, dataset, systems, **kwargs))
 
 
@@ -419,7 +422,11 @@ def format_retrieval(result: dict[str, Any]) -> str:
             f"{m['mrr@10']:>7.4f} {lat['p50']:>8.1f} {lat['p95']:>8.1f}"
         )
     if result["significance"]:
-        lines += ["", "paired significance (two-sided):", format_significance(result["significance"])]
+        lines += [
+            "",
+            "paired significance (two-sided):",
+            format_significance(result["significance"]),
+        ]
     return "\n".join(lines)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends
 from fastapi.concurrency import run_in_threadpool
 
 from services.index.engine import (
@@ -12,11 +12,9 @@ from services.index.engine import (
     IndexEngine,
     Snapshot,
     WriteResult,
-    check_k,
     search_response,
 )
-from shared.app import require_ready
-from shared.errors import ErrorCode, LodestarError
+from shared.app import check_k, check_text, from_state, require_ready
 from shared.schemas import (
     CollectionInfo,
     IndexSearchRequest,
@@ -26,34 +24,10 @@ from shared.schemas import (
 )
 from shared.settings import Settings
 
-
-def get_engine(request: Request) -> IndexEngine:
-    engine: IndexEngine = request.app.state.engine
-    return engine
-
-
-def get_settings(request: Request) -> Settings:
-    settings: Settings = request.app.state.settings
-    return settings
-
-
-EngineDep = Annotated[IndexEngine, Depends(get_engine)]
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+EngineDep = Annotated[IndexEngine, Depends(from_state("engine"))]
+SettingsDep = Annotated[Settings, Depends(from_state("settings"))]
 
 router = APIRouter(dependencies=[Depends(require_ready)])
-
-
-def validate_query(query: str, settings: Settings) -> str:
-    stripped = query.strip()
-    if not stripped:
-        raise LodestarError(ErrorCode.empty, "query is empty", field="query")
-    if len(stripped) > settings.max_query_chars:
-        raise LodestarError(
-            ErrorCode.validation,
-            f"query exceeds {settings.max_query_chars} characters",
-            field="query",
-        )
-    return stripped
 
 
 def _info(snapshot: Snapshot) -> CollectionInfo:
@@ -83,8 +57,8 @@ def _write_response(result: WriteResult) -> WriteResponse:
 async def search(
     body: IndexSearchRequest, engine: EngineDep, settings: SettingsDep
 ) -> IndexSearchResponse:
-    query = validate_query(body.query, settings)
-    check_k(body.k, settings.max_k)
+    query = check_text(body.query, "query", settings)
+    check_k(body.k, settings)
     snapshot, results, timings = await run_in_threadpool(
         engine.search, body.collection, query, body.k, body.retrievers
     )

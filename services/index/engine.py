@@ -33,7 +33,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from shared.artifacts import ArtifactFamily
-from shared.errors import ErrorCode, LodestarError, invalid, not_found
+from shared.errors import invalid, not_found
 from shared.models import EMBEDDER_ID, EMBEDDING_DIM, Embedder
 from shared.schemas import (
     Document,
@@ -138,13 +138,16 @@ class BM25Searcher:
     def __init__(self, directory: Path, passage_doc_index: np.ndarray, n_docs: int) -> None:
         import bm25s
 
-        self.retriever = bm25s.BM25.load(str(directory), mmap=True)
+        # An empty collection has no BM25 index (bm25s cannot index zero documents).
+        self.retriever = (
+            bm25s.BM25.load(str(directory), mmap=True) if passage_doc_index.shape[0] else None
+        )
         self.passage_doc_index = passage_doc_index
         self.n_docs = n_docs
 
     def search(self, query: str, k: int) -> list[ScoredDoc]:
         n_passages = self.passage_doc_index.shape[0]
-        if n_passages == 0:
+        if self.retriever is None or n_passages == 0:
             return []
         tokens = _bm25_tokenize([query])
         if not tokens.ids or not tokens.ids[0]:
@@ -452,15 +455,13 @@ class IndexEngine:
     def _write_bm25(directory: Path, passages: list[Passage]) -> None:
         import bm25s
 
+        directory.mkdir()
+        if not passages:
+            return
         retriever = bm25s.BM25(k1=BM25_K1, b=BM25_B)
-        texts = [embedding_text(p) for p in passages] or [""]
+        texts = [embedding_text(p) for p in passages]
         retriever.index(_bm25_tokenize(texts), show_progress=False)
         retriever.save(str(directory))
-
-
-def check_k(k: int, max_k: int) -> None:
-    if k < 1 or k > max_k:
-        raise LodestarError(ErrorCode.validation, f"k must be between 1 and {max_k}", field="k")
 
 
 def search_response(

@@ -12,16 +12,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from celery import Celery
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from sse_starlette.sse import EventSourceResponse
 
 from services.orchestrator.engine import INDEX_RETRIEVERS, AnswerPipeline, SearchPipeline
-from shared.app import require_ready
+from shared.app import check_k, check_text, from_state, require_ready
 from shared.clients import IndexClient
-from shared.errors import ErrorCode, LodestarError, invalid
+from shared.errors import LodestarError, invalid
 from shared.jobs import TASK_INDEX_DOCUMENTS, job_status
 from shared.models import Generation
 from shared.schemas import CollectionInfo, Document, Hit, is_valid_collection_name
@@ -101,65 +101,15 @@ class UpsertDocumentsRequest(BaseModel):
 # --- dependencies ------------------------------------------------------------------------------
 
 
-def _state(request: Request, name: str) -> Any:
-    return getattr(request.app.state, name)
-
-
-def get_settings(request: Request) -> Settings:
-    settings: Settings = _state(request, "settings")
-    return settings
-
-
-def get_store(request: Request) -> Store:
-    store: Store = _state(request, "store")
-    return store
-
-
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-StoreDep = Annotated[Store, Depends(get_store)]
-
-
-def get_index(request: Request) -> IndexClient:
-    client: IndexClient = _state(request, "index")
-    return client
-
-
-def get_search(request: Request) -> SearchPipeline:
-    pipeline: SearchPipeline = _state(request, "search")
-    return pipeline
-
-
-def get_answer(request: Request) -> AnswerPipeline:
-    pipeline: AnswerPipeline = _state(request, "answer")
-    return pipeline
-
-
-def get_celery(request: Request) -> Celery:
-    app: Celery = _state(request, "celery")
-    return app
-
-
-IndexDep = Annotated[IndexClient, Depends(get_index)]
-SearchDep = Annotated[SearchPipeline, Depends(get_search)]
-AnswerDep = Annotated[AnswerPipeline, Depends(get_answer)]
-CeleryDep = Annotated[Celery, Depends(get_celery)]
+SettingsDep = Annotated[Settings, Depends(from_state("settings"))]
+StoreDep = Annotated[Store, Depends(from_state("store"))]
+IndexDep = Annotated[IndexClient, Depends(from_state("index"))]
+SearchDep = Annotated[SearchPipeline, Depends(from_state("search"))]
+AnswerDep = Annotated[AnswerPipeline, Depends(from_state("answer"))]
+CeleryDep = Annotated[Celery, Depends(from_state("celery"))]
 
 router = APIRouter()
 ready = [Depends(require_ready)]
-
-
-def validate_text(value: str, field: str, settings: Settings) -> str:
-    stripped = value.strip()
-    if not stripped:
-        raise LodestarError(ErrorCode.empty, f"{field} is empty", field=field)
-    if len(stripped) > settings.max_query_chars:
-        raise invalid(f"{field} exceeds {settings.max_query_chars} characters", field=field)
-    return stripped
-
-
-def validate_k(k: int, settings: Settings) -> None:
-    if not 1 <= k <= settings.max_k:
-        raise invalid(f"k must be between 1 and {settings.max_k}", field="k")
 
 
 def validate_collection(name: str) -> None:
@@ -176,8 +126,8 @@ def validate_collection(name: str) -> None:
 async def search(
     body: SearchRequest, settings: SettingsDep, store: StoreDep, pipeline: SearchDep
 ) -> SearchResponse:
-    query = validate_text(body.query, "query", settings)
-    validate_k(body.k, settings)
+    query = check_text(body.query, "query", settings)
+    check_k(body.k, settings)
     validate_collection(body.collection)
     started = time.perf_counter()
     trace = Trace(kind="search", request=body.model_dump())
@@ -205,8 +155,8 @@ async def search(
 async def answer(
     body: AnswerRequest, settings: SettingsDep, store: StoreDep, pipeline: AnswerDep
 ) -> Any:
-    question = validate_text(body.question, "question", settings)
-    validate_k(body.k, settings)
+    question = check_text(body.question, "question", settings)
+    check_k(body.k, settings)
     validate_collection(body.collection)
     if body.max_rounds > 1:
         # Multi-round answering needs the SIM-RAG critic, which is not part of this release.

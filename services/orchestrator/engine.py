@@ -228,7 +228,9 @@ def build_answer_messages(
     return [{"role": "system", "content": ANSWER_SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
 
-_ANSWER_PREFIX_RE = re.compile(r"^(the\s+)?(short\s+|final\s+)?answer\b\s*(is\b)?\s*[:\-]?\s*", re.IGNORECASE)
+_ANSWER_PREFIX_RE = re.compile(
+    r"^(the\s+)?(short\s+|final\s+)?answer\b\s*(is\b)?\s*[:\-]?\s*", re.IGNORECASE
+)
 
 
 def build_closed_book_messages(question: str) -> list[dict[str, str]]:

@@ -105,8 +105,14 @@ def test_validation_errors_use_the_closed_error_model(tmp_path):
     with build(make_settings(tmp_path)) as client:
         wrong_type = client.post("/echo", json={"text": 5})
         assert wrong_type.status_code == 422
-        assert wrong_type.json()["error"] == {"code": "validation", "message": "Input should be a valid string", "field": "text"}
-        bad_json = client.post("/echo", content=b"{nope", headers={"content-type": "application/json"})
+        assert wrong_type.json()["error"] == {
+            "code": "validation",
+            "message": "Input should be a valid string",
+            "field": "text",
+        }
+        bad_json = client.post(
+            "/echo", content=b"{nope", headers={"content-type": "application/json"}
+        )
         assert bad_json.status_code == 422 and bad_json.json()["error"]["code"] == "validation"
         missing = client.get("/missing")
         assert missing.status_code == 404 and missing.json()["error"]["field"] == "id"
@@ -133,7 +139,9 @@ def test_body_over_the_limit_is_413_declared_or_streamed(tmp_path):
             for _ in range(5):
                 yield b"a" * 1000
 
-        streamed = client.post("/echo", content=chunks(), headers={"content-type": "application/json"})
+        streamed = client.post(
+            "/echo", content=chunks(), headers={"content-type": "application/json"}
+        )
         assert streamed.status_code == 413
         assert client.post("/echo", json={"text": "small"}).status_code == 200
 
@@ -169,7 +177,10 @@ def test_api_keys_are_checked_against_stored_hashes(tmp_path):
         assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "unauthorized"
         ok = client.post("/echo", json={"text": "x"}, headers={"authorization": "Bearer s3cret"})
         assert ok.status_code == 200
-        assert client.post("/echo", json={"text": "x"}, headers={"x-api-key": "s3cret"}).status_code == 200
+        assert (
+            client.post("/echo", json={"text": "x"}, headers={"x-api-key": "s3cret"}).status_code
+            == 200
+        )
         assert client.get("/healthz").status_code == 200  # probes need no key
 
 

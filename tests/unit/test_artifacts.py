@@ -55,14 +55,22 @@ with family.lock(), family.build({}) as scratch:
 """
 
 
-def test_killed_build_process_leaves_previous_version_and_next_build_succeeds(tmp_path: Path) -> None:
+def test_killed_build_process_leaves_previous_version_and_next_build_succeeds(
+    tmp_path: Path,
+) -> None:
     family = ArtifactFamily(tmp_path / "fam")
     first = publish(family, "one")
-    result = subprocess.run([sys.executable, "-c", CRASHING_BUILD, str(family.root)], cwd=Path(__file__).parents[2], check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", CRASHING_BUILD, str(family.root)],
+        cwd=Path(__file__).parents[2],
+        check=False,
+    )
     assert result.returncode == -signal.SIGKILL
     assert family.current_version() == first
     assert (family.versions_dir / first / "data.txt").read_text() == "one"
-    assert list(family.versions_dir.glob("*.tmp")), "the crashed build's scratch directory is left behind"
+    assert list(family.versions_dir.glob("*.tmp")), (
+        "the crashed build's scratch directory is left behind"
+    )
     second = publish(family, "two")  # the lock died with the process; the stale scratch is cleaned
     assert second != first and not list(family.versions_dir.glob("*.tmp"))
     assert (family.versions_dir / second / "data.txt").read_text() == "two"
@@ -74,5 +82,8 @@ def test_prune_keeps_the_current_version(tmp_path: Path) -> None:
     family.prune(keep=2)
     remaining = sorted(p.name for p in family.versions_dir.iterdir())
     assert remaining == versions[-2:]
-    assert json.loads((family.versions_dir / versions[-1] / "manifest.json").read_text())["version"] == versions[-1]
+    assert (
+        json.loads((family.versions_dir / versions[-1] / "manifest.json").read_text())["version"]
+        == versions[-1]
+    )
     assert os.path.exists(family.root / "CURRENT")

@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 
 from services.index.engine import chunk_document, embedding_text
-from services.orchestrator.engine import build_answer_messages, choose_citations, clean_answer, reciprocal_rank_fusion
+from services.orchestrator.engine import (
+    build_answer_messages,
+    choose_citations,
+    clean_answer,
+    reciprocal_rank_fusion,
+)
 from shared.schemas import Document, Hit
 
 
@@ -14,7 +19,9 @@ def hits(*ids: str) -> list[Hit]:
 
 
 def test_rrf_scores_match_hand_computation() -> None:
-    fused = reciprocal_rank_fusion({"dense": hits("a", "b", "c"), "bm25": hits("c", "a", "d")}, rrf_k=60, k=4)
+    fused = reciprocal_rank_fusion(
+        {"dense": hits("a", "b", "c"), "bm25": hits("c", "a", "d")}, rrf_k=60, k=4
+    )
     expected = {
         "a": 1 / 61 + 1 / 62,
         "c": 1 / 63 + 1 / 61,
@@ -79,4 +86,6 @@ def test_answer_prompt_numbers_passages_in_rank_order() -> None:
     messages = build_answer_messages("Who?", hits("first", "second"))
     assert messages[0]["role"] == "system"
     user = messages[1]["content"]
-    assert user.index("[1] first:") < user.index("[2] second:") and user.endswith("Question: Who?\nAnswer:")
+    assert user.index("[1] first:") < user.index("[2] second:") and user.endswith(
+        "Question: Who?\nAnswer:"
+    )

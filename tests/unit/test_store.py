@@ -36,7 +36,12 @@ def a_trace() -> Trace:
                 params={"retriever": "bm25"},
                 latency_ms=1.5,
             ),
-            StageRun(stage="generate", inputs={}, outputs={"answer": "Leonardo"}, targets=[{"type": "answer", "id": "answer"}]),
+            StageRun(
+                stage="generate",
+                inputs={},
+                outputs={"answer": "Leonardo"},
+                targets=[{"type": "answer", "id": "answer"}],
+            ),
         ],
     )
 
@@ -74,17 +79,23 @@ def test_unknown_trace_is_not_found(store: Store) -> None:
 def test_feedback_is_stored_against_a_stage_target(store: Store) -> None:
     trace = a_trace()
     store.save_trace(trace)
-    feedback_id, created = store.add_feedback(feedback_on(trace, source="shadow", agent_id="agent-1", confidence=0.4))
+    feedback_id, created = store.add_feedback(
+        feedback_on(trace, source="shadow", agent_id="agent-1", confidence=0.4)
+    )
     assert created
     stored = store.get_trace(trace.trace_id)["feedback"]
-    assert [(f["feedback_id"], f["source"], f["agent_id"], f["value"]) for f in stored] == [(feedback_id, "shadow", "agent-1", 1)]
+    assert [(f["feedback_id"], f["source"], f["agent_id"], f["value"]) for f in stored] == [
+        (feedback_id, "shadow", "agent-1", 1)
+    ]
 
 
 def test_repeated_idempotency_key_returns_the_first_id(store: Store) -> None:
     trace = a_trace()
     store.save_trace(trace)
     first, created = store.add_feedback(feedback_on(trace, idempotency_key="key-1"))
-    again, created_again = store.add_feedback(feedback_on(trace, idempotency_key="key-1", action="irrelevant"))
+    again, created_again = store.add_feedback(
+        feedback_on(trace, idempotency_key="key-1", action="irrelevant")
+    )
     assert created and not created_again and again == first
     assert len(store.get_trace(trace.trace_id)["feedback"]) == 1
 
@@ -114,12 +125,18 @@ def test_concurrent_writers_with_one_idempotency_key_store_one_row(store: Store)
         ({"trace_id": "nope"}, ErrorCode.not_found, "trace_id"),
         ({"stage": "rerank"}, ErrorCode.not_found, "stage"),
         ({"target_id": "Not In Results"}, ErrorCode.not_found, "target_id"),
-        ({"target_type": "answer", "target_id": "Mona Lisa", "action": "thumbs"}, ErrorCode.not_found, "target_id"),
+        (
+            {"target_type": "answer", "target_id": "Mona Lisa", "action": "thumbs"},
+            ErrorCode.not_found,
+            "target_id",
+        ),
         ({"action": "thumbs"}, ErrorCode.validation, "action"),
         ({"target_type": "paragraph"}, ErrorCode.validation, "target_type"),
     ],
 )
-def test_feedback_that_points_nowhere_is_refused(store: Store, overrides: dict[str, object], code: ErrorCode, field: str) -> None:
+def test_feedback_that_points_nowhere_is_refused(
+    store: Store, overrides: dict[str, object], code: ErrorCode, field: str
+) -> None:
     trace = a_trace()
     store.save_trace(trace)
     with pytest.raises(LodestarError) as caught:

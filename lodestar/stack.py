@@ -34,6 +34,7 @@ class ProcessSpec:
 
 STACK: tuple[ProcessSpec, ...] = (
     ProcessSpec("index", "services.index", port_service="index"),
+    ProcessSpec("reranker", "services.reranker", port_service="reranker"),
     ProcessSpec("orchestrator", "services.orchestrator", port_service="orchestrator"),
     ProcessSpec("worker-cpu", "services.worker", ("--queues", "cpu")),
 )

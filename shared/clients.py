@@ -9,11 +9,11 @@ back and report the service in ``degraded``.
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import quote
 
 import httpx
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 from shared.app import (
     DEADLINE_HEADER,
@@ -157,5 +157,77 @@ class IndexClient(ServiceClient):
             f"/collections/{name}/documents/{quote(doc_id, safe='')}",
             WriteResponse,
             timeout=self.settings.request_timeout_s,
+        )
+        return result
+
+
+# --- reranker ----------------------------------------------------------------------------------
+
+#: Methods the reranker service serves (``cross-encoder`` is reserved until CAR trains one).
+RERANK_METHODS = ("icr", "rankgpt", "cosine", "cross-encoder")
+
+
+class RerankDocumentIn(BaseModel):
+    doc_id: str = Field(min_length=1, max_length=512)
+    title: str = ""
+    text: str
+
+
+class RerankOptions(BaseModel):
+    """Per-request knobs; ``None`` means the service's default. ICR fields follow
+    ``services.reranker.icr.ICROptions``; ``window_size``/``step`` are RankGPT's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    calibration: Literal["masked_na", "none"] | None = None
+    layers: Literal["all", "last"] | None = None
+    query_tokens: Literal["span", "last"] | None = None
+    query_span: Literal["instruction", "query"] | None = None
+    doc_order: Literal["reverse", "input"] | None = None
+    retrieval_type: Literal["ie", "qa"] | None = None
+    reuse_cache: bool | None = None
+    max_doc_tokens: Annotated[int, Field(ge=8, le=2048)] | None = None
+    max_prompt_tokens: Annotated[int, Field(ge=256, le=8192)] | None = None
+    window_size: Annotated[int, Field(ge=2, le=100)] | None = None
+    step: Annotated[int, Field(ge=1, le=100)] | None = None
+
+
+class RerankRequest(BaseModel):
+    query: str
+    documents: list[RerankDocumentIn] = Field(min_length=1)
+    method: Literal["icr", "rankgpt", "cosine", "cross-encoder"] = "icr"
+    options: RerankOptions = Field(default_factory=lambda: RerankOptions())
+
+
+class RerankResult(BaseModel):
+    doc_id: str
+    score: float
+    rank: int
+
+
+class RerankResponse(BaseModel):
+    results: list[RerankResult]
+    """Every input document, best first (``rank`` 1-based)."""
+    method: str
+    timings_ms: dict[str, float]
+    forward_passes: int
+    """Model forward passes: 2 for ICR, one per generated token for RankGPT."""
+    prompt_tokens: int
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class RerankerClient(ServiceClient):
+    def __init__(
+        self, settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
+        super().__init__("reranker", settings.reranker_url, settings, transport=transport)
+
+    async def rerank(self, request: RerankRequest) -> RerankResponse:
+        result: RerankResponse = await self._call(
+            "POST",
+            "/rerank",
+            RerankResponse,
+            request.model_dump(exclude_none=True),
+            timeout=self.settings.rerank_timeout_s,
         )
         return result

@@ -75,6 +75,14 @@ class IndexSearchRequest(BaseModel):
     query: str
     k: int = 10
     retrievers: list[str] = Field(default_factory=lambda: ["dense", "bm25"], min_length=1)
+    """``dense`` (the collection's ANN + exact re-scoring, or flat), ``dense_exact`` (brute
+    force, for comparisons) and ``bm25``."""
+    candidates: int | None = None
+    """K, passages the ANN proposes for exact re-scoring (k <= K <= the server's limit)."""
+    nprobe: int | None = None
+    """IVF lists visited (IVF-PQ collections); default: the collection's configuration."""
+    ef_search: int | None = None
+    """HNSW search breadth (HNSW collections); default: the collection's configuration."""
 
 
 class IndexSearchResponse(BaseModel):
@@ -82,6 +90,8 @@ class IndexSearchResponse(BaseModel):
     version: str
     results: dict[str, list[Hit]]
     timings_ms: dict[str, float]
+    dense_backend: str | None = None
+    """Which dense backend answered ``dense``: ``flat`` or e.g. ``ivfpq+exact``."""
 
 
 class UpsertRequest(BaseModel):

@@ -66,6 +66,8 @@ class Settings(BaseSettings):
     critic_port: int = DEFAULT_PORTS["critic"]
     index_url: str = f"http://127.0.0.1:{DEFAULT_PORTS['index']}"
     """Base URL the orchestrator uses to reach the index service."""
+    reranker_url: str = f"http://127.0.0.1:{DEFAULT_PORTS['reranker']}"
+    """Base URL the orchestrator uses to reach the reranker service (`/search` with `rerank`)."""
 
     # --- security and limits ------------------------------------------------------------------
     api_key_hashes: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -120,8 +122,55 @@ class Settings(BaseSettings):
     passage_words: int = 256
     """Chunk size in whitespace words (CompactDS uses 256, title prepended)."""
 
+    index_ann_backend: Literal["flat", "ivfpq", "faiss_hnsw", "hnswlib"] = "ivfpq"
+    """Default dense backend of new collections (each collection records its own in its manifest):
+    an ANN index proposes `index_candidates` passages that are re-scored exactly from the on-disk
+    vectors. `flat` searches every vector exactly (slower past ~100k passages, perfect recall).
+    IVF-PQ keeps only ~1/27 of the fp32 matrix in RAM (HNSW keeps all of it); see
+    `lodestar bench index` (docs/index.md) for the measured trade-offs."""
+
+    index_ann_min_passages: int = 20000
+    """Collections smaller than this stay flat. Measured on the 10k wiki collection: exact search
+    takes ~2.5 ms per query on one core at recall 1.0, the best ANN ~0.7 ms at recall 0.99; the
+    saving is below the query-embedding time, so an index would cost build time for nothing."""
+
+    index_candidates: int = 1000
+    """K, passages re-scored exactly per query (CompactDS: 1000). Larger raises recall and latency
+    (reads K·1.5 KB from the vector file)."""
+
+    index_max_candidates: int = 10000
+    """Largest K a request may ask for (422 beyond); bounds per-request I/O."""
+
+    index_nprobe: int = 128
+    """IVF lists visited per query (faiss's default of 1 gives poor recall); more = slower, better.
+    128 is CompactDS's value; on the wiki vectors (nlist 257) it gave recall@10 0.998 after exact
+    re-scoring, 64 gave 0.988."""
+
+    index_ef_search: int = 128
+    """HNSW search breadth (hnswlib's default of 10 gives poor recall); the search uses
+    max(ef_search, K)."""
+
     rrf_k: int = 60
     """Reciprocal-rank-fusion constant: larger flattens the advantage of the very top ranks."""
+
+    rerank_depth: Annotated[int, Field(ge=1, le=200)] = 20
+    """How many fused first-stage candidates `/search` sends to the reranker (then keeps k).
+    ICR's cost grows linearly with it (one prompt holds them all); RankGPT's even faster."""
+
+    rerank_timeout_s: float = 60.0
+    """Timeout of one reranker call; past it `/search` returns the first-stage order and lists
+    `reranker` in `degraded`. An LLM reranker on two cores needs tens of seconds for 20 docs."""
+
+    rerank_max_doc_tokens: Annotated[int, Field(ge=8)] = 160
+    """Tokens kept per document in ICR and RankGPT prompts (the head of the text). The paper
+    keeps ~300 words; shorter prompts are linearly cheaper and lose the documents' tails."""
+
+    rerank_max_prompt_tokens: Annotated[int, Field(ge=256)] = 4096
+    """Whole ICR prompt budget; more documents than fit are cut to an equal per-document share
+    (413 when even 8 tokens each do not fit). SmolLM2 was trained on 8k-token contexts."""
+
+    rerank_max_documents: Annotated[int, Field(ge=1)] = 100
+    """Most documents one `/rerank` request may carry (413 beyond)."""
 
     answer_max_new_tokens: int = 64
     """Longest generated answer; SmolLM2 on two cores writes ~20-30 tokens/s."""

@@ -112,10 +112,17 @@ def machine_info() -> dict[str, Any]:
 
 
 def provenance() -> dict[str, Any]:
+    """Date, commit, machine, and the load average when the run started (these machines are
+    shared: a load above the core count means the latencies include waiting for a core)."""
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # pragma: no cover - not on Linux
+        load = None
     return {
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "git_commit": git_commit(),
         "machine": machine_info(),
+        "load_avg_at_start": load,
     }
 
 

@@ -339,16 +339,15 @@ async def evaluate_retrieval_async(
     qrels = data.qrels[split]
     collection = collection_name(dataset)
     started = time.perf_counter()
-    backend: SearchBackend
-    if stack:
-        http = HttpBackend(stack, settings)
-        backend = http
-        version = await http.require_collection(collection)
-    else:
-        local = InProcessBackend(settings)
-        backend = local
-        version = ensure_collection(local.engine, collection, lambda: data.corpus, rebuild=rebuild)
+    backend: SearchBackend = HttpBackend(stack, settings) if stack else InProcessBackend(settings)
     try:
+        if isinstance(backend, HttpBackend):
+            version = await backend.require_collection(collection)
+        else:
+            assert isinstance(backend, InProcessBackend)
+            version = ensure_collection(
+                backend.engine, collection, lambda: data.corpus, rebuild=rebuild
+            )
         runs = [
             await _run_system(system, backend, queries, collection, show_progress=show_progress)
             for system in chosen

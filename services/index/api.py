@@ -12,6 +12,7 @@ from services.index.engine import (
     IndexEngine,
     Snapshot,
     WriteResult,
+    params_of,
     search_response,
 )
 from shared.app import check_k, check_text, from_state, require_ready
@@ -35,7 +36,7 @@ def _info(snapshot: Snapshot) -> CollectionInfo:
         name=snapshot.name,
         version=snapshot.version,
         documents=snapshot.n_documents,
-        passages=len(snapshot.passages),
+        passages=snapshot.n_passages,
         retrievers={name: True for name in RETRIEVERS},
         manifest={k: v for k, v in snapshot.manifest.items() if k != "files"},
     )
@@ -60,7 +61,7 @@ async def search(
     query = check_text(body.query, "query", settings)
     check_k(body.k, settings)
     snapshot, results, timings = await run_in_threadpool(
-        engine.search, body.collection, query, body.k, body.retrievers
+        engine.search, body.collection, query, body.k, body.retrievers, params_of(body)
     )
     return search_response(snapshot, results, timings)
 

@@ -7,12 +7,11 @@ from fastapi import FastAPI
 from services.index.api import router
 from services.index.engine import IndexEngine
 from shared.app import Readiness, create_app
-from shared.models import get_embedder
 from shared.settings import Settings
 
 
 def build_app(settings: Settings) -> FastAPI:
-    engine = IndexEngine(settings.data_dir, lambda: get_embedder(settings), settings.passage_words)
+    engine = IndexEngine.from_settings(settings)
 
     def warm_up(readiness: Readiness) -> None:
         engine.embedder.encode(["warm up"])

@@ -14,9 +14,20 @@ One version holds::
 Passages of one document are contiguous, so document scores are a ``maximum.reduceat`` over
 passage scores: exact max-passage aggregation with no top-k truncation artefacts.
 
-The ANN stage of CompactDS (IVF-PQ / HNSW candidates re-scored exactly from ``embeddings.f32``)
-plugs in as another ``DenseSearcher``; ``ExactDenseSearcher`` is the brute-force baseline it is
-measured against.
+Dense search is CompactDS's two stages (``TwoStageDenseSearcher``): an in-memory ANN index
+(``services.index.ann``: faiss IVF-PQ, faiss HNSW or hnswlib) proposes K candidate passage rows,
+which are re-scored exactly from ``embeddings.f32``. ``ExactDenseSearcher`` is the brute-force
+baseline (retriever ``dense_exact``, and ``dense`` itself for small "flat" collections).
+
+Rows of a collection with an ANN index are append-only between merges::
+
+    ann.index         the ANN index over rows [0, indexed_rows)
+    tombstones.npy    rows of deleted or replaced documents (filtered out of every result)
+    rows >= indexed_rows  the "fresh segment": searched exactly beside the ANN index
+
+so an upsert or delete never rebuilds the ANN index; ``IndexEngine.merge`` (a Celery task) drops
+the tombstoned rows and rebuilds the index over everything, publishing a new version atomically.
+Live passages of one document stay contiguous and in document order, which both searchers rely on.
 """
 
 from __future__ import annotations
@@ -28,10 +39,11 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from services.index.ann import ANN_FILE, AnnConfig, AnnIndex, build_ann, load_ann
 from shared.artifacts import ArtifactFamily
 from shared.errors import invalid, not_found
 from shared.models import EMBEDDER_ID, EMBEDDING_DIM, Embedder
@@ -45,9 +57,15 @@ from shared.schemas import (
     is_valid_collection_name,
 )
 
+if TYPE_CHECKING:
+    from shared.settings import Settings
+
 logger = logging.getLogger(__name__)
 
-RETRIEVERS = ("dense", "bm25")
+RETRIEVERS = ("dense", "dense_exact", "bm25")
+#: Dense retrievers: ``dense`` is the collection's configured backend, ``dense_exact`` brute force.
+DENSE_RETRIEVERS = ("dense", "dense_exact")
+TOMBSTONES = "tombstones.npy"
 BM25_K1 = 0.9
 BM25_B = 0.4
 #: Called with (done, total, stage) during long work, for progress bars and job progress.
@@ -95,26 +113,127 @@ class ScoredDoc:
     score: float
 
 
+@dataclass(frozen=True)
+class SearchParams:
+    """Per-request dense-search knobs; ``None`` means the collection's configured value."""
+
+    candidates: int | None = None
+    nprobe: int | None = None
+    ef_search: int | None = None
+
+    def check(self, k: int, max_candidates: int) -> None:
+        if self.candidates is not None and not k <= self.candidates <= max_candidates:
+            raise invalid(
+                f"candidates must be between k ({k}) and {max_candidates}", field="candidates"
+            )
+        for name in ("nprobe", "ef_search"):
+            value = getattr(self, name)
+            if value is not None and not 1 <= value <= max_candidates:
+                raise invalid(f"{name} must be between 1 and {max_candidates}", field=name)
+
+
 class DenseSearcher(Protocol):
     name: str
+    """The backend that answers, e.g. ``flat`` or ``ivfpq+exact``."""
+    embeddings: np.ndarray
 
-    def search(self, query_vector: np.ndarray, k: int) -> list[ScoredDoc]: ...
+    def search(
+        self,
+        query_vector: np.ndarray,
+        k: int,
+        params: SearchParams | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> list[ScoredDoc]: ...
 
 
 class ExactDenseSearcher:
-    """Brute-force inner product over every passage vector (the baseline every ANN is held to)."""
+    """Brute-force inner product over every live passage vector (the baseline every ANN is held
+    to). Tombstoned rows score -inf, so they can never win their document's max."""
 
-    name = "dense"
+    name = "flat"
 
-    def __init__(self, embeddings: np.ndarray, doc_starts: np.ndarray) -> None:
+    def __init__(
+        self, embeddings: np.ndarray, doc_starts: np.ndarray, dead_rows: np.ndarray | None = None
+    ) -> None:
         self.embeddings = embeddings
         self.doc_starts = doc_starts
+        self.dead_rows = dead_rows if dead_rows is not None else np.zeros(0, np.int64)
 
-    def search(self, query_vector: np.ndarray, k: int) -> list[ScoredDoc]:
-        if self.embeddings.shape[0] == 0:
+    def search(
+        self,
+        query_vector: np.ndarray,
+        k: int,
+        params: SearchParams | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> list[ScoredDoc]:
+        if self.doc_starts.shape[0] == 0:
             return []
         passage_scores = self.embeddings @ query_vector
+        if self.dead_rows.shape[0]:
+            passage_scores[self.dead_rows] = -np.inf
         return _top_docs(passage_scores, self.doc_starts, k)
+
+
+class TwoStageDenseSearcher:
+    """CompactDS: the ANN proposes K candidate rows (plus every live row of the fresh segment);
+    their full-precision vectors are gathered from the memmap in sorted row order, scored exactly,
+    and documents ranked by their best candidate passage. Never re-scores PQ reconstructions and
+    never reads the whole matrix."""
+
+    def __init__(
+        self,
+        ann: AnnIndex,
+        config: AnnConfig,
+        embeddings: np.ndarray,
+        live: np.ndarray,
+        indexed_rows: int,
+        passage_doc_index: np.ndarray,
+    ) -> None:
+        self.ann = ann
+        self.config = config
+        self.name = config.label()
+        self.embeddings = embeddings
+        self.live = live
+        self.passage_doc_index = passage_doc_index
+        self.fresh_rows = indexed_rows + np.flatnonzero(live[indexed_rows:])
+        self.dead_indexed = int(indexed_rows - live[:indexed_rows].sum())
+
+    def candidate_rows(self, query_vector: np.ndarray, k: int, params: SearchParams) -> np.ndarray:
+        """Sorted, unique, live row ids: ANN candidates plus the fresh segment."""
+        wanted = max(params.candidates or self.config.candidates, k)
+        # Over-fetch by the tombstones inside the index (bounded) so K live candidates remain.
+        fetch = wanted + min(self.dead_indexed, wanted)
+        _, ids = self.ann.search(
+            query_vector[None, :], fetch, nprobe=params.nprobe, ef_search=params.ef_search
+        )
+        rows = ids[0][ids[0] >= 0]
+        rows = rows[self.live[rows]][:wanted]
+        return np.union1d(rows, self.fresh_rows)
+
+    def search(
+        self,
+        query_vector: np.ndarray,
+        k: int,
+        params: SearchParams | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> list[ScoredDoc]:
+        started = time.perf_counter()
+        rows = self.candidate_rows(query_vector, k, params or SearchParams())
+        ann_done = time.perf_counter()
+        if rows.shape[0] == 0:
+            return []
+        # Fancy indexing a memmap with sorted rows reads just those rows, front to back.
+        scores = np.asarray(self.embeddings[rows], dtype=np.float32) @ query_vector
+        docs = self.passage_doc_index[rows]  # non-decreasing: live passages are in doc order
+        starts = np.flatnonzero(np.r_[True, np.diff(docs) != 0])
+        ranked = [
+            ScoredDoc(int(docs[hit.passage_index]), int(rows[hit.passage_index]), hit.score)
+            for hit in _top_docs(scores, starts, k)
+        ]
+        if timings is not None:
+            timings["dense_ann"] = (ann_done - started) * 1000
+            timings["dense_rescore"] = (time.perf_counter() - ann_done) * 1000
+        return ranked
 
 
 def _top_docs(passage_scores: np.ndarray, doc_starts: np.ndarray, k: int) -> list[ScoredDoc]:
@@ -135,18 +254,20 @@ def _top_docs(passage_scores: np.ndarray, doc_starts: np.ndarray, k: int) -> lis
 class BM25Searcher:
     name = "bm25"
 
-    def __init__(self, directory: Path, passage_doc_index: np.ndarray, n_docs: int) -> None:
+    def __init__(
+        self, directory: Path, live_rows: np.ndarray, passage_doc_index: np.ndarray, n_docs: int
+    ) -> None:
         import bm25s
 
+        # BM25 indexes live passages only (it is rebuilt per version): its ids map to live_rows.
         # An empty collection has no BM25 index (bm25s cannot index zero documents).
-        self.retriever = (
-            bm25s.BM25.load(str(directory), mmap=True) if passage_doc_index.shape[0] else None
-        )
+        self.retriever = bm25s.BM25.load(str(directory), mmap=True) if live_rows.shape[0] else None
+        self.live_rows = live_rows
         self.passage_doc_index = passage_doc_index
         self.n_docs = n_docs
 
     def search(self, query: str, k: int) -> list[ScoredDoc]:
-        n_passages = self.passage_doc_index.shape[0]
+        n_passages = self.live_rows.shape[0]
         if self.retriever is None or n_passages == 0:
             return []
         tokens = _bm25_tokenize([query])
@@ -156,9 +277,10 @@ class BM25Searcher:
         depth = min(n_passages, max(k * 4, k + 32))
         indices, scores = self.retriever.retrieve(tokens, k=depth, show_progress=False, n_threads=1)
         best: dict[int, ScoredDoc] = {}
-        for passage_index, score in zip(indices[0].tolist(), scores[0].tolist(), strict=True):
+        for live_index, score in zip(indices[0].tolist(), scores[0].tolist(), strict=True):
             if score <= 0:
                 continue
+            passage_index = int(self.live_rows[live_index])
             doc_index = int(self.passage_doc_index[passage_index])
             if doc_index not in best:
                 best[doc_index] = ScoredDoc(doc_index, int(passage_index), float(score))
@@ -168,7 +290,10 @@ class BM25Searcher:
 
 @dataclass(frozen=True)
 class Snapshot:
-    """An immutable, loaded version of a collection. Safe to share between threads."""
+    """An immutable, loaded version of a collection. Safe to share between threads.
+
+    ``passages`` and the rows of ``exact.embeddings`` include tombstoned rows (``live`` is False
+    there) until the next merge; ``documents`` holds live documents only."""
 
     name: str
     version: str
@@ -177,20 +302,36 @@ class Snapshot:
     passages: list[Passage]
     doc_starts: np.ndarray
     passage_doc_index: np.ndarray
-    dense: ExactDenseSearcher
+    live: np.ndarray
+    ann_config: AnnConfig
+    indexed_rows: int
+    dense: DenseSearcher
+    exact: ExactDenseSearcher
     bm25: BM25Searcher
 
     @property
     def n_documents(self) -> int:
         return len(self.documents)
 
+    @property
+    def n_passages(self) -> int:
+        """Live passages (tombstoned rows excluded)."""
+        return int(self.live.sum())
+
     def search(
-        self, retriever: str, query: str, query_vector: np.ndarray | None, k: int
+        self,
+        retriever: str,
+        query: str,
+        query_vector: np.ndarray | None,
+        k: int,
+        params: SearchParams | None = None,
+        timings: dict[str, float] | None = None,
     ) -> list[ScoredDoc]:
-        if retriever == "dense":
+        if retriever in DENSE_RETRIEVERS:
             if query_vector is None:
                 raise ValueError("dense search needs a query vector")
-            return self.dense.search(query_vector, k)
+            searcher: DenseSearcher = self.dense if retriever == "dense" else self.exact
+            return searcher.search(query_vector, k, params, timings)
         if retriever == "bm25":
             return self.bm25.search(query, k)
         raise invalid(
@@ -210,7 +351,16 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
-def load_snapshot(name: str, family: ArtifactFamily) -> Snapshot:
+def load_snapshot(
+    name: str,
+    family: ArtifactFamily,
+    *,
+    default_ann: AnnConfig | None = None,
+    with_ann: bool = True,
+    device: str = "cpu",
+) -> Snapshot:
+    """Load the current version. ``with_ann=False`` skips the ANN index (writers need rows only).
+    A version without an ``ann`` manifest entry (built before ANN existed) is flat."""
     version = family.current_version()
     if version is None:
         raise not_found("collection", name)
@@ -226,13 +376,35 @@ def load_snapshot(name: str, family: ArtifactFamily) -> Snapshot:
         )
     else:
         embeddings = np.zeros((0, manifest["dim"]), dtype=np.float32)
+    ann_meta: dict[str, Any] = manifest.get("ann") or {}
+    ann_config = (
+        AnnConfig.from_dict(ann_meta["config"])
+        if "config" in ann_meta
+        else (default_ann or AnnConfig())
+    )
+    indexed_rows = int(ann_meta.get("indexed_rows", 0))
+    dead_rows = (
+        np.load(base / TOMBSTONES) if (base / TOMBSTONES).exists() else np.zeros(0, np.int64)
+    )
+    live = np.ones(n, dtype=bool)
+    live[dead_rows] = False
+    live_rows = np.flatnonzero(live)
     doc_index_of = {doc.id: i for i, doc in enumerate(documents)}
-    passage_doc_index = np.fromiter(
-        (doc_index_of[p.doc_id] for p in passages), dtype=np.int64, count=n
-    )
+    passage_doc_index = np.full(n, -1, dtype=np.int64)
+    passage_doc_index[live_rows] = [doc_index_of[passages[row].doc_id] for row in live_rows]
+    live_docs = passage_doc_index[live_rows]
     doc_starts = (
-        np.flatnonzero(np.r_[True, np.diff(passage_doc_index) != 0]) if n else np.zeros(0, np.int64)
+        live_rows[np.r_[True, np.diff(live_docs) != 0]]
+        if live_rows.shape[0]
+        else np.zeros(0, np.int64)
     )
+    exact = ExactDenseSearcher(embeddings, doc_starts, dead_rows)
+    dense: DenseSearcher = exact
+    if with_ann and indexed_rows and ann_meta.get("file"):
+        index = load_ann(ann_config, base / ann_meta["file"], int(manifest["dim"]), device)
+        dense = TwoStageDenseSearcher(
+            index, ann_config, embeddings, live, indexed_rows, passage_doc_index
+        )
     return Snapshot(
         name=name,
         version=version,
@@ -241,8 +413,12 @@ def load_snapshot(name: str, family: ArtifactFamily) -> Snapshot:
         passages=passages,
         doc_starts=doc_starts,
         passage_doc_index=passage_doc_index,
-        dense=ExactDenseSearcher(embeddings, doc_starts),
-        bm25=BM25Searcher(base / "bm25", passage_doc_index, len(documents)),
+        live=live,
+        ann_config=ann_config,
+        indexed_rows=indexed_rows,
+        dense=dense,
+        exact=exact,
+        bm25=BM25Searcher(base / "bm25", live_rows, passage_doc_index, len(documents)),
     )
 
 
@@ -262,19 +438,51 @@ class IndexEngine:
     """Collections under ``<data_dir>/collections``; readers get snapshots, writers publish.
 
     Several processes may write (the index service for small upserts, Celery workers for large
-    ones): each write holds the collection's file lock, and readers notice a new ``CURRENT``.
+    ones and merges): each write holds the collection's file lock, and readers notice a new
+    ``CURRENT``. ``ann`` is the dense configuration new collections get (default: from settings);
+    an existing collection keeps the one recorded in its manifest until a merge changes it.
     """
 
     def __init__(
-        self, data_dir: Path, embedder_factory: Callable[[], Embedder], passage_words: int = 256
+        self,
+        data_dir: Path,
+        embedder_factory: Callable[[], Embedder],
+        passage_words: int = 256,
+        *,
+        ann: AnnConfig | None = None,
+        max_candidates: int | None = None,
+        device: str | None = None,
     ) -> None:
         self.root = data_dir / "collections"
         self.root.mkdir(parents=True, exist_ok=True)
         self._embedder_factory = embedder_factory
         self._embedder: Embedder | None = None
         self.passage_words = passage_words
+        if ann is None or max_candidates is None or device is None:
+            from shared.settings import get_settings
+
+            settings = get_settings()
+            ann = ann or AnnConfig.from_settings(settings)
+            max_candidates = max_candidates or settings.index_max_candidates
+            device = device or settings.device
+        self.ann = ann.validated()
+        self.max_candidates = max_candidates
+        self.device = device
         self._snapshots: dict[str, Snapshot] = {}
         self._load_lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> IndexEngine:
+        from shared.models import get_embedder
+
+        return cls(
+            settings.data_dir,
+            lambda: get_embedder(settings),
+            settings.passage_words,
+            ann=AnnConfig.from_settings(settings),
+            max_candidates=settings.index_max_candidates,
+            device=settings.device,
+        )
 
     @property
     def embedder(self) -> Embedder:
@@ -298,6 +506,11 @@ class IndexEngine:
     def exists(self, name: str) -> bool:
         return self.family(name).current_version() is not None
 
+    def _load(self, name: str, family: ArtifactFamily, *, with_ann: bool = True) -> Snapshot:
+        return load_snapshot(
+            name, family, default_ann=self.ann, with_ann=with_ann, device=self.device
+        )
+
     def snapshot(self, name: str) -> Snapshot:
         """The current version, reloaded when another process has published a newer one."""
         family = self.family(name)
@@ -310,9 +523,11 @@ class IndexEngine:
         with self._load_lock:
             cached = self._snapshots.get(name)
             if cached is None or cached.version != version:
-                cached = load_snapshot(name, family)
+                cached = self._load(name, family)
                 self._snapshots[name] = cached
-                logger.info("loaded collection %s version %s", name, version)
+                logger.info(
+                    "loaded collection %s version %s (dense: %s)", name, version, cached.dense.name
+                )
             return cached
 
     def embed_query(self, query: str) -> np.ndarray:
@@ -320,7 +535,12 @@ class IndexEngine:
         return vector
 
     def search(
-        self, name: str, query: str, k: int, retrievers: Sequence[str]
+        self,
+        name: str,
+        query: str,
+        k: int,
+        retrievers: Sequence[str],
+        params: SearchParams | None = None,
     ) -> tuple[Snapshot, dict[str, list[ScoredDoc]], dict[str, float]]:
         unknown = [r for r in retrievers if r not in RETRIEVERS]
         if unknown:
@@ -328,17 +548,19 @@ class IndexEngine:
                 f"unknown retriever {unknown[0]!r}; available: {', '.join(RETRIEVERS)}",
                 field="retrievers",
             )
+        params = params or SearchParams()
+        params.check(k, self.max_candidates)
         snapshot = self.snapshot(name)
         timings: dict[str, float] = {}
         query_vector = None
-        if "dense" in retrievers:
+        if any(r in DENSE_RETRIEVERS for r in retrievers):
             started = time.perf_counter()
             query_vector = self.embed_query(query)
             timings["embed_query"] = (time.perf_counter() - started) * 1000
         results: dict[str, list[ScoredDoc]] = {}
         for retriever in retrievers:
             started = time.perf_counter()
-            results[retriever] = snapshot.search(retriever, query, query_vector, k)
+            results[retriever] = snapshot.search(retriever, query, query_vector, k, params, timings)
             timings[retriever] = (time.perf_counter() - started) * 1000
         return snapshot, results, timings
 
@@ -363,46 +585,126 @@ class IndexEngine:
             raise not_found("document", doc_id)
         return self._write(name, upserts=[], deletes={doc_id}, progress=None)
 
+    def ann_config(self, name: str) -> AnnConfig:
+        """The collection's recorded dense configuration (the engine default if none yet),
+        read from its manifest without loading the index."""
+        family = self.family(name)
+        if family.current_version() is None:
+            raise not_found("collection", name, field="collection")
+        recorded = family.read_manifest().get("ann") or {}
+        return AnnConfig.from_dict(recorded["config"]) if "config" in recorded else self.ann
+
+    def merge(
+        self, name: str, config: AnnConfig | None = None, progress: Progress | None = None
+    ) -> WriteResult:
+        """Drop tombstoned rows and rebuild the ANN index over every live row (optionally with a
+        new configuration), publishing a new version. Searches keep using the old snapshot until
+        then; writers wait on the collection lock."""
+        if not self.exists(name):
+            raise not_found("collection", name, field="collection")
+        return self._write(
+            name, upserts=[], deletes=set(), progress=progress, merge=True, config=config
+        )
+
     def _write(
-        self, name: str, *, upserts: list[Document], deletes: set[str], progress: Progress | None
+        self,
+        name: str,
+        *,
+        upserts: list[Document],
+        deletes: set[str],
+        progress: Progress | None,
+        merge: bool = False,
+        config: AnnConfig | None = None,
     ) -> WriteResult:
         started = time.perf_counter()
         family = self.family(name)
         with family.lock():
-            previous = load_snapshot(name, family) if family.current_version() else None
+            previous = (
+                self._load(name, family, with_ann=False) if family.current_version() else None
+            )
+            config = (config or (previous.ann_config if previous else self.ann)).validated()
             replaced = {doc.id for doc in upserts} | deletes
-            kept_docs: list[Document] = []
-            kept_rows: list[int] = []
-            kept_passages: list[Passage] = []
-            if previous is not None:
-                kept_doc_ids = {doc.id for doc in previous.documents if doc.id not in replaced}
-                kept_docs = [doc for doc in previous.documents if doc.id in kept_doc_ids]
-                for row, passage in enumerate(previous.passages):
-                    if passage.doc_id in kept_doc_ids:
-                        kept_rows.append(row)
-                        kept_passages.append(passage)
+            kept_docs = (
+                [doc for doc in previous.documents if doc.id not in replaced] if previous else []
+            )
+            kept_ids = {doc.id for doc in kept_docs}
             new_passages = [p for doc in upserts for p in chunk_document(doc, self.passage_words)]
             new_vectors = self._embed_passages(new_passages, progress)
             documents = kept_docs + upserts
-            passages = kept_passages + new_passages
+            # Append mode keeps every previous row (and the ANN index over them), tombstoning the
+            # rows of replaced or deleted documents; otherwise rows are compacted.
+            append = previous is not None and previous.indexed_rows > 0 and not merge
+            if previous is None:
+                kept_rows: list[int] = []
+                dead: np.ndarray = np.zeros(0, np.int64)
+            elif append:
+                kept_rows = list(range(len(previous.passages)))
+                dead = np.flatnonzero(
+                    ~previous.live
+                    | np.isin(
+                        previous.passage_doc_index,
+                        [i for i, d in enumerate(previous.documents) if d.id in replaced],
+                    )
+                )
+            else:
+                kept_rows = [
+                    row
+                    for row in np.flatnonzero(previous.live).tolist()
+                    if previous.passages[row].doc_id in kept_ids
+                ]
+                dead = np.zeros(0, np.int64)
+            passages = [previous.passages[r] for r in kept_rows] if previous else []
+            passages += new_passages
+            live_passages = np.ones(len(passages), dtype=bool)
+            live_passages[dead] = False
+            build_index = (
+                not append
+                and config.backend != "flat"
+                and int(live_passages.sum()) >= config.min_passages
+            )
+            ann_meta: dict[str, Any] = {"config": config.to_dict(), "indexed_rows": 0}
+            if append and previous is not None:
+                ann_meta = dict(previous.manifest["ann"])
             manifest = {
                 "collection": name,
                 "documents": len(documents),
-                "passages": len(passages),
+                "passages": int(live_passages.sum()),
+                "rows": len(passages),
+                "tombstones": int(dead.shape[0]),
                 "embedder": EMBEDDER_ID,
                 "dim": EMBEDDING_DIM,
                 "dtype": "float32",
                 "passage_words": self.passage_words,
                 "bm25": {"k1": BM25_K1, "b": BM25_B, "stemmer": "english", "stopwords": "en"},
                 "retrievers": list(RETRIEVERS),
+                "ann": ann_meta,  # filled in while building: ``build`` seals it on exit
+                "dense_backend": config.label() if append or build_index else "flat",
             }
             with family.build(manifest) as scratch:
                 _write_jsonl(scratch / "documents.jsonl", (doc.model_dump() for doc in documents))
                 _write_jsonl(scratch / "passages.jsonl", (p.model_dump() for p in passages))
                 self._write_embeddings(scratch / "embeddings.f32", previous, kept_rows, new_vectors)
+                if dead.shape[0]:
+                    np.save(scratch / TOMBSTONES, dead.astype(np.int64))
+                if append and previous is not None:
+                    self._link(
+                        family.versions_dir / previous.version / ann_meta["file"],
+                        scratch / ann_meta["file"],
+                    )
+                elif build_index:
+                    if progress:
+                        progress(0, len(passages), "ann")
+                    ann_meta.update(
+                        self._build_ann(scratch, config, len(passages)), indexed_rows=len(passages)
+                    )
+                    if progress:
+                        progress(len(passages), len(passages), "ann")
                 if progress:
                     progress(0, len(passages), "bm25")
-                self._write_bm25(scratch / "bm25", passages)
+                self._write_bm25(
+                    scratch / "bm25",
+                    [p for p, ok in zip(passages, live_passages, strict=True) if ok],
+                )
                 if progress:
                     progress(len(passages), len(passages), "bm25")
             version = family.current_version() or ""
@@ -411,7 +713,7 @@ class IndexEngine:
             collection=name,
             version=version,
             documents=len(documents),
-            passages=len(passages),
+            passages=int(live_passages.sum()),
             upserted=len(upserts),
             deleted=len(deletes),
             embedded_passages=len(new_passages),
@@ -441,7 +743,7 @@ class IndexEngine:
             return
         out = np.memmap(path, dtype=np.float32, mode="w+", shape=(n, EMBEDDING_DIM))
         if kept_rows and previous is not None:
-            source = previous.dense.embeddings
+            source = previous.exact.embeddings
             # Copy in blocks so a million-row collection is never read into memory at once.
             rows = np.asarray(kept_rows)
             for start in range(0, rows.shape[0], 65536):
@@ -462,6 +764,35 @@ class IndexEngine:
         texts = [embedding_text(p) for p in passages]
         retriever.index(_bm25_tokenize(texts), show_progress=False)
         retriever.save(str(directory))
+
+    def _build_ann(self, scratch: Path, config: AnnConfig, n_rows: int) -> dict[str, Any]:
+        """Build the ANN index over the scratch version's vectors (read from its memmap)."""
+        started = time.perf_counter()
+        vectors = np.memmap(
+            scratch / "embeddings.f32", dtype=np.float32, mode="r", shape=(n_rows, EMBEDDING_DIM)
+        )
+        index = build_ann(config, vectors, self.device)
+        index.save(scratch / ANN_FILE)
+        seconds = time.perf_counter() - started
+        logger.info("built %s over %d rows in %.1f s", config.backend, n_rows, seconds)
+        return {"file": ANN_FILE, "build_seconds": round(seconds, 3)}
+
+    @staticmethod
+    def _link(source: Path, target: Path) -> None:
+        """Share the previous version's immutable ANN file (a hard link; a copy across devices)."""
+        import os
+        import shutil
+
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copyfile(source, target)
+
+
+def params_of(request: IndexSearchRequest) -> SearchParams:
+    return SearchParams(
+        candidates=request.candidates, nprobe=request.nprobe, ef_search=request.ef_search
+    )
 
 
 def search_response(
@@ -486,6 +817,7 @@ def search_response(
         version=snapshot.version,
         results=hits,
         timings_ms={k: round(v, 2) for k, v in timings.items()},
+        dense_backend=snapshot.dense.name if "dense" in results else None,
     )
 
 
@@ -498,6 +830,6 @@ class InProcessIndex:
 
     async def search(self, request: IndexSearchRequest) -> IndexSearchResponse:
         snapshot, results, timings = self.engine.search(
-            request.collection, request.query, request.k, request.retrievers
+            request.collection, request.query, request.k, request.retrievers, params_of(request)
         )
         return search_response(snapshot, results, timings)

@@ -7,7 +7,7 @@ from fastapi import FastAPI
 from services.orchestrator.api import router
 from services.orchestrator.engine import AnswerPipeline, SearchPipeline
 from shared.app import Readiness, create_app
-from shared.clients import IndexClient
+from shared.clients import IndexClient, RerankerClient
 from shared.jobs import make_celery
 from shared.models import Generator, get_generator
 from shared.settings import Settings
@@ -17,7 +17,10 @@ from shared.store import Store, database_url
 def build_app(settings: Settings) -> FastAPI:
     store = Store(database_url(settings.database_url, settings.data_dir))
     index = IndexClient(settings)
-    search = SearchPipeline(index, rrf_k=settings.rrf_k)
+    reranker = RerankerClient(settings)
+    search = SearchPipeline(
+        index, rrf_k=settings.rrf_k, reranker=reranker, rerank_depth=settings.rerank_depth
+    )
 
     def generator() -> Generator:
         return get_generator(settings)
@@ -30,6 +33,7 @@ def build_app(settings: Settings) -> FastAPI:
 
     async def shutdown() -> None:
         await index.aclose()
+        await reranker.aclose()
         store.close()
 
     app = create_app("orchestrator", settings, [router], warm_up=warm_up, on_shutdown=shutdown)

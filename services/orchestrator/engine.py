@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from shared.clients import DependencyError
+from shared.clients import DependencyError, RerankDocumentIn, RerankRequest, RerankResponse
 from shared.errors import ErrorCode, LodestarError
 from shared.models import Generation
 from shared.schemas import Hit, IndexSearchRequest, IndexSearchResponse, SourceRank
@@ -24,11 +24,19 @@ from shared.store import StageRun, Trace
 INDEX_RETRIEVERS = ("dense", "bm25")
 #: How deep each retriever's list is before fusion: RRF needs more than k to work with.
 FUSION_DEPTH = 100
-RERANKERS: tuple[str, ...] = ()  # filled by the reranker issue (ICR)
+#: Methods of the reranker service ``/search`` accepts as ``rerank`` (``cross-encoder`` answers
+#: 422 "not trained yet" until CAR trains it).
+RERANKERS: tuple[str, ...] = ("icr", "rankgpt", "cosine", "cross-encoder")
+#: Fused candidates sent to the reranker by default (ICR's multi-hop setting: top 20).
+RERANK_DEPTH = 20
 
 
 class IndexSearcher(Protocol):
     async def search(self, request: IndexSearchRequest) -> IndexSearchResponse: ...
+
+
+class Reranker(Protocol):
+    async def rerank(self, request: RerankRequest) -> RerankResponse: ...
 
 
 class ChatGenerator(Protocol):
@@ -85,9 +93,18 @@ class SearchOutcome:
 
 
 class SearchPipeline:
-    def __init__(self, index: IndexSearcher, rrf_k: int = 60) -> None:
+    def __init__(
+        self,
+        index: IndexSearcher,
+        rrf_k: int = 60,
+        *,
+        reranker: Reranker | None = None,
+        rerank_depth: int = RERANK_DEPTH,
+    ) -> None:
         self.index = index
         self.rrf_k = rrf_k
+        self.reranker = reranker
+        self.rerank_depth = rerank_depth
 
     async def run(
         self,
@@ -115,6 +132,9 @@ class SearchPipeline:
         timings: dict[str, float] = {}
         degraded: list[str] = []
         depth = max(k, FUSION_DEPTH) if len(retrievers) > 1 else k
+        # Rerank the fused pool, not the first k: reranking after truncation wastes its cost.
+        pool = max(k, self.rerank_depth) if rerank is not None else k
+        depth = max(depth, pool)
         started = time.perf_counter()
         request = IndexSearchRequest(
             collection=collection, query=query, k=depth, retrievers=list(dict.fromkeys(retrievers))
@@ -154,9 +174,9 @@ class SearchPipeline:
         started = time.perf_counter()
         if len(response.results) == 1:
             (only,) = response.results.values()
-            hits = only[:k]
+            hits = only[:pool]
         else:
-            hits = reciprocal_rank_fusion(response.results, self.rrf_k, k)
+            hits = reciprocal_rank_fusion(response.results, self.rrf_k, pool)
         timings["fusion"] = (time.perf_counter() - started) * 1000
         trace.stages.append(
             StageRun(
@@ -176,7 +196,75 @@ class SearchPipeline:
                 latency_ms=timings["fusion"],
             )
         )
-        return SearchOutcome(hits=hits, timings_ms=timings, degraded=degraded)
+        if rerank is not None:
+            hits = await self._rerank(trace, query, rerank, hits, timings, degraded)
+        return SearchOutcome(hits=hits[:k], timings_ms=timings, degraded=degraded)
+
+    async def _rerank(
+        self,
+        trace: Trace,
+        query: str,
+        method: str,
+        hits: list[Hit],
+        timings: dict[str, float],
+        degraded: list[str],
+    ) -> list[Hit]:
+        """The top ``rerank_depth`` hits in the reranker's order, then the rest; on a reranker
+        failure the first-stage order, with ``reranker`` in ``degraded``."""
+        candidates, rest = hits[: self.rerank_depth], hits[self.rerank_depth :]
+        if not candidates:
+            return hits
+        started = time.perf_counter()
+        request = RerankRequest(
+            query=query,
+            method=method,  # type: ignore[arg-type]  # checked against RERANKERS above
+            documents=[
+                RerankDocumentIn(doc_id=h.doc_id, title=h.title, text=h.text) for h in candidates
+            ],
+        )
+        stage = StageRun(
+            stage="rerank",
+            inputs={"query": query, "doc_ids": [h.doc_id for h in candidates]},
+            outputs={},
+            targets=_doc_targets(candidates),
+            params={"method": method, "depth": self.rerank_depth},
+        )
+        try:
+            if self.reranker is None:
+                raise DependencyError("reranker", "no reranker client is configured")
+            response = await self.reranker.rerank(request)
+        except DependencyError as exc:
+            degraded.append("reranker")
+            timings["rerank"] = (time.perf_counter() - started) * 1000
+            stage.outputs = {"error": exc.message, "fallback": "first_stage_order"}
+            stage.latency_ms = timings["rerank"]
+            trace.stages.append(stage)
+            return hits
+        timings["rerank"] = (time.perf_counter() - started) * 1000
+        by_id = {h.doc_id: h for h in candidates}
+        reranked = []
+        for result in response.results:
+            hit = by_id.pop(result.doc_id, None)
+            if hit is not None:
+                sources = {
+                    **hit.sources,
+                    "rerank": SourceRank(rank=result.rank, score=result.score),
+                }
+                reranked.append(hit.model_copy(update={"score": result.score, "sources": sources}))
+        # Any candidate the reranker did not return keeps its first-stage order after the others.
+        reranked += [h for h in candidates if h.doc_id in by_id]
+        stage.outputs = {
+            "hits": [
+                {"doc_id": h.doc_id, "rank": i, "score": h.score} for i, h in enumerate(reranked, 1)
+            ],
+            "forward_passes": response.forward_passes,
+            "prompt_tokens": response.prompt_tokens,
+        }
+        stage.targets = _doc_targets(reranked)
+        stage.model_id = str(response.details.get("model") or method)
+        stage.latency_ms = timings["rerank"]
+        trace.stages.append(stage)
+        return reranked + rest
 
 
 # --- answering -----------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ from celery import Task
 
 from services.index.engine import IndexEngine
 from shared.jobs import TASK_INDEX_DOCUMENTS, make_celery
-from shared.models import get_embedder
 from shared.schemas import Document
 from shared.settings import get_settings
 
@@ -21,8 +20,12 @@ settings = get_settings()
 app = make_celery(settings)
 
 
+#: Rebuilds a collection's ANN index over every live row (see ``IndexEngine.merge``).
+TASK_MERGE_COLLECTION = "lodestar.merge_collection"
+
+
 def _engine() -> IndexEngine:
-    return IndexEngine(settings.data_dir, lambda: get_embedder(settings), settings.passage_words)
+    return IndexEngine.from_settings(settings)
 
 
 @app.task(bind=True, name=TASK_INDEX_DOCUMENTS)  # type: ignore[untyped-decorator]
@@ -46,5 +49,32 @@ def index_documents(self: Task, collection: str, batch_path: str) -> dict[str, A
         "documents": result.documents,
         "passages": result.passages,
         "upserted": result.upserted,
+        "seconds": round(result.seconds, 3),
+    }
+
+
+@app.task(bind=True, name=TASK_MERGE_COLLECTION)  # type: ignore[untyped-decorator]
+def merge_collection(
+    self: Task, collection: str, config: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Fold the fresh segment and tombstones into a rebuilt ANN index, optionally changing the
+    collection's dense configuration (``AnnConfig`` fields, e.g. ``{"backend": "hnswlib"}``).
+    Idempotent: merging a merged collection rebuilds the same index. Searches keep serving the
+    previous version until the new one is published."""
+    engine = _engine()
+    chosen = None
+    if config:
+        chosen = engine.ann_config(collection).with_overrides(**config)
+
+    def progress(done: int, total: int, stage: str) -> None:
+        self.update_state(state="PROGRESS", meta={"done": done, "total": total, "stage": stage})
+
+    result = engine.merge(collection, chosen, progress=progress)
+    return {
+        "collection": result.collection,
+        "version": result.version,
+        "documents": result.documents,
+        "passages": result.passages,
+        "dense_backend": engine.family(collection).read_manifest().get("dense_backend", "flat"),
         "seconds": round(result.seconds, 3),
     }

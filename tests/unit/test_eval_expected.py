@@ -247,3 +247,59 @@ def test_cli_check_with_a_malformed_file_exits_2(
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     assert main(["eval", "check", "--expected", str(path)]) == 2
     assert "unknown retrieval system 'colbert'" in capsys.readouterr().err
+
+
+# --- the scoring helpers the RAG rows rely on -------------------------------------------------
+
+
+def test_answer_accuracy_needs_the_gold_answer_as_whole_words() -> None:
+    from lodestar.evaluation.rag import answer_in_prediction
+
+    assert (
+        answer_in_prediction(
+            "It was awarded to Wilhelm Conrad Röntgen.", ["Wilhelm Conrad Röntgen"]
+        )
+        == 1.0
+    )
+    assert answer_in_prediction("The Eagles won in 2017", ["2017", "Super Bowl LII"]) == 1.0
+    assert answer_in_prediction("in 2017", ["1"]) == 0.0  # "1" is inside "2017", not a word
+    assert answer_in_prediction("", ["Paris"]) == 0.0
+
+
+def test_support_recall_accumulates_over_rounds() -> None:
+    from lodestar.evaluation.rag import support_recall_per_round
+
+    rounds = [["a", "x"], ["y"], ["b", "a"]]
+    assert support_recall_per_round(rounds, ["a", "b"]) == [0.5, 0.5, 1.0]
+    assert support_recall_per_round([], ["a"]) == []  # no retrieval: no recall figure
+
+
+def test_report_puts_figures_beside_the_anchors_and_states_the_bm25_gap() -> None:
+    from lodestar.evaluation.report import render_report
+
+    result = {
+        "kind": "retrieval",
+        "dataset": "scifact",
+        "split": "test",
+        "num_queries": 300,
+        "depth": 100,
+        "collection": "eval-scifact",
+        "collection_version": "v1",
+        "backend": "in-process",
+        "wall_s": 50.0,
+        "date": "2026-01-01T00:00:00+00:00",
+        "machine": {"cpu": "Test CPU", "cores": 2},
+        "systems": {
+            "bm25": {
+                "description": "BM25",
+                "metrics": {"ndcg@10": 0.6500, "recall@10": 0.8, "recall@100": 0.9, "mrr@10": 0.6},
+                "latency_ms": {"p50": 2.0, "p95": 3.0, "mean": 2.1},
+            }
+        },
+        "significance": [],
+    }
+    page = render_report([result], expected_path=None, today="2026-01-02")
+    assert "Test CPU, 2 cores" in page
+    assert "| **bm25** | 0.6500 |" in page
+    assert "| BM25 flat (Pyserini 2CR) | 0.6789 | 0.9253 |" in page
+    assert "-0.0289 from BM25 flat (Pyserini 2CR) (0.6789): outside the ±0.02 target" in page

@@ -1,0 +1,1 @@
+"""The reranker service: ICR (in-context re-ranking from attention) and its baselines."""

@@ -1,0 +1,57 @@
+"""HTTP surface of the reranker service: validates, calls ``RerankerEngine``, maps errors."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends
+from fastapi.concurrency import run_in_threadpool
+
+from services.reranker.engine import RerankDocument, RerankerEngine, RerankOutcome
+from shared.app import check_text, from_state, require_ready
+from shared.clients import RerankRequest, RerankResponse, RerankResult
+from shared.errors import ErrorCode, LodestarError, invalid
+from shared.settings import Settings
+
+EngineDep = Annotated[RerankerEngine, Depends(from_state("engine"))]
+SettingsDep = Annotated[Settings, Depends(from_state("settings"))]
+
+router = APIRouter(dependencies=[Depends(require_ready)])
+
+
+def _response(documents: list[RerankDocument], outcome: RerankOutcome) -> RerankResponse:
+    results = [
+        RerankResult(doc_id=documents[i].doc_id, score=round(outcome.scores[i], 6), rank=rank)
+        for rank, i in enumerate(outcome.ranking(), start=1)
+    ]
+    details = {k: v for k, v in outcome.details.items() if k != "raw"}
+    return RerankResponse(
+        results=results,
+        method=outcome.method,
+        timings_ms={k: round(v, 2) for k, v in outcome.timings_ms.items()},
+        forward_passes=outcome.forward_passes,
+        prompt_tokens=outcome.prompt_tokens,
+        details=details,
+    )
+
+
+@router.post("/rerank", response_model=RerankResponse)
+async def rerank(body: RerankRequest, engine: EngineDep, settings: SettingsDep) -> RerankResponse:
+    query = check_text(body.query, "query", settings)
+    if len(body.documents) > settings.rerank_max_documents:
+        raise LodestarError(
+            ErrorCode.too_large,
+            f"at most {settings.rerank_max_documents} documents per request",
+            field="documents",
+        )
+    ids = [d.doc_id for d in body.documents]
+    if len(set(ids)) != len(ids):
+        raise invalid("document ids must be unique", field="documents")
+    documents = [RerankDocument(d.doc_id, d.title, d.text) for d in body.documents]
+    if any(not (d.title.strip() or d.text.strip()) for d in documents):
+        raise LodestarError(
+            ErrorCode.empty, "a document has no title and no text", field="documents"
+        )
+    options = body.options.model_dump(exclude_none=True)
+    outcome = await run_in_threadpool(engine.rerank, query, documents, body.method, options)
+    return _response(documents, outcome)

@@ -1,0 +1,30 @@
+"""Wires the reranker engine into the shared service scaffolding."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from services.reranker.api import router
+from services.reranker.engine import RerankDocument, RerankerEngine
+from shared.app import Readiness, create_app
+from shared.models import get_embedder, get_generator
+from shared.settings import Settings
+
+
+def build_app(settings: Settings) -> FastAPI:
+    engine = RerankerEngine(
+        lambda: get_generator(settings),
+        lambda: get_embedder(settings),
+        max_doc_tokens=settings.rerank_max_doc_tokens,
+        max_prompt_tokens=settings.rerank_max_prompt_tokens,
+    )
+
+    def warm_up(readiness: Readiness) -> None:
+        docs = [RerankDocument("a", "", "warm up"), RerankDocument("b", "", "the second one")]
+        engine.rerank("warm up", docs, "icr")
+        engine.rerank("warm up", docs, "cosine")
+        readiness.set_ready(model=engine.lm.model_id, methods=["icr", "rankgpt", "cosine"])
+
+    app = create_app("reranker", settings, [router], warm_up=warm_up)
+    app.state.engine = engine
+    return app

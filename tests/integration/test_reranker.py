@@ -1,0 +1,178 @@
+"""The reranker service with the real SmolLM2 as a process on loopback, and the orchestrator's
+``/search`` with ``rerank`` against it and against a reranker that is down."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import Process, free_port, spawn, stack_env, wait_ready
+
+pytestmark = pytest.mark.slow
+
+DOCS = [
+    {"doc_id": "eiffel", "title": "Eiffel Tower", "text": "A wrought-iron lattice tower in Paris."},
+    {"doc_id": "photo", "title": "Photosynthesis", "text": "Plants turn light into sugar."},
+    {
+        "doc_id": "newton",
+        "title": "Isaac Newton",
+        "text": "Newton formulated the laws of motion and universal gravitation.",
+    },
+    {"doc_id": "cafe", "title": "", "text": "Café — naïve 日本語 🎉"},
+]
+QUERY = "Who formulated the law of universal gravitation?"
+
+
+@dataclass
+class RerankStack:
+    reranker_url: str
+    orchestrator_url: str
+    orchestrator_down_url: str
+
+
+@pytest.fixture(scope="module")
+def rerank_stack(
+    built_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RerankStack]:
+    """index + reranker + two orchestrators: one wired to the reranker, one to a closed port."""
+    logs = tmp_path_factory.mktemp("rerank-logs")
+    ports = {name: free_port() for name in ("index", "reranker", "orch", "orch_down", "closed")}
+    common = {
+        "LODESTAR_INDEX_PORT": str(ports["index"]),
+        "LODESTAR_INDEX_URL": f"http://127.0.0.1:{ports['index']}",
+        "LODESTAR_RERANK_DEPTH": "4",
+        "LODESTAR_RERANK_MAX_DOCUMENTS": "5",
+        "LODESTAR_RERANK_MAX_DOC_TOKENS": "48",
+    }
+    env = stack_env(built_data_dir, **common, LODESTAR_RERANKER_PORT=str(ports["reranker"]))
+    processes: dict[str, Process] = {
+        "index": spawn("index", ["-m", "services.index"], env, logs),
+        "reranker": spawn("reranker", ["-m", "services.reranker"], env, logs),
+    }
+    for name, target in (("orch", ports["reranker"]), ("orch_down", ports["closed"])):
+        orch_env = stack_env(
+            built_data_dir,
+            **common,
+            LODESTAR_ORCHESTRATOR_PORT=str(ports[name]),
+            LODESTAR_RERANKER_URL=f"http://127.0.0.1:{target}",
+        )
+        processes[name] = spawn(name, ["-m", "services.orchestrator"], orch_env, logs)
+    stack = RerankStack(
+        reranker_url=f"http://127.0.0.1:{ports['reranker']}",
+        orchestrator_url=f"http://127.0.0.1:{ports['orch']}",
+        orchestrator_down_url=f"http://127.0.0.1:{ports['orch_down']}",
+    )
+    try:
+        wait_ready(f"http://127.0.0.1:{ports['index']}", processes["index"])
+        wait_ready(stack.reranker_url, processes["reranker"])
+        wait_ready(stack.orchestrator_url, processes["orch"])
+        wait_ready(stack.orchestrator_down_url, processes["orch_down"])
+        yield stack
+    finally:
+        for process in processes.values():
+            process.stop()
+
+
+def rerank(stack: RerankStack, body: object) -> httpx.Response:
+    return httpx.post(f"{stack.reranker_url}/rerank", json=body, timeout=300)
+
+
+def test_icr_ranks_the_relevant_document_first_in_two_passes(rerank_stack: RerankStack) -> None:
+    response = rerank(rerank_stack, {"query": QUERY, "documents": DOCS, "method": "icr"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["method"] == "icr" and body["forward_passes"] == 2
+    results = body["results"]
+    assert [r["rank"] for r in results] == [1, 2, 3, 4]
+    assert {r["doc_id"] for r in results} == {d["doc_id"] for d in DOCS}
+    assert results[0]["doc_id"] == "newton"
+    scores = [r["score"] for r in results]
+    assert scores == sorted(scores, reverse=True)
+    assert body["prompt_tokens"] > 40 and body["details"]["computed_tokens"] > body["prompt_tokens"]
+    assert body["timings_ms"]["forward"] > 0
+
+
+def test_ablations_and_baselines_answer_with_their_costs(rerank_stack: RerankStack) -> None:
+    uncalibrated = rerank(
+        rerank_stack,
+        {"query": QUERY, "documents": DOCS, "options": {"calibration": "none", "layers": "last"}},
+    ).json()
+    assert uncalibrated["forward_passes"] == 1
+    cosine = rerank(rerank_stack, {"query": QUERY, "documents": DOCS, "method": "cosine"}).json()
+    assert cosine["results"][0]["doc_id"] == "newton"
+    rankgpt = rerank(rerank_stack, {"query": QUERY, "documents": DOCS, "method": "rankgpt"})
+    assert rankgpt.status_code == 200, rankgpt.text
+    body = rankgpt.json()
+    assert sorted(r["doc_id"] for r in body["results"]) == sorted(d["doc_id"] for d in DOCS)
+    assert body["forward_passes"] >= 1 and body["details"]["windows"] == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code"),
+    [
+        ({"query": QUERY, "documents": DOCS, "method": "cross-encoder"}, 422, "validation"),
+        ({"query": QUERY, "documents": DOCS, "method": "monot5"}, 422, "validation"),
+        ({"query": "  ", "documents": DOCS}, 400, "empty"),
+        ({"query": QUERY, "documents": []}, 422, "validation"),
+        ({"query": QUERY, "documents": DOCS * 2}, 413, "too_large"),
+        ({"query": QUERY, "documents": [DOCS[0], DOCS[0]]}, 422, "validation"),
+        ({"query": QUERY, "documents": [{"doc_id": "e", "text": " "}]}, 400, "empty"),
+        ({"query": QUERY, "documents": DOCS, "options": {"layers": "middle"}}, 422, "validation"),
+    ],
+)
+def test_bad_rerank_input_gets_a_typed_4xx(
+    rerank_stack: RerankStack, body: object, status: int, code: str
+) -> None:
+    response = rerank(rerank_stack, body)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["code"] == code
+
+
+def test_cross_encoder_slot_says_not_trained_yet(rerank_stack: RerankStack) -> None:
+    response = rerank(rerank_stack, {"query": QUERY, "documents": DOCS, "method": "cross-encoder"})
+    assert "not trained yet" in response.json()["error"]["message"]
+
+
+def search(url: str, body: dict[str, object]) -> dict[str, object]:
+    response = httpx.post(f"{url}/search", json=body, timeout=300)
+    assert response.status_code == 200, response.text
+    result: dict[str, object] = response.json()
+    return result
+
+
+def test_search_reranks_through_the_service_and_records_the_stage(
+    rerank_stack: RerankStack,
+) -> None:
+    url = rerank_stack.orchestrator_url
+    query = {"query": "Who painted the Mona Lisa?", "k": 3}
+    plain = search(url, query)
+    reranked = search(url, {**query, "rerank": "icr"})
+    assert reranked["degraded"] == []
+    hits = reranked["hits"]
+    assert isinstance(hits, list) and len(hits) == 3
+    assert all("rerank" in hit["sources"] for hit in hits)
+    plain_hits = plain["hits"]
+    assert isinstance(plain_hits, list)
+    trace = httpx.get(f"{url}/traces/{reranked['trace_id']}", timeout=30).json()
+    stage = next(s for s in trace["stages"] if s["stage"] == "rerank")
+    assert len(stage["targets"]) == 4  # the pool (LODESTAR_RERANK_DEPTH), not k
+    assert [t["id"] for t in stage["targets"]][:3] == [h["doc_id"] for h in hits]
+    assert stage["outputs"]["forward_passes"] == 2
+
+
+def test_search_falls_back_to_first_stage_order_when_the_reranker_is_down(
+    rerank_stack: RerankStack,
+) -> None:
+    url = rerank_stack.orchestrator_down_url
+    query = {"query": "Who painted the Mona Lisa?", "k": 3}
+    plain = search(url, query)
+    fallback = search(url, {**query, "rerank": "icr"})
+    assert fallback["degraded"] == ["reranker"]
+    assert plain["degraded"] == []
+    plain_hits, fallback_hits = plain["hits"], fallback["hits"]
+    assert isinstance(plain_hits, list) and isinstance(fallback_hits, list)
+    assert [h["doc_id"] for h in fallback_hits] == [h["doc_id"] for h in plain_hits]

@@ -83,8 +83,10 @@ def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
     from lodestar.evaluation.report import write_report
 
-    path = write_report(args.results, args.out, image_dir=args.images)
+    path, others = write_report(args.results, args.out, image_dir=args.images)
     print(f"wrote {path}")
+    if others:
+        print(f"not evaluation results, left out: {', '.join(others)}")
     return 0
 
 

@@ -116,12 +116,8 @@ class RagContext:
         """The in-process ``IndexEngine`` over the data dir."""
         if self._engine is None:
             from services.index.engine import IndexEngine
-            from shared.models import get_embedder
 
-            settings = self.settings
-            self._engine = IndexEngine(
-                settings.data_dir, lambda: get_embedder(settings), settings.passage_words
-            )
+            self._engine = IndexEngine.from_settings(self.settings)
         return self._engine
 
     @property
@@ -330,7 +326,7 @@ async def evaluate_rag_async(
     try:
         if any(method.retrieves for method in chosen):
             if http is not None:
-                version = await http.require_collection(collection)
+                version = str((await http.require_collection(collection)).get("version", ""))
             else:
                 version = ensure_collection(
                     context.engine, collection, lambda: corpus, rebuild=rebuild

@@ -180,7 +180,8 @@ def retrieval_section(result: dict[str, Any], image: str | None) -> list[str]:
         f"## Retrieval: {dataset} {split} ({result['num_queries']} queries)",
         "",
         f"Depth {result['depth']} per query; collection `{result['collection']}` (version "
-        f"{result['collection_version']}), {result['backend']}; measured {_when(result)} on "
+        f"{result['collection_version']}, dense backend {result.get('dense_backend', 'flat')}), "
+        f"{result['backend']}; measured {_when(result)} on "
         f"{_machine(result)}; {result['wall_s']} s in all. Latency is per query, end to end "
         "through the search pipeline (query embedding included)." + _load_note(result),
         "",
@@ -367,17 +368,28 @@ def plot_rag(result: dict[str, Any], path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def load_results(results_dir: Path) -> list[dict[str, Any]]:
-    """Retrieval results first, then RAG; each sorted by dataset (RAG: then by size)."""
+EVAL_KINDS = ("retrieval", "rag")
+
+
+def load_results(results_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """The evaluation results (retrieval first, then RAG; each sorted by dataset, RAG then by
+    size) and the names of the other JSON files there (other benchmarks' outputs), not used."""
     if not results_dir.is_dir():
         raise EvalUsageError(f"results folder not found: {results_dir}")
-    results = [read_json(p) for p in sorted(results_dir.glob("*.json"))]
+    results: list[dict[str, Any]] = []
+    others: list[str] = []
+    for path in sorted(results_dir.glob("*.json")):
+        data = read_json(path)
+        if data.get("kind") in EVAL_KINDS:
+            results.append(data)
+        else:
+            others.append(path.name)
     if not results:
         raise EvalUsageError(
             f"no results in {results_dir}; run `lodestar eval retrieval` or `lodestar eval rag`"
         )
     order = {"retrieval": 0, "rag": 1}
-    return sorted(
+    ordered = sorted(
         results,
         key=lambda r: (
             order.get(r.get("kind", ""), 2),
@@ -386,6 +398,7 @@ def load_results(results_dir: Path) -> list[dict[str, Any]]:
             r.get("num_questions", 0),
         ),
     )
+    return ordered, others
 
 
 def render_report(
@@ -431,9 +444,10 @@ def render_report(
 
 def write_report(
     results_dir: Path, out: Path, *, image_dir: Path | None = None, plots: bool = True
-) -> Path:
-    """Write the page to ``out`` and its plots to ``image_dir`` (default ``<out folder>/img``)."""
-    results = load_results(results_dir)
+) -> tuple[Path, list[str]]:
+    """Write the page to ``out`` and its plots to ``image_dir`` (default ``<out folder>/img``).
+    Returns the page and the JSON files of the results folder that are not evaluation results."""
+    results, others = load_results(results_dir)
     image_dir = image_dir or out.parent / "img"
     images: dict[int, str] = {}
     if plots:
@@ -455,4 +469,4 @@ def write_report(
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(render_report(results, images=images), encoding="utf-8")
     tmp.replace(out)
-    return out
+    return out, others

@@ -113,11 +113,9 @@ class InProcessBackend:
     def __init__(self, settings: Settings) -> None:
         from services.index.engine import IndexEngine, InProcessIndex
         from services.orchestrator.engine import SearchPipeline
-        from shared.models import get_embedder
 
-        self.engine = IndexEngine(
-            settings.data_dir, lambda: get_embedder(settings), settings.passage_words
-        )
+        # Configured exactly as the index service configures it (ANN backend, candidates, ...).
+        self.engine = IndexEngine.from_settings(settings)
         self.pipeline = SearchPipeline(InProcessIndex(self.engine), rrf_k=settings.rrf_k)
 
     async def search(
@@ -185,8 +183,9 @@ class HttpBackend:
             raise RuntimeError(f"{self.name}{path}: HTTP {response.status_code}: {response.text}")
         return response.json()
 
-    async def require_collection(self, name: str) -> str:
-        """The collection's version on the stack; a clear error when the stack lacks it."""
+    async def require_collection(self, name: str) -> dict[str, Any]:
+        """The collection's info on the stack (version, manifest); a clear error when the stack
+        lacks it."""
         status, body = await self.get(f"/collections/{name}")
         if status == 404:
             raise EvalUsageError(
@@ -195,7 +194,7 @@ class HttpBackend:
             )
         if status != 200 or not isinstance(body, dict):
             raise EvalUsageError(f"{self.name}/collections/{name}: HTTP {status}: {body}")
-        return str(body.get("version", ""))
+        return body
 
     async def search(
         self,
@@ -255,7 +254,10 @@ def pipeline_system(
 
 SYSTEMS: dict[str, RetrievalSystem] = {
     "dense": pipeline_system(
-        "dense", "all-MiniLM-L6-v2, exact inner product, max-passage", ["dense"]
+        "dense",
+        "all-MiniLM-L6-v2 via the collection's dense backend (exact below "
+        "LODESTAR_INDEX_ANN_MIN_PASSAGES), max-passage",
+        ["dense"],
     ),
     "bm25": pipeline_system(
         "bm25", "BM25 (bm25s, k1 0.9, b 0.4, English stemmer + stop words)", ["bm25"]
@@ -342,11 +344,16 @@ async def evaluate_retrieval_async(
     backend: SearchBackend = HttpBackend(stack, settings) if stack else InProcessBackend(settings)
     try:
         if isinstance(backend, HttpBackend):
-            version = await backend.require_collection(collection)
+            info = await backend.require_collection(collection)
+            version = str(info.get("version", ""))
+            dense_backend = info.get("manifest", {}).get("dense_backend", "flat")
         else:
             assert isinstance(backend, InProcessBackend)
             version = ensure_collection(
                 backend.engine, collection, lambda: data.corpus, rebuild=rebuild
+            )
+            dense_backend = backend.engine.snapshot(collection).manifest.get(
+                "dense_backend", "flat"
             )
         runs = [
             await _run_system(system, backend, queries, collection, show_progress=show_progress)
@@ -390,6 +397,7 @@ async def evaluate_retrieval_async(
         "depth": DEPTH,
         "collection": collection,
         "collection_version": version,
+        "dense_backend": dense_backend,
         "backend": backend.name,
         "wall_s": round(time.perf_counter() - started, 1),
         **provenance(),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -158,3 +159,27 @@ def test_jobs_are_recorded_and_unknown_jobs_are_not_found(store: Store) -> None:
     assert store.get_job("job-1")["params"] == {"collection": "wiki"}
     with pytest.raises(LodestarError):
         store.get_job("job-2")
+
+
+def test_processes_starting_together_create_the_schema_once(tmp_path: Path) -> None:
+    """Two replicas opening one fresh SQLite database at the same moment both start."""
+    import subprocess
+    import sys
+
+    url = database_url(None, tmp_path)
+    # Each process imports first, then opens the store at the same agreed instant.
+    code = (
+        "import sys, time; from shared.store import Store; "
+        "time.sleep(max(0.0, float(sys.argv[2]) - time.time())); Store(sys.argv[1]).close()"
+    )
+    root = Path(__file__).resolve().parents[2]
+    start_at = str(time.time() + 4.0)
+    starters = [
+        subprocess.Popen([sys.executable, "-c", code, url, start_at], cwd=root) for _ in range(6)
+    ]
+    assert [p.wait(timeout=120) for p in starters] == [0] * 6
+    store = Store(url)
+    trace = a_trace()
+    store.save_trace(trace)
+    assert store.get_trace(trace.trace_id)["kind"] == "search"
+    store.close()

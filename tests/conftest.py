@@ -7,15 +7,18 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
+from services.index.engine import IndexEngine
 from shared.schemas import Document
 from shared.settings import Settings
 
@@ -215,3 +218,30 @@ def live_stack(built_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     finally:
         for process in processes.values():
             process.stop()
+
+
+@contextmanager
+def searching_throughout(engine: IndexEngine, collection: str = "wiki") -> Iterator[None]:
+    """Search ``collection`` in a loop while the body writes; every search must see a whole
+    version (documents and passage groups agree, a full result list)."""
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def search_loop() -> None:
+        while not stop.is_set():
+            try:
+                snapshot, results, _ = engine.search(collection, "painting", 5, ["dense", "bm25"])
+                assert snapshot.n_documents == len(snapshot.doc_starts)
+                assert len(results["dense"]) == 5
+            except BaseException as exc:
+                errors.append(exc)
+                return
+
+    reader = threading.Thread(target=search_loop)
+    reader.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        reader.join(60)
+    assert not errors, errors

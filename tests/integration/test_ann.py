@@ -20,7 +20,7 @@ from services.index.engine import (
 from shared.errors import ErrorCode, LodestarError
 from shared.models import get_embedder
 from shared.schemas import Document
-from tests.conftest import make_settings
+from tests.conftest import make_settings, searching_throughout
 
 ANN_BACKENDS = [b for b in BACKENDS if b != "flat"]
 #: Small parameters so that every backend builds in about a second on two cores.
@@ -196,29 +196,12 @@ def test_upserts_join_a_fresh_segment_deletes_apply_at_once_and_merge_folds_them
 def test_searches_during_writes_and_merges_always_see_a_whole_version(
     ann_engine: IndexEngine,
 ) -> None:
-    errors: list[BaseException] = []
-    stop = threading.Event()
-
-    def search_loop() -> None:
-        while not stop.is_set():
-            try:
-                snapshot, results, _ = ann_engine.search("wiki", "painting", 5, ["dense", "bm25"])
-                assert snapshot.n_documents == len(snapshot.doc_starts)
-                assert len(results["dense"]) == 5
-            except BaseException as exc:
-                errors.append(exc)
-                return
-
-    reader = threading.Thread(target=search_loop)
-    reader.start()
-    for i in range(2):
-        ann_engine.upsert(
-            "wiki", [Document(id=f"w{i}", title=f"W{i}", text=f"Concurrent write {i}.")]
-        )
-        ann_engine.merge("wiki")
-    stop.set()
-    reader.join(60)
-    assert not errors, errors
+    with searching_throughout(ann_engine):
+        for i in range(2):
+            ann_engine.upsert(
+                "wiki", [Document(id=f"w{i}", title=f"W{i}", text=f"Concurrent write {i}.")]
+            )
+            ann_engine.merge("wiki")
 
 
 @pytest.mark.slow

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ from services.index.engine import IndexEngine
 from shared.errors import ErrorCode, LodestarError
 from shared.models import get_embedder
 from shared.schemas import Document
-from tests.conftest import make_settings
+from tests.conftest import make_settings, searching_throughout
 
 pytestmark = pytest.mark.slow
 
@@ -96,28 +95,11 @@ def test_a_second_engine_sees_versions_published_by_another(engine: IndexEngine)
 
 
 def test_searches_during_writes_always_see_a_whole_version(engine: IndexEngine) -> None:
-    errors: list[BaseException] = []
-    stop = threading.Event()
-
-    def search_loop() -> None:
-        while not stop.is_set():
-            try:
-                snapshot, results, _ = engine.search("wiki", "painting", 5, ["dense", "bm25"])
-                assert snapshot.n_documents == len(snapshot.doc_starts)
-                assert len(results["dense"]) == 5
-            except BaseException as exc:
-                errors.append(exc)
-                return
-
-    reader = threading.Thread(target=search_loop)
-    reader.start()
-    for i in range(3):
-        engine.upsert(
-            "wiki", [Document(id=f"w{i}", title=f"W{i}", text=f"Concurrent write number {i}.")]
-        )
-    stop.set()
-    reader.join(30)
-    assert not errors, errors
+    with searching_throughout(engine):
+        for i in range(3):
+            engine.upsert(
+                "wiki", [Document(id=f"w{i}", title=f"W{i}", text=f"Concurrent write number {i}.")]
+            )
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from lodestar.bench import register as register_bench
 from lodestar.bench.rerank import register as register_rerank_bench
 from lodestar.evaluation.cli import register as register_eval
+from lodestar.experiments import register as register_experiments
 from shared.settings import Settings, get_settings, hash_api_key
 
 Handler = Callable[[argparse.Namespace, Settings], int]
@@ -165,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_eval(sub)
     register_bench(sub)
     register_rerank_bench(sub)  # joins the `bench` group registered just above
+    register_experiments(sub)
     return parser
 
 

@@ -161,6 +161,20 @@ class IndexClient(ServiceClient):
         return result
 
 
+class RetrieverClient(ServiceClient):
+    """A first-stage retriever served by its own service (``fm`` by fmindex, ``dsi`` by dsi).
+
+    The service answers ``POST /search`` with the index service's request and response models,
+    so the orchestrator fuses its list like any other.
+    """
+
+    async def search(self, request: IndexSearchRequest) -> IndexSearchResponse:
+        result: IndexSearchResponse = await self._call(
+            "POST", "/search", IndexSearchResponse, request.model_dump()
+        )
+        return result
+
+
 # --- reranker ----------------------------------------------------------------------------------
 
 #: Methods the reranker service serves (``cross-encoder`` is reserved until CAR trains one).

@@ -68,6 +68,12 @@ class Settings(BaseSettings):
     """Base URL the orchestrator uses to reach the index service."""
     reranker_url: str = f"http://127.0.0.1:{DEFAULT_PORTS['reranker']}"
     """Base URL the orchestrator uses to reach the reranker service (`/search` with `rerank`)."""
+    fmindex_url: str = f"http://127.0.0.1:{DEFAULT_PORTS['fmindex']}"
+    """Base URL of the SEAL fmindex service (the orchestrator's ``fm`` retriever)."""
+    dsi_url: str = f"http://127.0.0.1:{DEFAULT_PORTS['dsi']}"
+    """Base URL of the DSI++ service (the orchestrator's ``dsi`` retriever)."""
+    critic_url: str = f"http://127.0.0.1:{DEFAULT_PORTS['critic']}"
+    """Base URL of the SIM-RAG critic service (multi-round ``/answer``)."""
 
     # --- security and limits ------------------------------------------------------------------
     api_key_hashes: Annotated[list[str], NoDecode] = Field(default_factory=list)

@@ -7,7 +7,7 @@ from fastapi import FastAPI
 from services.orchestrator.api import router
 from services.orchestrator.engine import AnswerPipeline, SearchPipeline
 from shared.app import Readiness, create_app
-from shared.clients import IndexClient, RerankerClient
+from shared.clients import IndexClient, RerankerClient, RetrieverClient
 from shared.jobs import make_celery
 from shared.models import Generator, get_generator
 from shared.settings import Settings
@@ -18,8 +18,17 @@ def build_app(settings: Settings) -> FastAPI:
     store = Store(database_url(settings.database_url, settings.data_dir))
     index = IndexClient(settings)
     reranker = RerankerClient(settings)
+    # Retrievers served by their own services; asked only when a request names them.
+    external = {
+        "fm": RetrieverClient("fmindex", settings.fmindex_url, settings),
+        "dsi": RetrieverClient("dsi", settings.dsi_url, settings),
+    }
     search = SearchPipeline(
-        index, rrf_k=settings.rrf_k, reranker=reranker, rerank_depth=settings.rerank_depth
+        index,
+        rrf_k=settings.rrf_k,
+        reranker=reranker,
+        rerank_depth=settings.rerank_depth,
+        external=external,
     )
 
     def generator() -> Generator:
@@ -34,6 +43,8 @@ def build_app(settings: Settings) -> FastAPI:
     async def shutdown() -> None:
         await index.aclose()
         await reranker.aclose()
+        for client in external.values():
+            await client.aclose()
         store.close()
 
     app = create_app("orchestrator", settings, [router], warm_up=warm_up, on_shutdown=shutdown)

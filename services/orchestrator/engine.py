@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -92,7 +92,18 @@ class SearchOutcome:
     degraded: list[str] = field(default_factory=list)
 
 
+#: The model behind each retriever's list, recorded in its trace stage.
+RETRIEVER_MODELS = {"dense": "sentence-transformers/all-MiniLM-L6-v2", "bm25": "bm25"}
+
+
 class SearchPipeline:
+    """Retrieve with the index service and any external retrievers, fuse with RRF, re-rank.
+
+    ``external`` maps a retriever name (``fm``, ``dsi``) to the client of the service that
+    serves it; those services answer the index service's ``/search`` contract. A failing
+    external retriever is listed in ``degraded`` while the others still answer.
+    """
+
     def __init__(
         self,
         index: IndexSearcher,
@@ -100,11 +111,54 @@ class SearchPipeline:
         *,
         reranker: Reranker | None = None,
         rerank_depth: int = RERANK_DEPTH,
+        external: Mapping[str, IndexSearcher] | None = None,
     ) -> None:
         self.index = index
         self.rrf_k = rrf_k
         self.reranker = reranker
         self.rerank_depth = rerank_depth
+        self.external = dict(external or {})
+
+    @property
+    def retrievers(self) -> tuple[str, ...]:
+        return INDEX_RETRIEVERS + tuple(self.external)
+
+    async def _retrieve(
+        self, collection: str, query: str, depth: int, retrievers: Sequence[str]
+    ) -> tuple[list[tuple[str, IndexSearchResponse]], list[str]]:
+        """Ask the index service and each external retriever concurrently; name who answered."""
+        calls: list[tuple[str, IndexSearcher, list[str]]] = []
+        on_index = [r for r in retrievers if r in INDEX_RETRIEVERS]
+        if on_index:
+            calls.append(("index", self.index, on_index))
+        calls.extend((r, self.external[r], [r]) for r in retrievers if r in self.external)
+        outcomes = await asyncio.gather(
+            *(
+                searcher.search(
+                    IndexSearchRequest(
+                        collection=collection, query=query, k=depth, retrievers=names
+                    )
+                )
+                for _, searcher, names in calls
+            ),
+            return_exceptions=True,
+        )
+        responses: list[tuple[str, IndexSearchResponse]] = []
+        degraded: list[str] = []
+        failures: list[str] = []
+        for (service, _, _), outcome in zip(calls, outcomes, strict=True):
+            if isinstance(outcome, DependencyError):
+                degraded.append(service)
+                failures.append(outcome.message)
+            elif isinstance(outcome, BaseException):
+                raise outcome  # the caller's error (unknown collection, bad input): pass it on
+            else:
+                responses.append((service, outcome))
+        if not responses:
+            raise LodestarError(
+                ErrorCode.dependency_failed, f"no retriever answered: {'; '.join(failures)}"
+            )
+        return responses, degraded
 
     async def run(
         self,
@@ -116,11 +170,11 @@ class SearchPipeline:
         retrievers: Sequence[str],
         rerank: str | None = None,
     ) -> SearchOutcome:
-        unknown = [r for r in retrievers if r not in INDEX_RETRIEVERS]
+        unknown = [r for r in retrievers if r not in self.retrievers]
         if unknown:
             raise LodestarError(
                 ErrorCode.validation,
-                f"unknown retriever {unknown[0]!r}; available: {', '.join(INDEX_RETRIEVERS)}",
+                f"unknown retriever {unknown[0]!r}; available: {', '.join(self.retrievers)}",
                 field="retrievers",
             )
         if rerank is not None and rerank not in RERANKERS:
@@ -130,58 +184,52 @@ class SearchPipeline:
                 field="rerank",
             )
         timings: dict[str, float] = {}
-        degraded: list[str] = []
         depth = max(k, FUSION_DEPTH) if len(retrievers) > 1 else k
         # Rerank the fused pool, not the first k: reranking after truncation wastes its cost.
         pool = max(k, self.rerank_depth) if rerank is not None else k
         depth = max(depth, pool)
         started = time.perf_counter()
-        request = IndexSearchRequest(
-            collection=collection, query=query, k=depth, retrievers=list(dict.fromkeys(retrievers))
+        responses, degraded = await self._retrieve(
+            collection, query, depth, list(dict.fromkeys(retrievers))
         )
-        try:
-            response = await self.index.search(request)
-        except DependencyError as exc:
-            raise LodestarError(
-                ErrorCode.dependency_failed, f"no retriever answered: {exc.message}"
-            ) from exc
         timings["retrieve"] = (time.perf_counter() - started) * 1000
-        for name, value in response.timings_ms.items():
-            timings[f"index.{name}"] = value
-        for retriever, hits in response.results.items():
-            trace.stages.append(
-                StageRun(
-                    stage="retrieve",
-                    inputs={"query": query, "k": depth},
-                    outputs={
-                        "hits": [
-                            {"doc_id": h.doc_id, "rank": i, "score": h.score}
-                            for i, h in enumerate(hits, 1)
-                        ]
-                    },
-                    targets=_doc_targets(hits),
-                    model_id="sentence-transformers/all-MiniLM-L6-v2"
-                    if retriever == "dense"
-                    else "bm25",
-                    params={
-                        "retriever": retriever,
-                        "collection": collection,
-                        "version": response.version,
-                    },
-                    latency_ms=response.timings_ms.get(retriever, 0.0),
+        results: dict[str, list[Hit]] = {}
+        for service, response in responses:
+            results.update(response.results)
+            for name, value in response.timings_ms.items():
+                timings[f"{service}.{name}"] = value
+            for retriever, hits in response.results.items():
+                trace.stages.append(
+                    StageRun(
+                        stage="retrieve",
+                        inputs={"query": query, "k": depth},
+                        outputs={
+                            "hits": [
+                                {"doc_id": h.doc_id, "rank": i, "score": h.score}
+                                for i, h in enumerate(hits, 1)
+                            ]
+                        },
+                        targets=_doc_targets(hits),
+                        model_id=RETRIEVER_MODELS.get(retriever, retriever),
+                        params={
+                            "retriever": retriever,
+                            "collection": collection,
+                            "version": response.version,
+                        },
+                        latency_ms=response.timings_ms.get(retriever, 0.0),
+                    )
                 )
-            )
         started = time.perf_counter()
-        if len(response.results) == 1:
-            (only,) = response.results.values()
+        if len(results) == 1:
+            (only,) = results.values()
             hits = only[:pool]
         else:
-            hits = reciprocal_rank_fusion(response.results, self.rrf_k, pool)
+            hits = reciprocal_rank_fusion(results, self.rrf_k, pool)
         timings["fusion"] = (time.perf_counter() - started) * 1000
         trace.stages.append(
             StageRun(
                 stage="fusion",
-                inputs={"retrievers": list(response.results), "k": k},
+                inputs={"retrievers": list(results), "k": k},
                 outputs={
                     "hits": [
                         {"doc_id": h.doc_id, "rank": i, "score": h.score}
@@ -190,7 +238,7 @@ class SearchPipeline:
                 },
                 targets=_doc_targets(hits),
                 params={
-                    "method": "rrf" if len(response.results) > 1 else "none",
+                    "method": "rrf" if len(results) > 1 else "none",
                     "rrf_k": self.rrf_k,
                 },
                 latency_ms=timings["fusion"],

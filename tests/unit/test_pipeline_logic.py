@@ -6,12 +6,16 @@ import pytest
 
 from services.index.engine import chunk_document, embedding_text
 from services.orchestrator.engine import (
+    SearchPipeline,
     build_answer_messages,
     choose_citations,
     clean_answer,
     reciprocal_rank_fusion,
 )
-from shared.schemas import Document, Hit
+from shared.clients import DependencyError
+from shared.errors import ErrorCode, LodestarError
+from shared.schemas import Document, Hit, IndexSearchRequest, IndexSearchResponse
+from shared.store import Trace
 
 
 def hits(*ids: str) -> list[Hit]:
@@ -89,3 +93,47 @@ def test_answer_prompt_numbers_passages_in_rank_order() -> None:
     assert user.index("[1] first:") < user.index("[2] second:") and user.endswith(
         "Question: Who?\nAnswer:"
     )
+
+
+class ListSearcher:
+    """A retriever that answers a fixed list, or fails like a service that is down."""
+
+    def __init__(self, results: dict[str, list[Hit]] | None) -> None:
+        self.results = results
+
+    async def search(self, request: IndexSearchRequest) -> IndexSearchResponse:
+        if self.results is None:
+            raise DependencyError("fmindex", "unreachable (ConnectError)")
+        return IndexSearchResponse(
+            collection=request.collection,
+            version="v1",
+            results={r: self.results[r][: request.k] for r in request.retrievers},
+            timings_ms={r: 1.0 for r in request.retrievers},
+        )
+
+
+async def test_external_retrievers_are_fused_and_a_failing_one_degrades() -> None:
+    index = ListSearcher({"dense": hits("a", "b"), "bm25": hits("b", "c")})
+    pipeline = SearchPipeline(
+        index, external={"fm": ListSearcher({"fm": hits("c", "d")}), "dsi": ListSearcher(None)}
+    )
+    assert pipeline.retrievers == ("dense", "bm25", "fm", "dsi")
+    outcome = await pipeline.run(
+        Trace(kind="search", request={}), query="q", collection="c", k=4, retrievers=["dense", "fm"]
+    )
+    assert {h.doc_id for h in outcome.hits} == {"a", "b", "c", "d"}
+    assert outcome.degraded == [] and "fm.fm" in outcome.timings_ms
+    outcome = await pipeline.run(
+        Trace(kind="search", request={}), query="q", collection="c", k=4, retrievers=["bm25", "dsi"]
+    )
+    assert [h.doc_id for h in outcome.hits] == ["b", "c"] and outcome.degraded == ["dsi"]
+    with pytest.raises(LodestarError) as failed:
+        await pipeline.run(
+            Trace(kind="search", request={}), query="q", collection="c", k=4, retrievers=["dsi"]
+        )
+    assert failed.value.code is ErrorCode.dependency_failed
+    with pytest.raises(LodestarError) as unknown:
+        await pipeline.run(
+            Trace(kind="search", request={}), query="q", collection="c", k=4, retrievers=["x"]
+        )
+    assert unknown.value.code is ErrorCode.validation

@@ -1,0 +1,13 @@
+"""``lodestar experiment``: research experiments that write a JSON, a Markdown report and plots."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def register(sub: Any) -> None:
+    """Adds the ``experiment`` group; each experiment module registers its subcommand on it."""
+    group = sub.add_parser(
+        "experiment", help="reproducible experiments (JSON + Markdown report + PNG plots)"
+    ).add_subparsers(dest="experiment_command", required=True)
+    del group  # experiments register here: ``register_<name>(group)``

@@ -1,0 +1,1 @@
+"""The SIM-RAG critic: judges whether a multi-round answer is supported well enough to stop."""

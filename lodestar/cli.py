@@ -9,7 +9,9 @@ import time
 from collections.abc import Callable, Sequence
 
 from lodestar.bench import register as register_bench
+from lodestar.bench.fmindex import register as register_fmindex_bench
 from lodestar.bench.rerank import register as register_rerank_bench
+from lodestar.critic import register as register_critic
 from lodestar.evaluation.cli import register as register_eval
 from lodestar.experiments import register as register_experiments
 from shared.settings import Settings, get_settings, hash_api_key
@@ -166,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     register_eval(sub)
     register_bench(sub)
     register_rerank_bench(sub)  # joins the `bench` group registered just above
+    register_fmindex_bench(sub)  # joins the same `bench` group
     register_experiments(sub)
+    register_critic(sub)
     return parser
 
 

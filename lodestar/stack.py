@@ -35,6 +35,12 @@ class ProcessSpec:
 STACK: tuple[ProcessSpec, ...] = (
     ProcessSpec("index", "services.index", port_service="index"),
     ProcessSpec("reranker", "services.reranker", port_service="reranker"),
+    # Ready before any critic is trained: /judge answers 503 and /answer degrades to max_rounds.
+    ProcessSpec("critic", "services.critic", port_service="critic"),
+    # Ready with no model (tokenizer only): a collection without a trained DSI answers 404.
+    ProcessSpec("dsi", "services.dsi", port_service="dsi"),
+    # Ready with no FM-index built (the LM loads in seconds): such a collection answers 404.
+    ProcessSpec("fmindex", "services.fmindex", port_service="fmindex"),
     ProcessSpec("orchestrator", "services.orchestrator", port_service="orchestrator"),
     ProcessSpec("worker-cpu", "services.worker", ("--queues", "cpu")),
 )

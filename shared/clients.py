@@ -245,3 +245,43 @@ class RerankerClient(ServiceClient):
             timeout=self.settings.rerank_timeout_s,
         )
         return result
+
+
+# --- critic (SIM-RAG) --------------------------------------------------------------------------
+
+
+class JudgeRequest(BaseModel):
+    """One round of a multi-round answer, as the SIM-RAG critic reads it."""
+
+    question: str
+    context: str = ""
+    """Everything retrieved so far, as the reasoner saw it (queries and documents)."""
+    answer: str
+    rationale: str = ""
+
+
+class JudgeResponse(BaseModel):
+    accept: bool
+    p_accept: float
+    model_version: str = ""
+
+
+class CriticClient(ServiceClient):
+    """The critic service's ``POST /judge``. Every failure, including a critic that answers
+    "not trained yet", is a ``DependencyError``: the answer loop then goes on without it."""
+
+    def __init__(
+        self, settings: Settings, *, transport: httpx.AsyncBaseTransport | None = None
+    ) -> None:
+        super().__init__("critic", settings.critic_url, settings, transport=transport)
+
+    async def judge(self, request: JudgeRequest) -> JudgeResponse:
+        try:
+            result: JudgeResponse = await self._call(
+                "POST", "/judge", JudgeResponse, request.model_dump()
+            )
+        except DependencyError:
+            raise
+        except LodestarError as exc:
+            raise DependencyError(self.service, f"{exc.code.value}: {exc.message}") from exc
+        return result

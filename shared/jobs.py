@@ -20,6 +20,19 @@ QUEUES = ("cpu", "gpu")
 
 #: Celery task names, shared by the enqueuing services and the worker that defines them.
 TASK_INDEX_DOCUMENTS = "lodestar.index_documents"
+#: One DSI++ continual-indexing step (``services.dsi``); on the ``cpu`` queue by default, or
+#: ``gpu`` for a worker started with ``--queues gpu`` (torch then trains on CUDA).
+TASK_DSI_INDEX_STEP = "lodestar.dsi_index_step"
+#: Rebuilds a collection's ANN index over every live row (see ``IndexEngine.merge``).
+TASK_MERGE_COLLECTION = "lodestar.merge_collection"
+#: SIM-RAG self-practice: labelled reasoner trajectories for critic training.
+TASK_CRITIC_PRACTICE = "lodestar.critic_practice"
+#: Trains the SIM-RAG critic on the current trajectories and publishes it.
+TASK_CRITIC_TRAIN = "lodestar.critic_train"
+#: SEAL: builds and publishes a collection's FM-index (``services.fmindex``), cpu queue.
+TASK_FMINDEX_BUILD = "lodestar.fmindex_build"
+#: SEAL: fine-tunes and publishes the fmindex n-gram generator, cpu queue.
+TASK_FMINDEX_TRAIN = "lodestar.fmindex_train"
 
 _STATES = {
     "PENDING": "queued",

@@ -106,6 +106,10 @@ class WriteResponse(BaseModel):
     upserted: int
     deleted: int
     seconds: float
+    merge_due: bool = False
+    """The fresh segment and tombstones outgrew the ANN index's share: a merge should run."""
+    merge_job: str | None = None
+    """The merge job the orchestrator scheduled for it (``GET /jobs/{id}``)."""
 
 
 class CollectionInfo(BaseModel):

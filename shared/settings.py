@@ -147,6 +147,12 @@ class Settings(BaseSettings):
     index_max_candidates: int = 10000
     """Largest K a request may ask for (422 beyond); bounds per-request I/O."""
 
+    index_merge_fraction: Annotated[float, Field(gt=0)] = 0.2
+    """A merge (ANN rebuild over every live row) is scheduled on the CPU queue once the fresh
+    segment (rows searched exactly beside the ANN index) plus tombstones exceed this fraction of
+    the rows the ANN index holds: the fresh segment costs exact-search time per query, and
+    tombstoned rows take candidate slots."""
+
     index_nprobe: int = 128
     """IVF lists visited per query (faiss's default of 1 gives poor recall); more = slower, better.
     128 is CompactDS's value; on the wiki vectors (nlist 257) it gave recall@10 0.998 after exact

@@ -39,6 +39,7 @@ def cmd_retrieval(args: argparse.Namespace, settings: Settings) -> int:
         stack=args.stack,
         out_dir=args.out,
         rebuild=args.rebuild,
+        limit=args.limit,
     )
     return 0
 
@@ -55,6 +56,7 @@ def cmd_rag(args: argparse.Namespace, settings: Settings) -> int:
         stack=args.stack,
         out_dir=args.out,
         rebuild=args.rebuild,
+        generation_cache=args.generation_cache,
     )
     return 0
 
@@ -116,6 +118,9 @@ def register(subparsers: Any) -> None:
     )
     ret.add_argument("--split", help="qrels split (default: test)")
     ret.add_argument(
+        "--limit", type=int, help="only the first N queries (LLM re-rankers cost seconds each)"
+    )
+    ret.add_argument(
         "--stack", metavar="URL", help="a running orchestrator, e.g. http://127.0.0.1:8000"
     )
     ret.add_argument("--out", type=Path, help=f"results folder (default: {RESULTS_DIR})")
@@ -136,6 +141,12 @@ def register(subparsers: Any) -> None:
     )
     rg.add_argument("--out", type=Path, help=f"results folder (default: {RESULTS_DIR})")
     rg.add_argument("--rebuild", action="store_true", help="rebuild the cached collection")
+    rg.add_argument(
+        "--generation-cache",
+        type=Path,
+        help="JSONL of greedy generations to replay and extend (a rerun with more methods, "
+        "e.g. sim-rag once the critic is trained, regenerates nothing it already has)",
+    )
     rg.set_defaults(handler=_guarded(cmd_rag))
 
     check = group.add_parser(

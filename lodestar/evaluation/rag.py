@@ -7,8 +7,17 @@ documents retrieved in each round, tokens generated, latency. Methods run the pr
 - ``single``: the orchestrator's ``AnswerPipeline`` (dense + BM25 fused with RRF, top k = 3,
   SmolLM2 answers from the passages), in-process or through a stack's ``POST /answer``.
 
-Multi-round methods (SIM-RAG, IRCoT-style) are further entries in :data:`METHODS`: a
-:class:`RagMethod` whose ``answer`` coroutine returns one list of retrieved ids per round.
+- ``fixed-1`` … ``fixed-4``: the orchestrator's multi-round loop (``AnswerPipeline.rounds``)
+  run for exactly that many rounds (it stops early only when retrieval finds nothing new or the
+  reasoner repeats a query);
+- ``self-stop``: the same loop, stopping when the reasoner does not say "unsure" (its own
+  confidence), up to 4 rounds;
+- ``sim-rag``: the same loop governed by the trained critic (SIM-RAG), up to 4 rounds.
+
+The loop methods share one deterministic (greedy) reasoner: a prompt answered once is answered
+the same way again, so its generation is computed once per question and replayed by the other
+loop methods (``ReplayingGenerator``). A loop method's latency is therefore the sum of the
+measured times of the stages it used (retrieval, generation, critic), not its wall clock.
 
 Metrics per question: SQuAD exact match and token F1 (``shared.metrics``); answer accuracy
 ``acc`` (a normalised gold answer occurs in the normalised prediction: lost-in-the-middle's
@@ -20,8 +29,11 @@ after each round; the last value is the question's figure), rounds, tokens gener
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
+import json
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -95,6 +107,94 @@ class RagOutcome:
     """Doc ids retrieved in each round (empty for no retrieval)."""
     new_tokens: int | None
     prompt_tokens: int | None
+    latency_ms: float | None = None
+    """The method's own account of its latency (loop methods: the sum of their stages' measured
+    times); ``None``: the harness's wall clock."""
+    judged: list[dict[str, Any]] | None = None
+    """Rounds the critic judged: ``{answer, accept, p_accept, unsure}`` each."""
+    stop_reason: str | None = None
+    """Why a multi-round method stopped (``accepted``, ``max_rounds``, ``repeated_query``, ...)."""
+
+
+class ReplayingGenerator:
+    """The reasoner, with greedy generations remembered by prompt: loop methods that share a
+    trajectory prefix compute it once. Sampled generations are never replayed. The replayed
+    ``Generation`` keeps its measured ``seconds``."""
+
+    def __init__(self, generator: Any, cache_path: Path | None = None) -> None:
+        self.generator = generator
+        self.model_id = generator.model_id
+        self._memory: dict[str, Any] = {}
+        self.cache_path = cache_path
+        if cache_path is not None and cache_path.exists():
+            from shared.models import Generation
+
+            with cache_path.open(encoding="utf-8") as handle:
+                for line in handle:
+                    if line.strip():
+                        entry = json.loads(line)
+                        self._memory[entry["key"]] = Generation(**entry["generation"])
+
+    def _key(self, messages: Sequence[dict[str, str]], max_new_tokens: int) -> str:
+        text = json.dumps([self.model_id, list(messages), max_new_tokens])
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def generate(
+        self,
+        messages: Sequence[dict[str, str]],
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+    ) -> Any:
+        if temperature > 0:
+            return self.generator.generate(
+                messages, max_new_tokens=max_new_tokens, temperature=temperature
+            )
+        key = self._key(messages, max_new_tokens)
+        if key not in self._memory:
+            generation = self.generator.generate(messages, max_new_tokens=max_new_tokens)
+            self._memory[key] = generation
+            if self.cache_path is not None:
+                # Kept on disk so a later run (e.g. once the critic is trained) replays them.
+                self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+                with self.cache_path.open("a", encoding="utf-8") as handle:
+                    entry = {"key": key, "generation": dataclasses.asdict(generation)}
+                    handle.write(json.dumps(entry) + "\n")
+        return self._memory[key]
+
+    def stream(
+        self,
+        messages: Sequence[dict[str, str]],
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+    ) -> Iterator[Any]:
+        generation = self.generate(messages, max_new_tokens=max_new_tokens, temperature=temperature)
+        yield generation.text
+        yield generation
+
+
+class InProcessCritic:
+    """The critic service's engine in this process, verdicts remembered like generations."""
+
+    def __init__(self, settings: Settings) -> None:
+        from services.critic.engine import CriticEngine
+
+        self.engine = CriticEngine(settings)
+        self._memory: dict[tuple[str, str, str, str], Any] = {}
+
+    async def judge(self, request: Any) -> Any:
+        from shared.clients import JudgeResponse
+
+        key = (request.question, request.context, request.answer, request.rationale)
+        if key not in self._memory:
+            verdict = await asyncio.to_thread(self.engine.judge, *key)
+            self._memory[key] = JudgeResponse(
+                accept=verdict.accept,
+                p_accept=verdict.p_accept,
+                model_version=verdict.model_version,
+            )
+        return self._memory[key]
 
 
 class RagContext:
@@ -102,13 +202,21 @@ class RagContext:
     in-process pipelines or a stack's orchestrator. Everything is created on first use."""
 
     def __init__(
-        self, settings: Settings, collection: str, k: int, stack: HttpBackend | None
+        self,
+        settings: Settings,
+        collection: str,
+        k: int,
+        stack: HttpBackend | None,
+        generation_cache: Path | None = None,
     ) -> None:
         self.settings = settings
         self.collection = collection
         self.k = k
         self.stack = stack
         self._answer_pipeline: Any = None
+        self._loop_pipeline: Any = None
+        self._reasoner: ReplayingGenerator | None = None
+        self.generation_cache = generation_cache
         self._engine: Any = None
 
     @property
@@ -127,6 +235,13 @@ class RagContext:
         return get_generator(self.settings)
 
     @property
+    def reasoner(self) -> ReplayingGenerator:
+        """The LLM with greedy generations remembered (on disk with ``generation_cache``)."""
+        if self._reasoner is None:
+            self._reasoner = ReplayingGenerator(self.generator, self.generation_cache)
+        return self._reasoner
+
+    @property
     def answer_pipeline(self) -> Any:
         """The orchestrator's ``AnswerPipeline`` over ``InProcessIndex``, wired as the app does."""
         if self._answer_pipeline is None:
@@ -136,9 +251,27 @@ class RagContext:
             settings = self.settings
             search = SearchPipeline(InProcessIndex(self.engine), rrf_k=settings.rrf_k)
             self._answer_pipeline = AnswerPipeline(
-                search, lambda: self.generator, max_new_tokens=settings.answer_max_new_tokens
+                search, lambda: self.reasoner, max_new_tokens=settings.answer_max_new_tokens
             )
         return self._answer_pipeline
+
+    @property
+    def loop_pipeline(self) -> Any:
+        """An ``AnswerPipeline`` for the multi-round methods: replaying reasoner, in-process
+        critic (loaded on its first judgement, so the baselines need no trained critic)."""
+        if self._loop_pipeline is None:
+            from services.index.engine import InProcessIndex
+            from services.orchestrator.engine import AnswerPipeline, SearchPipeline
+
+            settings = self.settings
+            search = SearchPipeline(InProcessIndex(self.engine), rrf_k=settings.rrf_k)
+            self._loop_pipeline = AnswerPipeline(
+                search,
+                lambda: self.reasoner,
+                max_new_tokens=settings.answer_max_new_tokens,
+                critic=InProcessCritic(settings),
+            )
+        return self._loop_pipeline
 
 
 MethodAnswer = Callable[[RagContext, QAExample], Awaitable[RagOutcome]]
@@ -157,7 +290,7 @@ async def answer_closed_book(context: RagContext, example: QAExample) -> RagOutc
     """The LLM alone (always in-process: no stack endpoint answers without retrieval)."""
     from services.orchestrator.engine import build_closed_book_messages, clean_answer
 
-    generator = context.generator
+    generator = context.reasoner
     generation = await asyncio.to_thread(
         generator.generate,
         build_closed_book_messages(example.question),
@@ -169,6 +302,8 @@ async def answer_closed_book(context: RagContext, example: QAExample) -> RagOutc
         rounds=[],
         new_tokens=generation.new_tokens,
         prompt_tokens=generation.prompt_tokens,
+        # Measured generation time: the same account whether generated now or replayed.
+        latency_ms=generation.seconds * 1000,
     )
 
 
@@ -177,7 +312,12 @@ async def answer_single_round(context: RagContext, example: QAExample) -> RagOut
     if context.stack is not None:
         body = await context.stack.post(
             "/answer",
-            {"question": example.question, "collection": context.collection, "k": context.k},
+            {
+                "question": example.question,
+                "collection": context.collection,
+                "k": context.k,
+                "max_rounds": 1,
+            },
         )
         return RagOutcome(
             answer=body["answer"],
@@ -198,7 +338,87 @@ async def answer_single_round(context: RagContext, example: QAExample) -> RagOut
         rounds=[[hit.doc_id for hit in outcome.hits]],
         new_tokens=outcome.generation.new_tokens,
         prompt_tokens=outcome.generation.prompt_tokens,
+        latency_ms=outcome.timings_ms.get("retrieve", 0.0)
+        + outcome.timings_ms.get("fusion", 0.0)
+        + outcome.generation.seconds * 1000,
     )
+
+
+#: The most rounds of the adaptive loop methods (SIM-RAG's inference ``max_turns``).
+LOOP_MAX_ROUNDS = 4
+
+
+def loop_method(policy: str, max_rounds: int) -> MethodAnswer:
+    """A method running the orchestrator's multi-round loop with one stopping ``policy``."""
+
+    async def answer(context: RagContext, example: QAExample) -> RagOutcome:
+        from services.orchestrator.engine import StopPolicy, is_unsure
+        from shared.store import Trace
+
+        stop = StopPolicy(policy)
+        if context.stack is not None and stop is StopPolicy.critic:
+            body = await context.stack.post(
+                "/answer",
+                {
+                    "question": example.question,
+                    "collection": context.collection,
+                    "k": context.k,
+                    "max_rounds": max_rounds,
+                },
+            )
+            return RagOutcome(
+                answer=body["answer"],
+                raw_answer=body["answer"],
+                rounds=[list(r["hit_ids"]) for r in body["rounds"]],
+                new_tokens=None,
+                prompt_tokens=None,
+                stop_reason=body["stop_reason"],
+                judged=[
+                    {
+                        "answer": r["answer"],
+                        "accept": r["accept"],
+                        "p_accept": r["p_accept"],
+                        "unsure": is_unsure(r["answer"]),
+                    }
+                    for r in body["rounds"]
+                    if r["accept"] is not None
+                ],
+            )
+        if context.stack is not None:
+            raise EvalUsageError(f"method with stop policy {policy!r} runs in-process only")
+        trace = Trace(kind="answer", request={"question": example.question, "k": context.k})
+        outcome = await context.loop_pipeline.run_rounds(
+            trace,
+            question=example.question,
+            collection=context.collection,
+            k=context.k,
+            max_rounds=max_rounds,
+            policy=stop,
+        )
+        latency = sum(sum(record.timings_ms.values()) for record in outcome.rounds)
+        return RagOutcome(
+            answer=outcome.answer,
+            raw_answer=outcome.rounds[-1].raw,
+            rounds=[[hit.doc_id for hit in record.hits] for record in outcome.rounds],
+            new_tokens=sum(record.new_tokens for record in outcome.rounds),
+            prompt_tokens=sum(record.prompt_tokens for record in outcome.rounds),
+            latency_ms=latency,
+            stop_reason=outcome.stop_reason,
+            judged=[
+                {
+                    "answer": record.answer,
+                    "accept": record.accept,
+                    "p_accept": record.p_accept,
+                    "unsure": is_unsure(record.answer),
+                }
+                for record in outcome.rounds
+                if record.accept is not None
+            ]
+            if stop is StopPolicy.critic
+            else None,
+        )
+
+    return answer
 
 
 METHODS: dict[str, RagMethod] = {
@@ -210,8 +430,26 @@ METHODS: dict[str, RagMethod] = {
         "single-round RAG: RRF(dense, bm25) top 3, SmolLM2 answers with citations",
         answer_single_round,
     ),
+    **{
+        f"fixed-{n}": RagMethod(
+            f"fixed-{n}",
+            f"multi-round loop, always {n} round(s): answer + rationale, reasoner-written queries",
+            loop_method("fixed", n),
+        )
+        for n in (1, 2, 3, 4)
+    },
+    "self-stop": RagMethod(
+        "self-stop",
+        f"multi-round loop stopping when the reasoner does not say unsure (<= {LOOP_MAX_ROUNDS})",
+        loop_method("self", LOOP_MAX_ROUNDS),
+    ),
+    "sim-rag": RagMethod(
+        "sim-rag",
+        f"multi-round loop stopping when the trained critic accepts (<= {LOOP_MAX_ROUNDS})",
+        loop_method("critic", LOOP_MAX_ROUNDS),
+    ),
 }
-"""RAG methods by name. Multi-round methods (SIM-RAG critic, ...) are added here."""
+"""RAG methods by name."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -267,7 +505,9 @@ def score_outcome(example: QAExample, outcome: RagOutcome, latency_ms: float) ->
         "retrieved": outcome.rounds,
         "new_tokens": outcome.new_tokens,
         "prompt_tokens": outcome.prompt_tokens,
-        "latency_ms": round(latency_ms, 1),
+        "latency_ms": round(latency_ms if outcome.latency_ms is None else outcome.latency_ms, 1),
+        "judged": outcome.judged,
+        "stop_reason": outcome.stop_reason,
     }
 
 
@@ -279,10 +519,45 @@ def _mean(values: Sequence[Any]) -> float | None:
 def summarise(per_question: dict[str, dict[str, Any]]) -> dict[str, Any]:
     rows = list(per_question.values())
     metrics = {m: _mean([row[m] for row in rows]) for m in METRICS}
-    return {
+    summary: dict[str, Any] = {
         "metrics": metrics,
         "latency_ms": latency_summary([row["latency_ms"] for row in rows]),
     }
+    stops = [str(row["stop_reason"]) for row in rows if row.get("stop_reason")]
+    if stops:
+        summary["stop_reasons"] = {reason: stops.count(reason) for reason in sorted(set(stops))}
+    judgements = judgement_report(per_question)
+    if judgements is not None:
+        summary["critic_vs_self"] = judgements
+    return summary
+
+
+def judgement_report(per_question: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """On the rounds the critic judged (evaluation questions, never seen in training): accuracy,
+    precision and recall of its "accept" against whether the round's answer was right, beside the
+    reasoner's self-assessment (accept unless "unsure") on the same rounds, by EM and by Acc."""
+    from services.critic.training import binary_report
+    from shared.metrics import exact_match
+
+    judged = [(row, item) for row in per_question.values() for item in (row.get("judged") or [])]
+    if not judged:
+        return None
+    report: dict[str, Any] = {"rounds_judged": len(judged)}
+    for rule in ("em", "acc"):
+        gold = [
+            int(
+                exact_match(item["answer"], row["answers"])
+                if rule == "em"
+                else answer_in_prediction(item["answer"], row["answers"])
+            )
+            for row, item in judged
+        ]
+        report[rule] = {
+            "positive_rate": round(sum(gold) / len(gold), 4),
+            "critic": binary_report([bool(item["accept"]) for _, item in judged], gold),
+            "self_assessment": binary_report([not item["unsure"] for _, item in judged], gold),
+        }
+    return report
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,6 +579,7 @@ async def evaluate_rag_async(
     stack: str | None = None,
     rebuild: bool = False,
     show_progress: bool = True,
+    generation_cache: Path | None = None,
 ) -> dict[str, Any]:
     """Answer the first ``limit`` questions of ``dataset`` with each method; the results document."""
     from tqdm import tqdm
@@ -321,7 +597,7 @@ async def evaluate_rag_async(
     collection = collection_name(dataset)
     started = time.perf_counter()
     http = HttpBackend(stack, settings, timeout_s=settings.request_timeout_s) if stack else None
-    context = RagContext(settings, collection, k, http)
+    context = RagContext(settings, collection, k, http, generation_cache)
     version: str | None = None
     try:
         if any(method.retrieves for method in chosen):
@@ -398,6 +674,24 @@ def format_rag(result: dict[str, Any]) -> str:
             f"{_fmt(m['support_recall'], '.4f'):>7} {_fmt(m['rounds'], '.2f'):>6} "
             f"{_fmt(m['new_tokens'], '.1f'):>7} {lat['p50']:>8.0f} {lat['p95']:>8.0f}"
         )
+    for name, row in result["methods"].items():
+        judged = row.get("critic_vs_self")
+        if not judged:
+            continue
+        lines += [
+            "",
+            f"{name}: the critic's accept vs the reasoner's self-assessment on "
+            f"{judged['rounds_judged']} judged rounds",
+        ]
+        for rule in ("em", "acc"):
+            block = judged[rule]
+            for who in ("critic", "self_assessment"):
+                r = block[who]
+                lines.append(
+                    f"  by {rule:<3} (positives {block['positive_rate']:.2f}) {who:<15} "
+                    f"acc {r['accuracy']:.3f}  P {r['precision']:.3f}  R {r['recall']:.3f}  "
+                    f"accept rate {r['accept_rate']:.2f}"
+                )
     if result["significance"]:
         lines += [
             "",
@@ -417,12 +711,20 @@ def run_rag_command(
     stack: str | None,
     out_dir: Path | None,
     rebuild: bool = False,
+    generation_cache: Path | None = None,
 ) -> dict[str, Any]:
     """``lodestar eval rag``: evaluate, print, save JSON under ``out_dir``."""
     lookup(dataset, DATASETS, "dataset")
     methods = parse_names(methods_text, METHODS, "method")
     result = evaluate_rag(
-        settings, dataset, methods, limit=limit, k=k, stack=stack, rebuild=rebuild
+        settings,
+        dataset,
+        methods,
+        limit=limit,
+        k=k,
+        stack=stack,
+        rebuild=rebuild,
+        generation_cache=generation_cache,
     )
     print(format_rag(result))
     path = result_path(out_dir or RESULTS_DIR, dataset, result["num_questions"])

@@ -113,10 +113,17 @@ class InProcessBackend:
     def __init__(self, settings: Settings) -> None:
         from services.index.engine import IndexEngine, InProcessIndex
         from services.orchestrator.engine import SearchPipeline
+        from services.reranker.engine import InProcessReranker, rerank_engine_from_settings
 
-        # Configured exactly as the index service configures it (ANN backend, candidates, ...).
+        # Configured exactly as the services configure them (ANN backend, candidates, token
+        # budgets, rerank depth); the reranker's models load on first use only.
         self.engine = IndexEngine.from_settings(settings)
-        self.pipeline = SearchPipeline(InProcessIndex(self.engine), rrf_k=settings.rrf_k)
+        self.pipeline = SearchPipeline(
+            InProcessIndex(self.engine),
+            rrf_k=settings.rrf_k,
+            reranker=InProcessReranker(rerank_engine_from_settings(settings)),
+            rerank_depth=settings.rerank_depth,
+        )
 
     async def search(
         self,
@@ -263,8 +270,47 @@ SYSTEMS: dict[str, RetrievalSystem] = {
         "bm25", "BM25 (bm25s, k1 0.9, b 0.4, English stemmer + stop words)", ["bm25"]
     ),
     "rrf": pipeline_system("rrf", "reciprocal-rank fusion of dense and bm25", ["dense", "bm25"]),
+    **{
+        f"rrf+{method}": pipeline_system(
+            f"rrf+{method}",
+            f"rrf, then the top LODESTAR_RERANK_DEPTH (20) re-ranked by {description}",
+            ["dense", "bm25"],
+            rerank=method,
+        )
+        for method, description in (
+            ("icr", "ICR (SmolLM2 attention, N/A-calibrated)"),
+            ("rankgpt", "RankGPT-style listwise generation (SmolLM2)"),
+            ("cosine", "MiniLM bi-encoder cosine"),
+        )
+    },
 }
 """Retrieval systems by name. Later issues add ANN backends, fm, dsi and rerankers here."""
+
+
+def fm_system(name: str, description: str, retrievers: Sequence[str]) -> RetrievalSystem:
+    """SEAL (``fm``), alone or fused: with a stack, the orchestrator's ``/search`` (which asks
+    the fmindex service); in process, the same ``SearchPipeline`` with the fmindex engine loaded
+    here as its ``fm`` retriever (``services.fmindex.inprocess``). Needs the FM-index of the
+    evaluation collection (``python -m services.fmindex.jobs build --dataset scifact
+    --collection eval-scifact``). Slow: every query decodes with the LM (beam 15 by default)."""
+    chosen = tuple(retrievers)
+
+    async def search(backend: SearchBackend, query: str, collection: str, k: int) -> SearchResult:
+        if isinstance(backend, InProcessBackend):
+            from services.fmindex.inprocess import search_with_fm
+
+            return await search_with_fm(
+                backend, query=query, collection=collection, k=k, retrievers=chosen
+            )
+        return await backend.search(query=query, collection=collection, k=k, retrievers=chosen)
+
+    return RetrievalSystem(name, description, search)
+
+
+SYSTEMS["fm"] = fm_system(
+    "fm", "SEAL: SmolLM2 n-grams constrained by an FM-index, intersective scoring", ["fm"]
+)
+SYSTEMS["rrf-fm"] = fm_system("rrf-fm", "reciprocal-rank fusion of fm and bm25", ["fm", "bm25"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,8 +358,9 @@ async def _run_system(
     return SystemRun(system.name, run, ranked, latency, time.perf_counter() - started_all)
 
 
-def result_path(out_dir: Path, dataset: str, split: str) -> Path:
-    return out_dir / f"retrieval-{dataset}-{split}.json"
+def result_path(out_dir: Path, dataset: str, split: str, limit: int | None = None) -> Path:
+    suffix = f"-{limit}q" if limit is not None else ""
+    return out_dir / f"retrieval-{dataset}-{split}{suffix}.json"
 
 
 async def evaluate_retrieval_async(
@@ -325,8 +372,10 @@ async def evaluate_retrieval_async(
     stack: str | None = None,
     rebuild: bool = False,
     show_progress: bool = True,
+    limit: int | None = None,
 ) -> dict[str, Any]:
-    """Run ``systems`` over ``dataset``'s ``split`` and return the results document (JSON-able)."""
+    """Run ``systems`` over ``dataset``'s ``split`` (its first ``limit`` queries: the expensive
+    re-rankers) and return the results document (JSON-able)."""
     spec = lookup(dataset, DATASETS, "dataset")
     chosen = [lookup(name, SYSTEMS, "system") for name in systems]
     if not chosen:
@@ -338,7 +387,13 @@ async def evaluate_retrieval_async(
             f"{dataset} has no split {split!r}; known: {', '.join(sorted(data.qrels))}"
         )
     queries = data.split_queries(split)
-    qrels = data.qrels[split]
+    if limit is not None:
+        if limit < 2:
+            raise EvalUsageError(
+                f"--limit must be at least 2 (paired tests need pairs), got {limit}"
+            )
+        queries = dict(list(queries.items())[:limit])
+    qrels = {qid: data.qrels[split][qid] for qid in queries if qid in data.qrels[split]}
     collection = collection_name(dataset)
     started = time.perf_counter()
     backend: SearchBackend = HttpBackend(stack, settings) if stack else InProcessBackend(settings)
@@ -395,6 +450,7 @@ async def evaluate_retrieval_async(
         "split": split,
         "num_queries": len(qrels),
         "depth": DEPTH,
+        "limit": limit,
         "collection": collection,
         "collection_version": version,
         "dense_backend": dense_backend,
@@ -446,15 +502,16 @@ def run_retrieval_command(
     stack: str | None,
     out_dir: Path | None,
     rebuild: bool = False,
+    limit: int | None = None,
 ) -> dict[str, Any]:
     """``lodestar eval retrieval``: evaluate, print, save JSON under ``out_dir``."""
     lookup(dataset, DATASETS, "dataset")
     systems = parse_names(systems_text, SYSTEMS, "system")
     result = evaluate_retrieval(
-        settings, dataset, systems, split=split, stack=stack, rebuild=rebuild
+        settings, dataset, systems, split=split, stack=stack, rebuild=rebuild, limit=limit
     )
     print(format_retrieval(result))
-    path = result_path(out_dir or RESULTS_DIR, dataset, result["split"])
+    path = result_path(out_dir or RESULTS_DIR, dataset, result["split"], limit)
     write_json(path, result)
     print(f"\nper-query results: {path}")
     return result

@@ -10,4 +10,10 @@ def register(sub: Any) -> None:
     group = sub.add_parser(
         "experiment", help="reproducible experiments (JSON + Markdown report + PNG plots)"
     ).add_subparsers(dest="experiment_command", required=True)
+    from lodestar.experiments.hnsw_order import register as register_hnsw_order
+
+    register_hnsw_order(group)
+    from lodestar.experiments.dsi_protocol import register as register_dsi
+
+    register_dsi(group)
     del group  # experiments register here: ``register_<name>(group)``

@@ -51,6 +51,7 @@ def _write_response(result: WriteResult) -> WriteResponse:
         upserted=result.upserted,
         deleted=result.deleted,
         seconds=round(result.seconds, 3),
+        merge_due=result.merge_due,
     )
 
 

@@ -432,6 +432,8 @@ class WriteResult:
     deleted: int = 0
     embedded_passages: int = 0
     seconds: float = 0.0
+    merge_due: bool = False
+    """The fresh segment and tombstones outgrew ``merge_fraction`` of the ANN index."""
 
 
 class IndexEngine:
@@ -452,6 +454,7 @@ class IndexEngine:
         ann: AnnConfig | None = None,
         max_candidates: int | None = None,
         device: str | None = None,
+        merge_fraction: float = 0.2,
     ) -> None:
         self.root = data_dir / "collections"
         self.root.mkdir(parents=True, exist_ok=True)
@@ -468,6 +471,7 @@ class IndexEngine:
         self.ann = ann.validated()
         self.max_candidates = max_candidates
         self.device = device
+        self.merge_fraction = merge_fraction
         self._snapshots: dict[str, Snapshot] = {}
         self._load_lock = threading.Lock()
 
@@ -482,6 +486,7 @@ class IndexEngine:
             ann=AnnConfig.from_settings(settings),
             max_candidates=settings.index_max_candidates,
             device=settings.device,
+            merge_fraction=settings.index_merge_fraction,
         )
 
     @property
@@ -709,6 +714,8 @@ class IndexEngine:
                     progress(len(passages), len(passages), "bm25")
             version = family.current_version() or ""
             family.prune(keep=2)
+        indexed = int(ann_meta.get("indexed_rows", 0))
+        outside_index = len(passages) - indexed + int(dead.shape[0])
         return WriteResult(
             collection=name,
             version=version,
@@ -718,6 +725,7 @@ class IndexEngine:
             deleted=len(deletes),
             embedded_passages=len(new_passages),
             seconds=time.perf_counter() - started,
+            merge_due=indexed > 0 and outside_index > self.merge_fraction * indexed,
         )
 
     def _embed_passages(self, passages: list[Passage], progress: Progress | None) -> np.ndarray:

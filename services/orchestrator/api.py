@@ -18,13 +18,28 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from sse_starlette.sse import EventSourceResponse
 
-from services.orchestrator.engine import INDEX_RETRIEVERS, AnswerPipeline, SearchPipeline
+from services.orchestrator.engine import (
+    INDEX_RETRIEVERS,
+    AnswerPiece,
+    AnswerPipeline,
+    RoundFinished,
+    RoundRecord,
+    RoundsFinished,
+    RoundsOutcome,
+    RoundStarted,
+    SearchPipeline,
+)
 from shared.app import check_k, check_text, from_state, require_ready
 from shared.clients import IndexClient
 from shared.errors import LodestarError, invalid
-from shared.jobs import TASK_INDEX_DOCUMENTS, job_status
-from shared.models import Generation
-from shared.schemas import CollectionInfo, Document, Hit, is_valid_collection_name
+from shared.jobs import TASK_INDEX_DOCUMENTS, TASK_MERGE_COLLECTION, job_status
+from shared.schemas import (
+    CollectionInfo,
+    Document,
+    Hit,
+    WriteResponse,
+    is_valid_collection_name,
+)
 from shared.settings import Settings
 from shared.store import FeedbackIn, Store, Trace, new_id
 
@@ -51,7 +66,8 @@ class AnswerRequest(BaseModel):
     question: str
     collection: str = "wiki"
     k: int = 3
-    max_rounds: int = Field(1, ge=1, le=8)
+    max_rounds: int = Field(4, ge=1, le=8)
+    """Retrieval rounds at most (SIM-RAG): the critic may stop the loop earlier."""
     stream: bool = False
 
 
@@ -61,9 +77,29 @@ class Citation(BaseModel):
 
 
 class Round(BaseModel):
+    round: int
     query: str
     hit_ids: list[str]
+    """Documents this round's query retrieved that no earlier round had."""
     answer: str
+    rationale: str
+    accept: bool | None
+    """The critic's verdict; null at the last round and when the critic was unavailable."""
+    p_accept: float | None
+    next_query: str | None
+
+
+def round_model(record: RoundRecord) -> Round:
+    return Round(
+        round=record.round,
+        query=record.query,
+        hit_ids=[h.doc_id for h in record.hits],
+        answer=record.answer,
+        rationale=record.rationale,
+        accept=record.accept,
+        p_accept=None if record.p_accept is None else round(record.p_accept, 4),
+        next_query=record.next_query,
+    )
 
 
 class AnswerResponse(BaseModel):
@@ -71,6 +107,9 @@ class AnswerResponse(BaseModel):
     answer: str
     citations: list[Citation]
     rounds: list[Round]
+    stop_reason: str
+    """Why the loop ended: ``accepted`` (critic), ``max_rounds``, ``repeated_query``,
+    ``empty_retrieval``."""
     timings_ms: dict[str, float]
     degraded: list[str]
 
@@ -155,75 +194,85 @@ async def search(
 async def answer(
     body: AnswerRequest, settings: SettingsDep, store: StoreDep, pipeline: AnswerDep
 ) -> Any:
+    """Multi-round answering (SIM-RAG): up to ``max_rounds`` rounds of retrieve, answer with a
+    rationale, ask the critic; every round is in ``rounds`` and in the trace."""
     question = check_text(body.question, "question", settings)
     check_k(body.k, settings)
     validate_collection(body.collection)
-    if body.max_rounds > 1:
-        # Multi-round answering needs the SIM-RAG critic, which is not part of this release.
-        raise invalid(
-            "max_rounds > 1 needs the critic service, which is not available yet",
-            field="max_rounds",
-        )
     trace = Trace(kind="answer", request=body.model_dump())
     if body.stream:
         return EventSourceResponse(_answer_events(trace, question, body, store, pipeline))
     started = time.perf_counter()
-    outcome = await pipeline.run(trace, question=question, collection=body.collection, k=body.k)
-    timings = {**outcome.timings_ms, "total": (time.perf_counter() - started) * 1000}
-    response = AnswerResponse(
-        trace_id=trace.trace_id,
-        answer=outcome.answer,
-        citations=[Citation(doc_id=h.doc_id, title=h.title) for h in outcome.citations],
-        rounds=[
-            Round(query=question, hit_ids=[h.doc_id for h in outcome.hits], answer=outcome.answer)
-        ],
-        timings_ms=_round(timings),
-        degraded=outcome.degraded,
+    outcome = await pipeline.run_rounds(
+        trace,
+        question=question,
+        collection=body.collection,
+        k=body.k,
+        max_rounds=body.max_rounds,
     )
+    timings = {**outcome.timings_ms, "total": (time.perf_counter() - started) * 1000}
+    response = _answer_response(trace, outcome, timings)
     trace.response = response.model_dump(exclude={"timings_ms"})
     await run_in_threadpool(store.save_trace, trace)
     return response
 
 
+def _answer_response(
+    trace: Trace, outcome: RoundsOutcome, timings: dict[str, float]
+) -> AnswerResponse:
+    return AnswerResponse(
+        trace_id=trace.trace_id,
+        answer=outcome.answer,
+        citations=[Citation(doc_id=h.doc_id, title=h.title) for h in outcome.citations],
+        rounds=[round_model(record) for record in outcome.rounds],
+        stop_reason=outcome.stop_reason,
+        timings_ms=_round(timings),
+        degraded=outcome.degraded,
+    )
+
+
 async def _answer_events(
     trace: Trace, question: str, body: AnswerRequest, store: Store, pipeline: AnswerPipeline
 ) -> AsyncIterator[dict[str, str]]:
-    """SSE: a ``round`` event with the hits, ``token`` events as the answer is written, and a
-    final ``citations`` event (with the trace id) once the trace is stored."""
+    """SSE, round by round as it happens: ``round`` (query and new hits), ``token`` events as
+    the round's answer is written, ``verdict`` (answer, rationale, critic verdict, next query);
+    then a final ``citations`` event (the whole response, with the trace id) once the trace is
+    stored."""
     started = time.perf_counter()
     try:
-        outcome = await pipeline.retrieve(trace, question, body.collection, body.k)
+        async for event in pipeline.rounds(
+            trace,
+            question=question,
+            collection=body.collection,
+            k=body.k,
+            max_rounds=body.max_rounds,
+            stream=True,
+        ):
+            if isinstance(event, RoundStarted):
+                data: dict[str, Any] = {
+                    "round": event.round,
+                    "query": event.query,
+                    "hits": [h.model_dump() for h in event.hits],
+                }
+                yield {"event": "round", "data": json.dumps(data)}
+            elif isinstance(event, AnswerPiece):
+                yield {
+                    "event": "token",
+                    "data": json.dumps({"round": event.round, "text": event.text}),
+                }
+            elif isinstance(event, RoundFinished):
+                yield {"event": "verdict", "data": round_model(event.record).model_dump_json()}
+            elif isinstance(event, RoundsFinished):
+                timings = {
+                    **event.outcome.timings_ms,
+                    "total": (time.perf_counter() - started) * 1000,
+                }
+                response = _answer_response(trace, event.outcome, timings)
+                trace.response = response.model_dump(exclude={"timings_ms"})
+                await run_in_threadpool(store.save_trace, trace)
+                yield {"event": "citations", "data": response.model_dump_json()}
     except LodestarError as exc:
         yield {"event": "error", "data": json.dumps(exc.body())}
-        return
-    yield {
-        "event": "round",
-        "data": json.dumps(
-            {"round": 1, "query": question, "hits": [h.model_dump() for h in outcome.hits]}
-        ),
-    }
-    generation: Generation | None = None
-    async for piece in pipeline.stream(question, outcome.hits):
-        if isinstance(piece, Generation):
-            generation = piece
-        elif piece:
-            yield {"event": "token", "data": json.dumps({"text": piece})}
-    assert generation is not None  # Generator.stream always ends with its Generation
-    result = pipeline.finish(trace, question, outcome, generation)
-    timings = {**result.timings_ms, "total": (time.perf_counter() - started) * 1000}
-    final = {
-        "trace_id": trace.trace_id,
-        "answer": result.answer,
-        "citations": [{"doc_id": h.doc_id, "title": h.title} for h in result.citations],
-        "rounds": [
-            {"query": question, "hit_ids": [h.doc_id for h in result.hits], "answer": result.answer}
-        ],
-        "timings_ms": _round(timings),
-        "degraded": result.degraded,
-    }
-    trace.response = {k: v for k, v in final.items() if k != "timings_ms"}
-    await run_in_threadpool(store.save_trace, trace)
-    yield {"event": "citations", "data": json.dumps(final)}
 
 
 def _round(timings: dict[str, float]) -> dict[str, float]:
@@ -275,7 +324,9 @@ async def upsert_documents(
     if len(set(ids)) != len(ids):
         raise invalid("a document id appears twice in one batch", field="documents")
     if len(body.documents) <= settings.inline_ingest_max_docs:
-        result = await index.upsert(name, body.documents)
+        result = await schedule_merge_if_due(
+            await index.upsert(name, body.documents), store, celery
+        )
         return JSONResponse(result.model_dump(), status_code=200)
     job_id = new_id()
     batch = await run_in_threadpool(_stage_batch, settings.data_dir, job_id, body.documents)
@@ -299,10 +350,27 @@ def _stage_batch(data_dir: Path, job_id: str, documents: list[Document]) -> Path
     return path
 
 
+async def schedule_merge_if_due(
+    result: WriteResponse, store: Store, celery: Celery
+) -> WriteResponse:
+    """Writes append to the fresh segment; once it (with tombstones) outgrows the ANN index's
+    share, a merge job rebuilds the index in the background while searches keep serving."""
+    if not result.merge_due:
+        return result
+    job_id = new_id()
+    await run_in_threadpool(
+        store.record_job, job_id, TASK_MERGE_COLLECTION, {"collection": result.collection}
+    )
+    celery.send_task(TASK_MERGE_COLLECTION, args=[result.collection], task_id=job_id, queue="cpu")
+    return result.model_copy(update={"merge_job": job_id})
+
+
 @router.delete("/collections/{name}/documents/{doc_id:path}")
-async def delete_document(name: str, doc_id: str, index: IndexDep) -> dict[str, Any]:
+async def delete_document(
+    name: str, doc_id: str, index: IndexDep, store: StoreDep, celery: CeleryDep
+) -> dict[str, Any]:
     validate_collection(name)
-    result = await index.delete(name, doc_id)
+    result = await schedule_merge_if_due(await index.delete(name, doc_id), store, celery)
     return result.model_dump()
 
 

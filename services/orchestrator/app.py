@@ -7,7 +7,7 @@ from fastapi import FastAPI
 from services.orchestrator.api import router
 from services.orchestrator.engine import AnswerPipeline, SearchPipeline
 from shared.app import Readiness, create_app
-from shared.clients import IndexClient, RerankerClient, RetrieverClient
+from shared.clients import CriticClient, IndexClient, RerankerClient, RetrieverClient
 from shared.jobs import make_celery
 from shared.models import Generator, get_generator
 from shared.settings import Settings
@@ -34,7 +34,12 @@ def build_app(settings: Settings) -> FastAPI:
     def generator() -> Generator:
         return get_generator(settings)
 
-    answer = AnswerPipeline(search, generator, max_new_tokens=settings.answer_max_new_tokens)
+    # The SIM-RAG critic decides when /answer stops searching; down or untrained, the loop runs
+    # to max_rounds and reports it in `degraded`.
+    critic = CriticClient(settings)
+    answer = AnswerPipeline(
+        search, generator, max_new_tokens=settings.answer_max_new_tokens, critic=critic
+    )
 
     def warm_up(readiness: Readiness) -> None:
         model = generator()
@@ -43,6 +48,7 @@ def build_app(settings: Settings) -> FastAPI:
     async def shutdown() -> None:
         await index.aclose()
         await reranker.aclose()
+        await critic.aclose()
         for client in external.values():
             await client.aclose()
         store.close()

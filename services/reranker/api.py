@@ -7,9 +7,9 @@ from typing import Annotated
 from fastapi import APIRouter, Depends
 from fastapi.concurrency import run_in_threadpool
 
-from services.reranker.engine import RerankDocument, RerankerEngine, RerankOutcome
+from services.reranker.engine import RerankDocument, RerankerEngine, rerank_response
 from shared.app import check_text, from_state, require_ready
-from shared.clients import RerankRequest, RerankResponse, RerankResult
+from shared.clients import RerankRequest, RerankResponse
 from shared.errors import ErrorCode, LodestarError, invalid
 from shared.settings import Settings
 
@@ -17,22 +17,6 @@ EngineDep = Annotated[RerankerEngine, Depends(from_state("engine"))]
 SettingsDep = Annotated[Settings, Depends(from_state("settings"))]
 
 router = APIRouter(dependencies=[Depends(require_ready)])
-
-
-def _response(documents: list[RerankDocument], outcome: RerankOutcome) -> RerankResponse:
-    results = [
-        RerankResult(doc_id=documents[i].doc_id, score=round(outcome.scores[i], 6), rank=rank)
-        for rank, i in enumerate(outcome.ranking(), start=1)
-    ]
-    details = {k: v for k, v in outcome.details.items() if k != "raw"}
-    return RerankResponse(
-        results=results,
-        method=outcome.method,
-        timings_ms={k: round(v, 2) for k, v in outcome.timings_ms.items()},
-        forward_passes=outcome.forward_passes,
-        prompt_tokens=outcome.prompt_tokens,
-        details=details,
-    )
 
 
 @router.post("/rerank", response_model=RerankResponse)
@@ -54,4 +38,4 @@ async def rerank(body: RerankRequest, engine: EngineDep, settings: SettingsDep) 
         )
     options = body.options.model_dump(exclude_none=True)
     outcome = await run_in_threadpool(engine.rerank, query, documents, body.method, options)
-    return _response(documents, outcome)
+    return rerank_response(documents, outcome)

@@ -5,19 +5,13 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from services.reranker.api import router
-from services.reranker.engine import RerankDocument, RerankerEngine
+from services.reranker.engine import RerankDocument, rerank_engine_from_settings
 from shared.app import Readiness, create_app
-from shared.models import get_embedder, get_generator
 from shared.settings import Settings
 
 
 def build_app(settings: Settings) -> FastAPI:
-    engine = RerankerEngine(
-        lambda: get_generator(settings),
-        lambda: get_embedder(settings),
-        max_doc_tokens=settings.rerank_max_doc_tokens,
-        max_prompt_tokens=settings.rerank_max_prompt_tokens,
-    )
+    engine = rerank_engine_from_settings(settings)
 
     def warm_up(readiness: Readiness) -> None:
         docs = [RerankDocument("a", "", "warm up"), RerankDocument("b", "", "the second one")]

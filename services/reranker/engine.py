@@ -14,6 +14,7 @@ Methods (:data:`METHODS`):
 
 from __future__ import annotations
 
+import asyncio
 import re
 import threading
 import time
@@ -30,7 +31,9 @@ from services.reranker.icr import (
     document_text,
     truncate_tokens,
 )
+from shared.clients import RerankRequest, RerankResponse, RerankResult
 from shared.errors import ErrorCode, LodestarError
+from shared.settings import Settings
 
 METHODS = ("icr", "rankgpt", "cosine", "cross-encoder")
 RESERVED = {"cross-encoder": "the cross-encoder is not trained yet (it comes with the CAR issue)"}
@@ -307,3 +310,47 @@ class RerankerEngine:
             timings_ms={"embed": (time.perf_counter() - started) * 1000},
             details={"model": str(getattr(embedder, "model_id", "bi-encoder"))},
         )
+
+
+def rerank_engine_from_settings(settings: Settings) -> RerankerEngine:
+    """The engine as the reranker service configures it (shared models, token budgets)."""
+    from shared.models import get_embedder, get_generator
+
+    return RerankerEngine(
+        lambda: get_generator(settings),
+        lambda: get_embedder(settings),
+        max_doc_tokens=settings.rerank_max_doc_tokens,
+        max_prompt_tokens=settings.rerank_max_prompt_tokens,
+    )
+
+
+def rerank_response(documents: Sequence[RerankDocument], outcome: RerankOutcome) -> RerankResponse:
+    """The service's wire response: documents in re-ranked order with 1-based ranks."""
+    results = [
+        RerankResult(doc_id=documents[i].doc_id, score=round(outcome.scores[i], 6), rank=rank)
+        for rank, i in enumerate(outcome.ranking(), start=1)
+    ]
+    return RerankResponse(
+        results=results,
+        method=outcome.method,
+        timings_ms={k: round(v, 2) for k, v in outcome.timings_ms.items()},
+        forward_passes=outcome.forward_passes,
+        prompt_tokens=outcome.prompt_tokens,
+        details={k: v for k, v in outcome.details.items() if k != "raw"},
+    )
+
+
+class InProcessReranker:
+    """The reranker service without HTTP, for the orchestrator's pipeline in the evaluation
+    harness: same engine, same request and response models."""
+
+    def __init__(self, engine: RerankerEngine) -> None:
+        self.engine = engine
+
+    async def rerank(self, request: RerankRequest) -> RerankResponse:
+        documents = [RerankDocument(d.doc_id, d.title, d.text) for d in request.documents]
+        options = request.options.model_dump(exclude_none=True)
+        outcome = await asyncio.to_thread(
+            self.engine.rerank, request.query, documents, request.method, options
+        )
+        return rerank_response(documents, outcome)

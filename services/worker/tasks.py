@@ -11,17 +11,22 @@ from typing import Any
 from celery import Task
 
 from services.index.engine import IndexEngine
-from shared.jobs import TASK_INDEX_DOCUMENTS, make_celery
+from shared.jobs import (
+    TASK_CRITIC_PRACTICE,
+    TASK_CRITIC_TRAIN,
+    TASK_DSI_INDEX_STEP,
+    TASK_FMINDEX_BUILD,
+    TASK_FMINDEX_TRAIN,
+    TASK_INDEX_DOCUMENTS,
+    TASK_MERGE_COLLECTION,
+    make_celery,
+)
 from shared.schemas import Document
 from shared.settings import get_settings
 
 logger = logging.getLogger(__name__)
 settings = get_settings()
 app = make_celery(settings)
-
-
-#: Rebuilds a collection's ANN index over every live row (see ``IndexEngine.merge``).
-TASK_MERGE_COLLECTION = "lodestar.merge_collection"
 
 
 def _engine() -> IndexEngine:
@@ -43,6 +48,9 @@ def index_documents(self: Task, collection: str, batch_path: str) -> dict[str, A
 
     result = _engine().upsert(collection, documents, progress=progress)
     path.unlink(missing_ok=True)
+    merge_job = None
+    if result.merge_due:
+        merge_job = merge_collection.apply_async(args=[collection], queue="cpu").id
     return {
         "collection": result.collection,
         "version": result.version,
@@ -50,6 +58,7 @@ def index_documents(self: Task, collection: str, batch_path: str) -> dict[str, A
         "passages": result.passages,
         "upserted": result.upserted,
         "seconds": round(result.seconds, 3),
+        "merge_job": merge_job,
     }
 
 
@@ -65,6 +74,12 @@ def merge_collection(
     chosen = None
     if config:
         chosen = engine.ann_config(collection).with_overrides(**config)
+    else:
+        manifest = engine.family(collection).read_manifest()
+        indexed = int(manifest.get("ann", {}).get("indexed_rows", 0))
+        if manifest.get("rows", 0) == indexed and not manifest.get("tombstones", 0):
+            # Scheduled twice (two writes each found a merge due): the first one did the work.
+            return {"collection": collection, "note": "nothing to merge"}
 
     def progress(done: int, total: int, stage: str) -> None:
         self.update_state(state="PROGRESS", meta={"done": done, "total": total, "stage": stage})
@@ -78,3 +93,101 @@ def merge_collection(
         "dense_backend": engine.family(collection).read_manifest().get("dense_backend", "flat"),
         "seconds": round(result.seconds, 3),
     }
+
+
+@app.task(bind=True, name=TASK_CRITIC_PRACTICE)  # type: ignore[untyped-decorator]
+def critic_practice(
+    self: Task, dataset: str, offset: int, limit: int, **options: Any
+) -> dict[str, Any]:
+    """SIM-RAG self-practice over questions ``offset … offset+limit`` of ``dataset``; publishes a
+    new trajectories version (a redelivered task publishes an equivalent one)."""
+    from services.critic.practice import run_self_practice
+
+    def progress(done: int, total: int, stage: str) -> None:
+        self.update_state(state="PROGRESS", meta={"done": done, "total": total, "stage": stage})
+
+    manifest = run_self_practice(
+        settings, dataset, offset=offset, limit=limit, progress=progress, **options
+    )
+    return {k: v for k, v in manifest.items() if k != "files"}
+
+
+@app.task(bind=True, name=TASK_CRITIC_TRAIN)  # type: ignore[untyped-decorator]
+def critic_train(self: Task, all_practice: bool = False, **config: Any) -> dict[str, Any]:
+    """Train the critic on the current trajectories (``all_practice``: every published practice
+    run) and publish it atomically; the critic service serves it from its next request."""
+    from services.critic.practice import load_all_trajectories, load_current_trajectories
+    from services.critic.training import TrainConfig, train_critic
+
+    def progress(done: int, total: int, stage: str) -> None:
+        self.update_state(state="PROGRESS", meta={"done": done, "total": total, "stage": stage})
+
+    load = load_all_trajectories if all_practice else load_current_trajectories
+    rows, practice = load(settings)
+    manifest = train_critic(
+        settings, TrainConfig(**config), rows=rows, practice_manifest=practice, progress=progress
+    )
+    return {k: v for k, v in manifest.items() if k != "files"}
+
+
+@app.task(bind=True, name=TASK_DSI_INDEX_STEP)  # type: ignore[untyped-decorator]
+def dsi_index_step(
+    self: Task, collection: str, batch_path: str, options: dict[str, Any]
+) -> dict[str, Any]:
+    """One DSI++ continual step over a batch staged by the dsi service. Idempotent: a redelivered
+    job resumes from its last epoch checkpoint, and documents already indexed are skipped."""
+    from dataclasses import asdict
+
+    from services.dsi.engine import DsiEngine, StepOptions
+
+    path = Path(batch_path)
+    if not path.exists():
+        return {"collection": collection, "note": "batch already applied"}
+    payload = json.loads(path.read_text(encoding="utf-8"))
+    documents = [Document(**row) for row in payload["documents"]]
+    queries = [(str(doc_id), str(query)) for doc_id, query in payload["queries"]]
+
+    def progress(done: int, total: int, stage: str) -> None:
+        self.update_state(state="PROGRESS", meta={"done": done, "total": total, "stage": stage})
+
+    result = DsiEngine.from_settings(settings).index_step(
+        collection,
+        documents,
+        queries,
+        StepOptions(**options),
+        job_id=str(self.request.id),
+        progress=progress,
+    )
+    path.unlink(missing_ok=True)
+    return asdict(result)
+
+
+@app.task(bind=True, name=TASK_FMINDEX_BUILD)  # type: ignore[untyped-decorator]
+def fmindex_build(
+    self: Task, collection: str, dataset: str | None = None, jsonl: str | None = None
+) -> dict[str, Any]:
+    """Build and publish a collection's FM-index (``services.fmindex``). Idempotent: a redelivered
+    build publishes an identical new version; searches serve the old one until then."""
+    from services.fmindex.jobs import build_collection, load_documents
+
+    def progress(done: int, total: int, stage: str, info: dict[str, Any]) -> None:
+        meta = {"done": done, "total": total, "stage": stage, **info}
+        self.update_state(state="PROGRESS", meta=meta)
+
+    return build_collection(settings, collection, load_documents(dataset, jsonl), progress)
+
+
+@app.task(bind=True, name=TASK_FMINDEX_TRAIN)  # type: ignore[untyped-decorator]
+def fmindex_train(
+    self: Task, dataset: str = "scifact", split: str = "train", config: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Fine-tune the SEAL generator on ``dataset``'s ``split`` and publish it (a redelivered job
+    trains again from the base model and publishes a newer version)."""
+    from services.fmindex.jobs import train
+    from services.fmindex.training import TrainConfig
+
+    def progress(done: int, total: int, stage: str, info: dict[str, Any]) -> None:
+        meta = {"done": done, "total": total, "stage": stage, **info}
+        self.update_state(state="PROGRESS", meta=meta)
+
+    return train(settings, dataset, split, TrainConfig(**(config or {})), progress=progress)

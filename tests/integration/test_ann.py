@@ -159,7 +159,7 @@ def test_upserts_join_a_fresh_segment_deletes_apply_at_once_and_merge_folds_them
     before = ann_engine.snapshot("wiki")
     ann_file = Path(ann_engine.family("wiki").current_path() or "") / "ann.index"
     new = Document(id="Zorblax", title="Zorblax", text="Zorblax is a purple moon of Quux.")
-    ann_engine.upsert("wiki", [new])
+    assert not ann_engine.upsert("wiki", [new]).merge_due  # 1 fresh row vs 80 indexed
     snapshot, results, _ = ann_engine.search("wiki", "purple moon Quux", 3, ["dense", "bm25"])
     # No rebuild: the new version shares the previous index file and searches the new row exactly.
     assert snapshot.indexed_rows == before.indexed_rows
@@ -185,11 +185,16 @@ def test_upserts_join_a_fresh_segment_deletes_apply_at_once_and_merge_folds_them
                 assert "comet" in snapshot.passages[h.passage_index].text
     assert [h.doc_index for h in results["dense"]] == [h.doc_index for h in results["dense_exact"]]
 
+    # Past merge_fraction of the indexed rows outside the index, the write asks for a merge.
+    ann_engine.merge_fraction = 0.02
+    assert ann_engine.delete("wiki", "Isaac Newton").merge_due
+
     merged = ann_engine.merge("wiki")
+    assert not merged.merge_due
     after = ann_engine.snapshot("wiki")
     assert after.manifest["tombstones"] == 0 and after.live.all()
     assert after.indexed_rows == len(after.passages) == merged.passages
-    assert after.n_documents == before.n_documents  # +1 Zorblax, -1 Mona Lisa
+    assert after.n_documents == before.n_documents - 1  # +Zorblax, -Mona Lisa, -Isaac Newton
 
 
 @pytest.mark.slow

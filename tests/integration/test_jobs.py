@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from shared.artifacts import ArtifactFamily
 from shared.jobs import TASK_INDEX_DOCUMENTS, job_status, make_celery
 from tests.conftest import make_settings, spawn, stack_env
 
@@ -45,3 +47,78 @@ def test_sqlite_broker_runs_an_index_job_with_no_server(tmp_path: Path) -> None:
     assert status["result"]["documents"] == 3
     assert not batch.exists(), "an applied batch is cleaned up"
     assert (data_dir / "collections" / "lights" / "CURRENT").exists()
+
+
+def _wait(app: Any, job_id: str, worker: Any) -> dict[str, Any]:
+    deadline = time.monotonic() + 180
+    status = job_status(app, job_id)
+    while status["state"] not in ("succeeded", "failed") and time.monotonic() < deadline:
+        time.sleep(0.5)
+        status = job_status(app, job_id)
+    assert status["state"] == "succeeded", (status, worker.log.read_text()[-2000:])
+    return status
+
+
+def test_an_upsert_that_outgrows_the_index_schedules_a_merge(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    # An HNSW collection from 2 passages on, merged once unindexed rows pass 20% of indexed ones.
+    env = stack_env(
+        data_dir,
+        LODESTAR_INDEX_ANN_BACKEND="hnswlib",
+        LODESTAR_INDEX_ANN_MIN_PASSAGES="2",
+        LODESTAR_INDEX_MERGE_FRACTION="0.2",
+    )
+    app = make_celery(make_settings(data_dir))
+    incoming = data_dir / "incoming"
+    incoming.mkdir(parents=True)
+
+    def batch(name: str, ids: range) -> str:
+        path = incoming / f"{name}.jsonl"
+        rows = [
+            {"id": f"d{i}", "title": f"Doc {i}", "text": f"Lighthouse {i} on cape {i}."}
+            for i in ids
+        ]
+        path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        return str(path)
+
+    worker = spawn("worker", ["-m", "services.worker", "--queues", "cpu"], env, tmp_path)
+    try:
+        first = app.send_task(
+            TASK_INDEX_DOCUMENTS, args=["capes", batch("a", range(4))], queue="cpu"
+        )
+        assert _wait(app, first.id, worker)["result"]["merge_job"] is None  # built, all indexed
+        second = app.send_task(
+            TASK_INDEX_DOCUMENTS, args=["capes", batch("b", range(4, 6))], queue="cpu"
+        )
+        merge_job = _wait(app, second.id, worker)["result"]["merge_job"]
+        assert merge_job, "2 fresh rows beside 4 indexed ones should schedule a merge"
+        merged = _wait(app, merge_job, worker)["result"]
+    finally:
+        worker.stop()
+    assert merged["documents"] == 6 and merged["dense_backend"].startswith("hnswlib")
+    manifest = ArtifactFamily(data_dir / "collections" / "capes").read_manifest()
+    assert manifest["ann"]["indexed_rows"] == manifest["rows"] == 6
+
+
+async def test_the_orchestrator_queues_a_merge_when_a_write_reports_one_due(tmp_path: Path) -> None:
+    from services.orchestrator.api import schedule_merge_if_due
+    from shared.schemas import WriteResponse
+    from shared.store import Store, database_url
+
+    settings = make_settings(tmp_path / "data")
+    app, store = make_celery(settings), Store(database_url(None, settings.data_dir))
+    write = WriteResponse(
+        collection="capes",
+        version="v2",
+        documents=6,
+        passages=6,
+        upserted=2,
+        deleted=0,
+        seconds=0.1,
+    )
+    assert (await schedule_merge_if_due(write, store, app)).merge_job is None
+    due = await schedule_merge_if_due(write.model_copy(update={"merge_due": True}), store, app)
+    assert due.merge_job is not None
+    assert store.get_job(due.merge_job)["params"] == {"collection": "capes"}
+    assert job_status(app, due.merge_job)["state"] == "queued"
+    store.close()

@@ -48,7 +48,10 @@ def test_every_search_stage_is_in_the_trace(live_stack: Stack) -> None:
 
 
 def test_answer_cites_retrieved_articles(live_stack: Stack) -> None:
-    response = post(live_stack, "/answer", {"question": "Who painted the Mona Lisa?"})
+    # One round: this checks single-round answering and citations (multi-round: test_critic_*).
+    response = post(
+        live_stack, "/answer", {"question": "Who painted the Mona Lisa?", "max_rounds": 1}
+    )
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["answer"]
@@ -69,7 +72,7 @@ def test_streamed_answer_ends_with_citations(live_stack: Stack) -> None:
     with httpx.stream(
         "POST",
         f"{live_stack.orchestrator_url}/answer",
-        json={"question": "Where is the Eiffel Tower?", "stream": True},
+        json={"question": "Where is the Eiffel Tower?", "stream": True, "max_rounds": 1},
         timeout=120,
     ) as response:
         assert response.status_code == 200

@@ -9,8 +9,6 @@ import time
 from collections.abc import Callable, Sequence
 
 from lodestar.bench import register as register_bench
-from lodestar.bench.fmindex import register as register_fmindex_bench
-from lodestar.bench.rerank import register as register_rerank_bench
 from lodestar.critic import register as register_critic
 from lodestar.evaluation.cli import register as register_eval
 from lodestar.experiments import register as register_experiments
@@ -167,8 +165,6 @@ def build_parser() -> argparse.ArgumentParser:
     key.set_defaults(handler=cmd_hash_key)
     register_eval(sub)
     register_bench(sub)
-    register_rerank_bench(sub)  # joins the `bench` group registered just above
-    register_fmindex_bench(sub)  # joins the same `bench` group
     register_experiments(sub)
     register_critic(sub)
     return parser

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -245,3 +247,15 @@ def searching_throughout(engine: IndexEngine, collection: str = "wiki") -> Itera
         stop.set()
         reader.join(60)
     assert not errors, errors
+
+
+def read_sse(response: Any) -> list[tuple[str, dict[str, Any]]]:
+    """The (event, JSON data) pairs of a streamed server-sent-events response, in order."""
+    events: list[tuple[str, dict[str, Any]]] = []
+    event = None
+    for line in response.iter_lines():
+        if line.startswith("event:"):
+            event = line.split(":", 1)[1].strip()
+        elif line.startswith("data:") and event:
+            events.append((event, json.loads(line.split(":", 1)[1])))
+    return events

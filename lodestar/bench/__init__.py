@@ -6,6 +6,13 @@ from typing import Any
 
 
 def register(sub: Any) -> None:
+    """Adds the ``bench`` group; each benchmark module registers its subcommand on it."""
+    from lodestar.bench.fmindex import register as register_fmindex
     from lodestar.bench.index import register as register_index
+    from lodestar.bench.rerank import register as register_rerank
 
-    register_index(sub)
+    group = sub.add_parser(
+        "bench", help="speed and memory benchmarks (JSON under benchmarks/results)"
+    ).add_subparsers(dest="bench_command", required=True)
+    for register_benchmark in (register_index, register_rerank, register_fmindex):
+        register_benchmark(group)

@@ -347,11 +347,8 @@ def cmd_bench_index(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def register(sub: Any) -> None:
-    """``lodestar bench index``."""
-    bench = sub.add_parser("bench", help="speed and memory benchmarks").add_subparsers(
-        dest="bench_command", required=True
-    )
+def register(bench: Any) -> None:
+    """``lodestar bench index`` on the ``bench`` group."""
     index = bench.add_parser("index", help="ANN backends vs exact brute force")
     index.add_argument("--sizes", default="10000,100000,1000000", help="comma-separated N")
     index.add_argument("--collection", default="wiki", help="real vectors come from here")

@@ -211,18 +211,8 @@ def command(args: argparse.Namespace, settings: Settings | None = None) -> int:
     return 0
 
 
-def register(subparsers: Any) -> None:
-    """``lodestar bench rerank``: joins a ``bench`` group another module created, or makes one."""
-    bench = subparsers.choices.get("bench")
-    if bench is None:
-        bench = subparsers.add_parser("bench", help="benchmarks (JSON under benchmarks/results)")
-        group = bench.add_subparsers(dest="bench_command", required=True)
-    else:
-        group = next(
-            action
-            for action in bench._actions  # argparse keeps a group's subparsers only here
-            if isinstance(action, argparse._SubParsersAction)
-        )
+def register(group: Any) -> None:
+    """``lodestar bench rerank`` on the ``bench`` group."""
     parser = group.add_parser("rerank", help="ICR vs RankGPT-style vs cosine on SciFact")
     add_arguments(parser)
     parser.set_defaults(handler=command)

@@ -36,10 +36,8 @@ from services.dsi.model import T5Dsi, T5Shape, build_trie, max_decode_steps, tex
 from services.dsi.training import TrainConfig, rank_docids, train
 from shared.artifacts import ArtifactFamily
 from shared.errors import ErrorCode, LodestarError
-from shared.schemas import Document
+from shared.schemas import Document, is_valid_collection_name
 from shared.settings import Settings
-
-COLLECTION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 Progress = Callable[[int, int, str], None]
 
@@ -94,7 +92,7 @@ class Snapshot:
 
 
 def check_collection(name: str) -> str:
-    if not COLLECTION_NAME.match(name):
+    if not is_valid_collection_name(name):
         raise LodestarError(ErrorCode.validation, f"invalid collection name {name!r}", field="name")
     return name
 

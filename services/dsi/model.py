@@ -77,6 +77,18 @@ class _DocidVocabulary:
     base_vocab: int
     n_docid_tokens: int
     end_id: int
+    model: Any  # the wrapped transformers model
+
+    @property
+    def device(self) -> torch.device:
+        device: torch.device = next(self.model.parameters()).device
+        return device
+
+    def parameters(self) -> Any:
+        return self.model.parameters()
+
+    def train(self, mode: bool = True) -> Any:
+        return self.model.train(mode)
 
     def symbols(self, docid: Docid) -> list[int]:
         return [part + 1 for part in docid] + [0]
@@ -203,17 +215,6 @@ class T5Dsi(_DocidVocabulary):
         torch.manual_seed(seed)
         # transformers' stubs are partial; the model is used through its documented API.
         self.model: Any = T5ForConditionalGeneration(config)
-
-    @property
-    def device(self) -> torch.device:
-        device: torch.device = next(self.model.parameters()).device
-        return device
-
-    def parameters(self) -> Any:
-        return self.model.parameters()
-
-    def train(self, mode: bool = True) -> Any:
-        return self.model.train(mode)
 
     def ensure_docid_tokens(self, count: int) -> None:
         """Grow the vocabulary (embeddings and head) so docid values ``0..count-1`` have tokens.
@@ -373,17 +374,6 @@ class CausalDsi(_DocidVocabulary):
         self.end_id = int(self.tokenizer.eos_token_id)
         self.pad_id = self.end_id
         self.separator: list[int] = self.tokenizer(" =>", add_special_tokens=False)["input_ids"]
-
-    @property
-    def device(self) -> torch.device:
-        device: torch.device = next(self.model.parameters()).device
-        return device
-
-    def parameters(self) -> Any:
-        return self.model.parameters()
-
-    def train(self, mode: bool = True) -> Any:
-        return self.model.train(mode)
 
     def ensure_docid_tokens(self, count: int) -> None:
         if count <= self.n_docid_tokens:

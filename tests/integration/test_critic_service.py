@@ -3,18 +3,24 @@ untrained one, and the orchestrator's multi-round ``/answer`` against each of th
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 from services.critic.practice import PracticeRow
 from services.critic.training import TrainConfig, train_critic
-from tests.conftest import Process, free_port, make_settings, spawn, stack_env, wait_ready
+from tests.conftest import (
+    Process,
+    free_port,
+    make_settings,
+    read_sse,
+    spawn,
+    stack_env,
+    wait_ready,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -202,7 +208,6 @@ def test_without_a_trained_critic_the_loop_runs_to_max_rounds_degraded(
 
 
 def test_streaming_sends_each_round_as_it_happens(critic_stack: CriticStack) -> None:
-    events: list[tuple[str, dict[str, Any]]] = []
     with httpx.stream(
         "POST",
         f"{critic_stack.orchestrator_untrained_url}/answer",
@@ -210,12 +215,7 @@ def test_streaming_sends_each_round_as_it_happens(critic_stack: CriticStack) -> 
         timeout=300,
     ) as response:
         assert response.status_code == 200
-        event = None
-        for line in response.iter_lines():
-            if line.startswith("event:"):
-                event = line.split(":", 1)[1].strip()
-            elif line.startswith("data:") and event:
-                events.append((event, json.loads(line.split(":", 1)[1])))
+        events = read_sse(response)
     names = [name for name, _ in events]
     assert names[0] == "round" and names[-1] == "citations"
     final = events[-1][1]

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 
 import httpx
 import pytest
 
-from tests.conftest import Stack
+from tests.conftest import Stack, read_sse
 
 pytestmark = pytest.mark.slow
 
@@ -68,7 +67,6 @@ def test_answer_cites_retrieved_articles(live_stack: Stack) -> None:
 
 
 def test_streamed_answer_ends_with_citations(live_stack: Stack) -> None:
-    events: list[tuple[str, dict[str, object]]] = []
     with httpx.stream(
         "POST",
         f"{live_stack.orchestrator_url}/answer",
@@ -77,12 +75,7 @@ def test_streamed_answer_ends_with_citations(live_stack: Stack) -> None:
     ) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
-        event = None
-        for line in response.iter_lines():
-            if line.startswith("event:"):
-                event = line.split(":", 1)[1].strip()
-            elif line.startswith("data:") and event:
-                events.append((event, json.loads(line.split(":", 1)[1])))
+        events = read_sse(response)
     names = [name for name, _ in events]
     assert names[0] == "round" and names[-1] == "citations"
     assert "token" in names

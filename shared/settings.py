@@ -153,10 +153,11 @@ class Settings(BaseSettings):
     the rows the ANN index holds: the fresh segment costs exact-search time per query, and
     tombstoned rows take candidate slots."""
 
-    index_nprobe: int = 128
+    index_nprobe: int = 256
     """IVF lists visited per query (faiss's default of 1 gives poor recall); more = slower, better.
-    128 is CompactDS's value; on the wiki vectors (nlist 257) it gave recall@10 0.998 after exact
-    re-scoring, 64 gave 0.988."""
+    Chosen by ``lodestar bench index`` (docs/index.md): with K = 1000 re-scored exactly, 256 gave
+    recall@10 0.9925 at both 100k (nlist 1265) and 1M (nlist 4000) and 1.0 on the real wiki
+    vectors, 64 gave 0.969-0.976; CompactDS's 128 sits between."""
 
     index_ef_search: int = 128
     """HNSW search breadth (hnswlib's default of 10 gives poor recall); the search uses

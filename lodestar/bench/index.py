@@ -4,10 +4,13 @@ Corpora (all normalised MiniLM-like 384-d vectors in an on-disk float32 memmap, 
 stores them):
 
 - N = the wiki collection's stored vectors (10,033 real passages, read-only);
-- larger N: those real vectors followed by synthetic ones drawn from a Gaussian fitted to them
-  (their mean and full covariance, i.e. the real PCA spectrum, sampled in the PCA basis, then
-  normalised). This keeps the real spectrum (intrinsic dimensionality) but not the real cluster
-  structure, so ANN recall on it is, if anything, pessimistic.
+- larger N: those real vectors followed by synthetic ones (``--synthetic``):
+  ``manifold`` (default): a point on the segment between a real vector and one of its 10 nearest
+  real neighbours, plus isotropic Gaussian noise, normalised. It stays on the real vectors' local
+  structure (clusters, and a local intrinsic dimensionality calibrated to the real one, see
+  ``MANIFOLD_NOISE``); ``gaussian``: one Gaussian with the real mean and full covariance (the
+  real PCA spectrum) — no cluster structure, every true neighbour as likely in any IVF list: the
+  worst case for IVF, and a far higher LID than text embeddings have.
 
 Queries are real: FanOutQA dev questions embedded with the same MiniLM. Ground truth is the exact
 top-10 inner product over the whole memmap. For each backend the bench reports recall@10 of the
@@ -65,9 +68,57 @@ def real_queries(settings: Settings, n: int) -> np.ndarray:
     return vectors
 
 
-def corpus_file(real: np.ndarray, n: int, work_dir: Path, seed: int = 0) -> np.ndarray:
-    """``n`` rows: the real vectors, then Gaussian samples with their mean and covariance."""
-    path = work_dir / f"vectors-{n}-{real.shape[0]}-{seed}.f32"
+SYNTHETIC_KINDS = ("manifold", "gaussian")
+# Per-dimension std of the noise added to interpolated points. Calibrated on the wiki vectors so
+# that the synthetic set's mean MLE LID at k = 20 matches the real vectors' (docs/index.md).
+MANIFOLD_NOISE = 0.055
+MANIFOLD_NEIGHBOURS = 10
+
+
+def _gaussian_sampler(real: np.ndarray, rng: np.random.Generator) -> Callable[[int], np.ndarray]:
+    sample = np.asarray(real, dtype=np.float64)
+    mean = sample.mean(axis=0)
+    eigvals, eigvecs = np.linalg.eigh(np.cov(sample, rowvar=False))
+    scale = np.sqrt(np.clip(eigvals, 0.0, None))
+
+    def draw(rows: int) -> np.ndarray:
+        block: np.ndarray = (rng.standard_normal((rows, DIM)) * scale) @ eigvecs.T + mean
+        return block
+
+    return draw
+
+
+def _manifold_sampler(
+    real: np.ndarray, rng: np.random.Generator, noise: float
+) -> Callable[[int], np.ndarray]:
+    base = np.asarray(real, dtype=np.float32)
+    neighbours = exact_topk(base, base, MANIFOLD_NEIGHBOURS + 1)[:, 1:]  # drop the point itself
+
+    def draw(rows: int) -> np.ndarray:
+        anchor = rng.integers(0, base.shape[0], rows)
+        other = neighbours[anchor, rng.integers(0, MANIFOLD_NEIGHBOURS, rows)]
+        mix = rng.random((rows, 1), dtype=np.float32)
+        block: np.ndarray = (1 - mix) * base[anchor] + mix * base[other]
+        block += rng.standard_normal((rows, DIM), dtype=np.float32) * noise
+        return block
+
+    return draw
+
+
+def corpus_file(
+    real: np.ndarray,
+    n: int,
+    work_dir: Path,
+    *,
+    synthetic: str = "manifold",
+    noise: float = MANIFOLD_NOISE,
+    seed: int = 0,
+) -> np.ndarray:
+    """``n`` rows: the real vectors, then synthetic ones of the given kind (module docstring)."""
+    if synthetic not in SYNTHETIC_KINDS:
+        raise SystemExit(f"--synthetic must be one of {', '.join(SYNTHETIC_KINDS)}")
+    tag = "gaussian" if synthetic == "gaussian" else f"manifold{noise:g}"
+    path = work_dir / f"vectors-{n}-{real.shape[0]}-{tag}-{seed}.f32"
     if path.exists() and path.stat().st_size == n * DIM * 4:
         return np.memmap(path, dtype=np.float32, mode="r", shape=(n, DIM))
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -76,20 +127,36 @@ def corpus_file(real: np.ndarray, n: int, work_dir: Path, seed: int = 0) -> np.n
     m = min(n, real.shape[0])
     out[:m] = real[:m]
     if n > m:
-        sample = np.asarray(real, dtype=np.float64)
-        mean = sample.mean(axis=0)
-        eigvals, eigvecs = np.linalg.eigh(np.cov(sample, rowvar=False))
-        scale = np.sqrt(np.clip(eigvals, 0.0, None))
         rng = np.random.default_rng(seed)
+        draw = (
+            _gaussian_sampler(real, rng)
+            if synthetic == "gaussian"
+            else _manifold_sampler(real, rng, noise)
+        )
         for start in range(m, n, 100_000):
-            rows = min(100_000, n - start)
-            block = (rng.standard_normal((rows, DIM)) * scale) @ eigvecs.T + mean
+            block = draw(min(100_000, n - start))
             block /= np.linalg.norm(block, axis=1, keepdims=True)
-            out[start : start + rows] = block.astype(np.float32)
+            out[start : start + block.shape[0]] = block.astype(np.float32)
     out.flush()
     del out
     os.replace(tmp, path)
     return np.memmap(path, dtype=np.float32, mode="r", shape=(n, DIM))
+
+
+def mean_lid(vectors: np.ndarray, *, sample: int = 500, k: int = 20, seed: int = 0) -> float:
+    """Mean MLE local intrinsic dimensionality at ``k`` of a row sample, neighbours from all rows
+    (found by inner product, which ranks like distance because the rows are unit vectors)."""
+    from lodestar.experiments.lid import mle_lid
+
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(vectors.shape[0], size=min(sample, vectors.shape[0]), replace=False))
+    points = np.asarray(vectors[rows])
+    ids = exact_topk(vectors, points, k + 1)
+    distances = np.empty((points.shape[0], k))
+    for i, (point, row_ids) in enumerate(zip(points, ids, strict=True)):
+        others = np.sort(row_ids[row_ids != rows[i]][:k])
+        distances[i] = np.sort(np.linalg.norm(np.asarray(vectors[others]) - point, axis=1))
+    return float(np.nanmean(mle_lid(distances)))
 
 
 def _blocks(vectors: np.ndarray, rows: int = 131_072) -> Iterator[tuple[int, np.ndarray]]:
@@ -142,13 +209,22 @@ def rss_mb() -> float:
 
 
 def configs_for(
-    n: int, hnsw_max: int, candidates: int, backends: list[str], nprobes: list[int]
+    n: int,
+    hnsw_max: int,
+    candidates: int,
+    backends: list[str],
+    nprobes: list[int],
+    pq_ms: tuple[int, ...] = (48,),
+    nlist: int | None = None,
 ) -> list[tuple[AnnConfig, list[SearchParams]]]:
     """The backends and search settings measured at size n."""
     out: list[tuple[AnnConfig, list[SearchParams]]] = []
     if "ivfpq" in backends:
-        config = AnnConfig(backend="ivfpq", candidates=candidates, pq_m=48, nprobe=nprobes[0])
-        out.append((config, [SearchParams(nprobe=p) for p in nprobes]))
+        for pq_m in pq_ms:
+            config = AnnConfig(
+                backend="ivfpq", candidates=candidates, pq_m=pq_m, nlist=nlist, nprobe=nprobes[0]
+            )
+            out.append((config, [SearchParams(nprobe=p) for p in nprobes]))
     for backend in ("faiss_hnsw", "hnswlib"):
         if backend in backends and n <= hnsw_max:
             config = AnnConfig(
@@ -173,6 +249,9 @@ def bench_size(
     nprobes: list[int],
     latency_queries: int,
     log: Callable[[str], None],
+    pq_ms: tuple[int, ...] = (48,),
+    nlist: int | None = None,
+    corpus: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     n = vectors.shape[0]
     rows_all = np.arange(n)
@@ -185,7 +264,7 @@ def bench_size(
     exact_topk(vectors, queries, K_TRUTH)
     flat_qps = queries.shape[0] / (time.perf_counter() - started)
     fp32_bytes = n * DIM * 4
-    base = {"n": n, "queries": int(queries.shape[0])}
+    base = {"n": n, "queries": int(queries.shape[0]), **(corpus or {})}
     results = [
         {
             **base,
@@ -204,7 +283,8 @@ def bench_size(
         }
     ]
     log(f"N={n}: flat p50 {flat_lat['p50_ms']} ms, {flat_qps:.0f} q/s batched")
-    for config, settings_list in configs_for(n, hnsw_max, candidates, backends, nprobes):
+    measured = configs_for(n, hnsw_max, candidates, backends, nprobes, pq_ms, nlist)
+    for config, settings_list in measured:
         gc.collect()
         rss_before = rss_mb()
         started = time.perf_counter()
@@ -278,7 +358,7 @@ def bench_size(
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     head = (
-        "| N | backend | params | build s | recall@10 ANN | recall@10 ANN+exact | p50 ms | "
+        "| N (corpus, mean LID@20) | backend | params | build s | recall@10 ANN | recall@10 ANN+exact | p50 ms | "
         "p95 ms | batch q/s | ANN RAM MB (÷fp32) | speed-up p50 | speed-up q/s |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
@@ -286,8 +366,9 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         fraction = r.get("ann_memory_fraction_of_fp32")
         ram = f"{r['ann_memory_bytes'] / 1e6:.1f} ({fraction:.3f})" if fraction is not None else "-"
+        corpus = f" ({r['synthetic']}, LID {r['lid20']})" if "lid20" in r else ""
         lines.append(
-            f"| {r['n']:,} | {r['backend']} | {r['params']} | {r['build_s']} | {r['recall_ann']} | "
+            f"| {r['n']:,}{corpus} | {r['backend']} | {r['params']} | {r['build_s']} | {r['recall_ann']} | "
             f"{r['recall_exact']} | {r['p50_ms']} | {r['p95_ms']} | {r['qps_batch']} | {ram} | "
             f"{r['speedup_p50']}× | {r['speedup_qps']}× |"
         )
@@ -322,10 +403,22 @@ def cmd_bench_index(args: argparse.Namespace, settings: Settings) -> int:
     def log(message: str) -> None:
         print(message, flush=True)
 
-    meta = {**provenance(), "queries": args.queries, "latency_queries": args.latency_queries}
+    meta = {
+        **provenance(),
+        "queries": args.queries,
+        "latency_queries": args.latency_queries,
+        "synthetic": args.synthetic,
+        "noise": args.noise if args.synthetic == "manifold" else None,
+        "real_rows": int(real.shape[0]),
+    }
     rows: list[dict[str, Any]] = []
     for n in sizes:
-        vectors = corpus_file(real, n, work_dir)
+        vectors = corpus_file(real, n, work_dir, synthetic=args.synthetic, noise=args.noise)
+        corpus = {
+            "synthetic": args.synthetic if n > real.shape[0] else "real",
+            "lid20": round(mean_lid(vectors), 2),
+        }
+        log(f"N={n}: {corpus['synthetic']} corpus, mean LID@20 {corpus['lid20']}")
         rows += bench_size(
             vectors,
             queries,
@@ -336,6 +429,9 @@ def cmd_bench_index(args: argparse.Namespace, settings: Settings) -> int:
             nprobes=[int(p) for p in args.nprobe.split(",")],
             latency_queries=args.latency_queries,
             log=log,
+            pq_ms=tuple(int(m) for m in args.pq_m.split(",")),
+            nlist=args.nlist,
+            corpus=corpus,
         )
         # Written after every size, so a long run that is stopped keeps what it measured.
         write_json(Path(args.out), {"meta": meta, "results": rows})
@@ -361,6 +457,17 @@ def register(bench: Any) -> None:
     index.add_argument("--work-dir", default="var/bench", help="synthetic vectors and indexes")
     index.add_argument("--backends", default="ivfpq,faiss_hnsw,hnswlib")
     index.add_argument("--nprobe", default="16,64,256", help="IVF-PQ nprobe values swept")
+    index.add_argument("--pq-m", default="48", help="IVF-PQ sub-quantizer counts swept")
+    index.add_argument("--nlist", type=int, default=None, help="IVF lists (default 4·√N)")
+    index.add_argument(
+        "--synthetic",
+        default="manifold",
+        choices=SYNTHETIC_KINDS,
+        help="how rows beyond the real vectors are made (module docstring)",
+    )
+    index.add_argument(
+        "--noise", type=float, default=MANIFOLD_NOISE, help="manifold: per-dimension noise std"
+    )
     index.add_argument("--out", default=str(RESULTS_PATH), help="JSON results")
     index.add_argument("--no-docs", action="store_true", help="do not rewrite docs/index.md")
     index.set_defaults(handler=cmd_bench_index)

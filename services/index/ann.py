@@ -55,7 +55,8 @@ class AnnConfig:
     pq_m: int = 48
     """PQ sub-quantizers; must divide the dimension (384 = 48·8 = 96·4)."""
     pq_bits: int = 8
-    nprobe: int = 128
+    nprobe: int = 256
+    """IVF lists visited (the settings' default says how it was chosen)."""
     hnsw_m: int = 16
     ef_construction: int = 200
     ef_search: int = 128

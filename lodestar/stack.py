@@ -27,13 +27,25 @@ class ProcessSpec:
     module: str
     args: tuple[str, ...] = ()
     port_service: str | None = None  # the service whose /readyz tells that this process is up
+    env: tuple[tuple[str, str], ...] = ()  # defaults for this process; the caller's env wins
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", self.module, *self.args]
 
 
+# One BLAS / OpenMP / torch thread: a query is a dozen tokens and one 10k x 384 product, too
+# little work to split, and with several requests (or other jobs) on the cores extra threads only
+# contend. With 4 Locust clients on the shared 2-core machine, /search p50 / p95 were 78 / 150 ms
+# with one thread against 130 / 240 ms with the defaults (docs/index.md).
+SINGLE_THREADED = (
+    ("OMP_NUM_THREADS", "1"),
+    ("OPENBLAS_NUM_THREADS", "1"),
+    ("MKL_NUM_THREADS", "1"),
+)
+
+
 STACK: tuple[ProcessSpec, ...] = (
-    ProcessSpec("index", "services.index", port_service="index"),
+    ProcessSpec("index", "services.index", port_service="index", env=SINGLE_THREADED),
     ProcessSpec("reranker", "services.reranker", port_service="reranker"),
     # Ready before any critic is trained: /judge answers 503 and /answer degrades to max_rounds.
     ProcessSpec("critic", "services.critic", port_service="critic"),
@@ -90,6 +102,7 @@ def start(settings: Settings, spec: ProcessSpec, env: dict[str, str]) -> int:
         return existing
     log = (_log_dir(settings) / f"{spec.name}.log").open("ab")
     command = spec.command()
+    env = {**dict(spec.env), **env}
     process = subprocess.Popen(
         command,
         stdout=log,

@@ -115,8 +115,8 @@ def _collection_vectors(
     snapshot = engine.snapshot(name)
     rows = np.flatnonzero(snapshot.live)
     vectors = np.ascontiguousarray(snapshot.exact.embeddings[rows], dtype=np.float32)
-    passages = [snapshot.passages[row] for row in rows]
-    return vectors, passages, snapshot.documents
+    passages = [snapshot.passages[int(row)] for row in rows]
+    return vectors, passages, list(snapshot.documents)
 
 
 def _embed(texts: Sequence[str], data_dir: Path) -> np.ndarray:

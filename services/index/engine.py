@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from services.index.ann import ANN_FILE, AnnConfig, AnnIndex, build_ann, load_ann
+from services.index.records import JsonlRecords
 from shared.artifacts import ArtifactFamily
 from shared.errors import invalid, not_found
 from shared.models import EMBEDDER_ID, EMBEDDING_DIM, Embedder
@@ -298,8 +299,8 @@ class Snapshot:
     name: str
     version: str
     manifest: dict[str, Any]
-    documents: list[Document]
-    passages: list[Passage]
+    documents: Sequence[Document]  # read from disk on access (services/index/records.py)
+    passages: Sequence[Passage]
     doc_starts: np.ndarray
     passage_doc_index: np.ndarray
     live: np.ndarray
@@ -346,11 +347,6 @@ def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    with path.open(encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
-
-
 def load_snapshot(
     name: str,
     family: ArtifactFamily,
@@ -366,8 +362,8 @@ def load_snapshot(
         raise not_found("collection", name)
     base = family.versions_dir / version
     manifest = family.read_manifest(version)
-    documents = [Document(**row) for row in _read_jsonl(base / "documents.jsonl")]
-    passages = [Passage(**row) for row in _read_jsonl(base / "passages.jsonl")]
+    documents = JsonlRecords(base / "documents.jsonl", Document)
+    passages = JsonlRecords(base / "passages.jsonl", Passage)
     n = len(passages)
     embeddings: np.ndarray
     if n:
@@ -391,7 +387,11 @@ def load_snapshot(
     live_rows = np.flatnonzero(live)
     doc_index_of = {doc.id: i for i, doc in enumerate(documents)}
     passage_doc_index = np.full(n, -1, dtype=np.int64)
-    passage_doc_index[live_rows] = [doc_index_of[passages[row].doc_id] for row in live_rows]
+    # One sequential scan; tombstoned rows may belong to documents that are gone.
+    passage_doc_index[live_rows] = [
+        doc_index_of[passage.doc_id] for passage, ok in zip(passages, live, strict=True) if ok
+    ]
+    del doc_index_of
     live_docs = passage_doc_index[live_rows]
     doc_starts = (
         live_rows[np.r_[True, np.diff(live_docs) != 0]]

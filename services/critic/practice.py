@@ -251,7 +251,14 @@ def load_all_trajectories(settings: Settings) -> tuple[list[PracticeRow], dict[s
     latest: dict[str, list[PracticeRow]] = {}
     for key, rows in by_question.items():  # versions sort by time: later ones overwrite
         latest[key.split("/", 1)[1]] = rows
-    manifest = {**family.read_manifest(), "version": "+".join(versions)}
+    # Runs may practise on different datasets (e.g. NQ and HotpotQA train): name them all, not
+    # only the latest run's.
+    datasets = sorted({str(family.read_manifest(v).get("dataset")) for v in versions})
+    manifest = {
+        **family.read_manifest(),
+        "version": "+".join(versions),
+        "dataset": "+".join(datasets),
+    }
     return [row for rows in latest.values() for row in rows], manifest
 
 

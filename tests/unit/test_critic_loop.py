@@ -85,6 +85,32 @@ def test_split_is_by_question_and_stratified() -> None:
     assert len({r.qid for r in dev if r.em}) == 2
 
 
+def test_all_practice_reads_every_run_and_names_every_dataset(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+    from dataclasses import asdict
+
+    from services.critic.practice import (
+        TRAJECTORIES_FILE,
+        load_all_trajectories,
+        practice_family,
+    )
+
+    settings = Settings(data_dir=tmp_path)
+    family = practice_family(settings)
+    runs = [
+        ("nq-oracle", [practice_row("nq-1", 0, 1), practice_row("nq-1", 1, 0)]),
+        ("hotpotqa-train", [practice_row("hp-1", 0, 0)]),
+    ]
+    for dataset, rows in runs:
+        with family.lock(), family.build({"kind": "critic-practice", "dataset": dataset}) as d:
+            lines = "".join(json.dumps(asdict(r)) + "\n" for r in rows)
+            (d / TRAJECTORIES_FILE).write_text(lines, encoding="utf-8")
+    rows, manifest = load_all_trajectories(settings)
+    assert sorted((r.qid, r.turn) for r in rows) == [("hp-1", 0), ("nq-1", 0), ("nq-1", 1)]
+    assert manifest["dataset"] == "hotpotqa-train+nq-oracle"
+    assert len(manifest["version"].split("+")) == 2
+
+
 def test_binary_report() -> None:
     report = binary_report([True, True, False, False], [1, 0, 1, 0])
     assert report == {

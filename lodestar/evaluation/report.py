@@ -371,6 +371,9 @@ def plot_rag(result: dict[str, Any], path: Path) -> None:
 EVAL_KINDS = ("retrieval", "rag")
 
 
+SOURCE_KEY = "_source"  # the results file's stem, added by ``load_results``
+
+
 def load_results(results_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
     """The evaluation results (retrieval first, then RAG; each sorted by dataset, RAG then by
     size) and the names of the other JSON files there (other benchmarks' outputs), not used."""
@@ -381,7 +384,7 @@ def load_results(results_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
     for path in sorted(results_dir.glob("*.json")):
         data = read_json(path)
         if data.get("kind") in EVAL_KINDS:
-            results.append(data)
+            results.append({**data, SOURCE_KEY: path.stem})
         else:
             others.append(path.name)
     if not results:
@@ -452,11 +455,12 @@ def write_report(
     images: dict[int, str] = {}
     if plots:
         for index, result in enumerate(results):
+            # Named after the results file: two runs on the same data (say 30 queries and all
+            # of them, or two RAG runs of 100 questions) each keep their own plot.
+            name = f"{result[SOURCE_KEY]}.png"
             if result.get("kind") == "retrieval":
-                name = f"retrieval-{result['dataset']}-{result['split']}.png"
                 plot_retrieval(result, image_dir / name)
             elif result.get("kind") == "rag":
-                name = f"rag-{result['dataset']}-{result['num_questions']}q.png"
                 plot_rag(result, image_dir / name)
             else:
                 continue

@@ -49,8 +49,12 @@ def _sha256(path: Path) -> str:
 
 
 def new_version_name() -> str:
-    """Sortable and unique enough for one writer at a time (writers hold the family lock)."""
-    return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + f"-{time.time_ns() % 1_000_000_000:09d}"
+    """Sortable and unique enough for one writer at a time (writers hold the family lock).
+    Both parts come from one clock reading: read separately, a second boundary between them
+    gave a later version a name that sorted first (seen as a flaky prune test)."""
+    now = time.time_ns()
+    seconds, nanos = divmod(now, 1_000_000_000)
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime(seconds)) + f"-{nanos:09d}"
 
 
 @dataclass(frozen=True)

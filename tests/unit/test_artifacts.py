@@ -87,3 +87,17 @@ def test_prune_keeps_the_current_version(tmp_path: Path) -> None:
         == versions[-1]
     )
     assert os.path.exists(family.root / "CURRENT")
+
+
+def test_version_names_sort_in_creation_order_across_a_second_boundary(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from shared import artifacts
+
+    # 0.999999999 s into a second, then the next second: the names must keep that order.
+    clock = iter([1_700_000_000_999_999_999, 1_700_000_001_000_000_001])
+    monkeypatch.setattr(artifacts.time, "time_ns", lambda: next(clock))
+    first, second = artifacts.new_version_name(), artifacts.new_version_name()
+    assert first == "20231114T221320-999999999"
+    assert second == "20231114T221321-000000001"
+    assert first < second

@@ -35,8 +35,8 @@ class ProcessSpec:
 
 # One BLAS / OpenMP / torch thread: a query is a dozen tokens and one 10k x 384 product, too
 # little work to split, and with several requests (or other jobs) on the cores extra threads only
-# contend. With 4 Locust clients on the shared 2-core machine, /search p50 / p95 were 78 / 150 ms
-# with one thread against 130 / 240 ms with the defaults (docs/index.md).
+# contend. With 4 Locust clients on the shared 2-core machine, /search p50 / p95 were 78 / 170 ms
+# with one thread against 130 / 350 ms with the defaults (docs/index.md).
 SINGLE_THREADED = (
     ("OMP_NUM_THREADS", "1"),
     ("OPENBLAS_NUM_THREADS", "1"),

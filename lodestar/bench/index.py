@@ -148,6 +148,7 @@ def mean_lid(vectors: np.ndarray, *, sample: int = 500, k: int = 20, seed: int =
     (found by inner product, which ranks like distance because the rows are unit vectors)."""
     from lodestar.experiments.lid import mle_lid
 
+    # Not lid.exact_knn: it holds the base in float64 (3 GB at 1M); this streams the memmap.
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(vectors.shape[0], size=min(sample, vectors.shape[0]), replace=False))
     points = np.asarray(vectors[rows])

@@ -8,6 +8,7 @@ the real ``CriticClient`` failing the ways a service fails (refused connection, 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -85,7 +86,7 @@ def test_split_is_by_question_and_stratified() -> None:
     assert len({r.qid for r in dev if r.em}) == 2
 
 
-def test_all_practice_reads_every_run_and_names_every_dataset(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_all_practice_reads_every_run_and_names_every_dataset(tmp_path: Path) -> None:
     import json
     from dataclasses import asdict
 

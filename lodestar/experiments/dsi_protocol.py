@@ -5,7 +5,8 @@ D1..Dn split the rest. Half of D0's documents lend their real question to traini
 task); every other question is held out for evaluation, so each corpus has evaluation queries whose
 documents were never trained on a real query (the situation of a newly indexed corpus).
 
-Steps: train a query generator on D0's (document, question) pairs; generate pseudo-queries;
+Steps: pseudo-queries for every document from the query generator (SmolLM2 prompted with D0's
+first real (document, question) pairs, or a T5 trained on all of them);
 train DSI on D0 (indexing + real + pseudo queries); then index D1..Dn with each method (naive,
 SAM, generative memory, both, full retraining). After every step evaluate, on every corpus seen so
 far, retrieval Hits@1/10 (held-out questions) and indexing Hits@1/10 (document prefix -> own docid)
@@ -42,6 +43,10 @@ class ProtocolConfig:
     d0_epochs: int = 30
     step_epochs: int = 10
     qg_epochs: int = 10
+    # "lm": pretrained SmolLM2-135M-Instruct prompted with D0 pairs (the docT5query role);
+    # "t5": a T5 of the DSI model's shape trained from scratch on D0's pairs.
+    query_generator: str = "lm"
+    demonstrations: int = 3
     batch_size: int = 32
     lr: float = 1e-3
     sam_rho: float = 0.05
@@ -184,13 +189,31 @@ def _bm25(splits: list[CorpusSplit]) -> dict[str, Any]:
     return result
 
 
-def run_protocol(config: ProtocolConfig, out_dir: Path, settings: Settings) -> dict[str, Any]:
+def _load_pseudo_queries(path: Path, docs: list[Any], config: ProtocolConfig) -> dict[str, Any]:
+    """The pseudo-queries an earlier run wrote for this run's documents (generation is the
+    slowest part of a run with the LM generator). Greedy LM generation with the same
+    demonstrations is deterministic and a larger run's documents extend a smaller run's (same
+    seed), so reused queries equal what this run would generate; the rest are generated."""
+    saved = json.loads(path.read_text())
+    if config.query_generator != "lm" or saved.get("query_generator") != "lm":
+        raise SystemExit("--reuse-pseudo-queries: only LM-generated queries are reusable")
+    if saved.get("demonstrations") != config.demonstrations or saved.get("per_doc") != (
+        config.pseudo_per_doc
+    ):
+        raise SystemExit(f"{path} was generated with other demonstrations or queries per doc")
+    return {d.id: saved["queries"][d.id] for d in docs if d.id in saved["queries"]}
+
+
+def run_protocol(
+    config: ProtocolConfig, out_dir: Path, settings: Settings, reuse_pseudo: Path | None = None
+) -> dict[str, Any]:
     import torch
     from tqdm import tqdm
 
     from services.dsi.continual import (
         METHODS,
         generate_pseudo_queries,
+        generate_pseudo_queries_lm,
         index_examples,
         query_examples,
         step_examples,
@@ -236,9 +259,45 @@ def run_protocol(config: ProtocolConfig, out_dir: Path, settings: Settings) -> d
     pairs = [(doc_text(by_id[i]), q) for i, qs in splits[0].train_queries.items() for q in qs]
     bar.set_postfix_str("query generator")
     generator, qg_updates = train_query_generator(
-        pairs, shape=shape, epochs=config.qg_epochs, batch_size=config.batch_size, seed=config.seed
+        pairs,
+        shape=shape,
+        epochs=config.qg_epochs if config.query_generator == "t5" else 0,
+        batch_size=config.batch_size,
+        seed=config.seed,
+    )  # with "lm" the untrained T5 is only the DSI model's tokenizer holder
+    if config.query_generator == "lm":
+        from shared.models import get_generator
+
+        lm = get_generator(settings)
+        demonstrations = pairs[: config.demonstrations]
+        pseudo = _load_pseudo_queries(reuse_pseudo, all_docs, config) if reuse_pseudo else {}
+        todo = [d for d in all_docs if d.id not in pseudo]
+        with tqdm(total=len(todo), desc="pseudo-queries", unit="doc", leave=False) as qbar:
+            pseudo |= generate_pseudo_queries_lm(
+                lm,
+                todo,
+                config.pseudo_per_doc,
+                demonstrations,
+                progress=lambda done, _total: qbar.update(1),
+            )
+        generator_kind = f"{lm.model_id}, {len(demonstrations)} D0 pairs as demonstrations"
+    else:
+        pseudo = generate_pseudo_queries(
+            generator, all_docs, config.pseudo_per_doc, seed=config.seed
+        )
+        generator_kind = "T5 of the DSI shape trained from scratch on D0's pairs"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "pseudo_queries.json").write_text(
+        json.dumps(
+            {
+                "query_generator": config.query_generator,
+                "kind": generator_kind,
+                "demonstrations": config.demonstrations,
+                "per_doc": config.pseudo_per_doc,
+                "queries": pseudo,
+            }
+        )
     )
-    pseudo = generate_pseudo_queries(generator, all_docs, config.pseudo_per_doc, seed=config.seed)
     bar.update(1)
 
     def max_value(upto: int) -> int:
@@ -359,6 +418,7 @@ def run_protocol(config: ProtocolConfig, out_dir: Path, settings: Settings) -> d
             "parameters": sum(p.numel() for p in base.parameters()),
         },
         "query_generator": {
+            "kind": generator_kind,
             "pairs": len(pairs),
             "updates": qg_updates,
             "samples": [
@@ -488,7 +548,7 @@ def render_report(report: dict[str, Any]) -> str:
         "Plots: `forgetting_retrieval_hits10.png`, `forgetting_indexing_hits10.png` (Hits@10 on each "
         "D_o after each step, one panel per method).",
         "",
-        "Pseudo-query samples (generator trained from scratch on D0's pairs):",
+        f"Pseudo-query samples ({report['query_generator'].get('kind', 'T5 trained from scratch on D0 pairs')}):",
         "",
     ]
     for sample in report["query_generator"]["samples"]:
@@ -605,12 +665,14 @@ def cmd_experiment_dsi(args: argparse.Namespace, settings: Settings) -> int:
         d0_epochs=args.d0_epochs,
         step_epochs=args.step_epochs,
         qg_epochs=args.qg_epochs,
+        query_generator=args.query_generator,
         sam_rho=args.sam_rho,
         pseudo_per_doc=args.pseudo_per_doc,
         seed=args.seed,
         threads=args.threads,
     )
-    report = run_protocol(config, Path(args.out), settings)
+    reuse = Path(args.reuse_pseudo_queries) if args.reuse_pseudo_queries else None
+    report = run_protocol(config, Path(args.out), settings, reuse)
     print(render_report(report))
     return 0
 
@@ -628,11 +690,23 @@ def register(group: Any) -> None:
     parser.add_argument("--d0-epochs", type=int, default=ProtocolConfig.d0_epochs)
     parser.add_argument("--step-epochs", type=int, default=ProtocolConfig.step_epochs)
     parser.add_argument("--qg-epochs", type=int, default=ProtocolConfig.qg_epochs)
+    parser.add_argument(
+        "--query-generator",
+        choices=("lm", "t5"),
+        default=ProtocolConfig.query_generator,
+        help="pseudo-queries from pretrained SmolLM2 prompted with D0 pairs (lm) or from a T5 "
+        "trained from scratch on them (t5)",
+    )
     parser.add_argument("--sam-rho", type=float, default=ProtocolConfig.sam_rho)
     parser.add_argument("--pseudo-per-doc", type=int, default=ProtocolConfig.pseudo_per_doc)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(DEFAULT_OUT))
+    parser.add_argument(
+        "--reuse-pseudo-queries",
+        metavar="JSON",
+        help="pseudo_queries.json of an earlier run on the same documents (skips generation)",
+    )
     parser.add_argument(
         "--compare-models",
         action="store_true",

@@ -50,6 +50,8 @@ class StepOptionsIn(BaseModel):
     epochs: Annotated[int, Field(ge=1, le=500)] | None = None
     first_epochs: Annotated[int, Field(ge=1, le=500)] | None = None
     qg_epochs: Annotated[int, Field(ge=1, le=500)] | None = None
+    query_generator: Literal["t5", "lm"] | None = None
+    demonstrations: Annotated[int, Field(ge=1, le=8)] | None = None
     sam_rho: Annotated[float, Field(gt=0, le=1)] | None = None
     pseudo_per_doc: Annotated[int, Field(ge=0, le=20)] | None = None
     d_model: Annotated[int, Field(ge=16, le=1024)] | None = None

@@ -3,9 +3,12 @@ training examples, the query generator (generative memory) and the per-method da
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -147,3 +150,73 @@ def generate_pseudo_queries(
         for doc, queries in zip(chunk, samples, strict=True):
             out[doc.id] = [q.strip() for q in queries if q.strip()]
     return out
+
+
+QUERY_INSTRUCTION = (
+    "Write one short search question that the passage answers. Reply with the question only."
+)
+
+
+def _ask_for_query(passage: str, words: int) -> dict[str, str]:
+    return {
+        "role": "user",
+        "content": f"{QUERY_INSTRUCTION}\n\n{' '.join(passage.split()[:words])}",
+    }
+
+
+def generate_pseudo_queries_lm(
+    generator: Any,
+    docs: Sequence[Document],
+    per_doc: int,
+    demonstrations: Sequence[tuple[str, str]],
+    *,
+    passage_words: int = 60,
+    max_new_tokens: int = 24,
+    temperature: float = 0.8,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, list[str]]:
+    """Pseudo-queries from a pretrained chat LM (``shared.models.Generator``): the pretrained
+    doc -> query generator DSI++ takes from docT5query, here SmolLM2-135M-Instruct prompted with
+    a few real (document, question) pairs of D0 as demonstrations instead of fine-tuned on them.
+    The first query of a document is greedy, further ones are sampled; duplicates and empty
+    generations are dropped."""
+    shots: list[dict[str, str]] = []
+    for passage, question in demonstrations:
+        shots.append(_ask_for_query(passage, passage_words))
+        shots.append({"role": "assistant", "content": question.strip().rstrip("?") + "?"})
+    out: dict[str, list[str]] = {}
+    for position, doc in enumerate(docs):
+        messages = [*shots, _ask_for_query(doc_text(doc), passage_words)]
+        queries: list[str] = []
+        for sample in range(per_doc):
+            text = generator.generate(
+                messages,
+                max_new_tokens=max_new_tokens,
+                temperature=0.0 if sample == 0 else temperature,
+            ).text.strip()
+            query = text.splitlines()[0].strip() if text else ""
+            if query and query not in queries:
+                queries.append(query)
+        out[doc.id] = queries
+        if progress is not None:
+            progress(position + 1, len(docs))
+    return out
+
+
+@dataclass
+class PromptedQueryGenerator:
+    """What a collection keeps of the ``lm`` query generator: its demonstrations (the LM itself
+    is the shared SmolLM2, not a per-collection model)."""
+
+    demonstrations: list[tuple[str, str]]
+
+    FILENAME = "demonstrations.json"
+
+    def save(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / self.FILENAME).write_text(json.dumps(self.demonstrations))
+
+    @classmethod
+    def load(cls, directory: Path) -> PromptedQueryGenerator:
+        pairs = json.loads((directory / cls.FILENAME).read_text())
+        return cls([(passage, question) for passage, question in pairs])

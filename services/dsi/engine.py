@@ -18,14 +18,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from services.dsi.continual import (
     METHODS,
+    PromptedQueryGenerator,
     doc_text,
     generate_pseudo_queries,
+    generate_pseudo_queries_lm,
     index_examples,
     query_examples,
     step_examples,
@@ -51,6 +53,11 @@ class StepOptions:
     epochs: int = 10
     first_epochs: int = 30
     qg_epochs: int = 10
+    query_generator: Literal["t5", "lm"] = "lm"
+    """Generative memory's doc -> query generator: ``lm`` prompts the pretrained SmolLM2 with the
+    first real pairs as demonstrations; ``t5`` trains a T5 of the DSI shape on the real pairs
+    (measured in docs/dsi.md: from scratch it emits word salad)."""
+    demonstrations: int = 3
     sam_rho: float = 0.05
     pseudo_per_doc: int = 2
     replay_per_new_doc: int = 2
@@ -99,24 +106,34 @@ def check_collection(name: str) -> str:
 
 class DsiEngine:
     def __init__(
-        self, data_dir: Path, embedder: Callable[[], Any] | None = None, device: str = "cpu"
+        self,
+        data_dir: Path,
+        embedder: Callable[[], Any] | None = None,
+        device: str = "cpu",
+        llm: Callable[[], Any] | None = None,
     ) -> None:
         self.root = data_dir / "dsi"
         self.device = device
         self._embedder = embedder
+        self._llm = llm
         self._snapshots: dict[str, Snapshot] = {}
         self._lock = threading.Lock()
         self._tokenizer: Any = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DsiEngine:
-        from shared.models import get_embedder, resolve_device
+        from shared.models import get_embedder, get_generator, resolve_device
 
         device = resolve_device(settings.device)
         if device == "cpu":
             # Small models on a shared CPU: extra threads mostly spin and contend.
             torch.set_num_threads(1)
-        return cls(settings.data_dir, lambda: get_embedder(settings), device)
+        return cls(
+            settings.data_dir,
+            lambda: get_embedder(settings),
+            device,
+            lambda: get_generator(settings),
+        )
 
     @property
     def tokenizer(self) -> Any:
@@ -281,7 +298,9 @@ class DsiEngine:
                     for doc in all_docs:
                         handle.write(json.dumps(doc.model_dump(), ensure_ascii=False) + "\n")
                 (scratch / "pseudo_queries.json").write_text(json.dumps(pseudo))
-                if generator is not None:
+                if isinstance(generator, PromptedQueryGenerator):
+                    generator.save(scratch / "query_prompt")
+                elif generator is not None:
                     generator.save(scratch / "query_generator")
             shutil.rmtree(resume_dir, ignore_errors=True)
             family.prune(keep=2)
@@ -336,11 +355,14 @@ class DsiEngine:
         for doc_id, query in queries:
             if doc_id in by_id:
                 real.setdefault(doc_id, []).append(query)
-        generator = None
+        generator: Any = None
         pseudo: dict[str, list[str]] = {}
-        if real and METHODS[options.method].memory:
+        pairs = [(doc_text(by_id[i]), q) for i, qs in real.items() for q in qs]
+        if pairs and METHODS[options.method].memory and options.query_generator == "lm":
+            generator = PromptedQueryGenerator(pairs[: options.demonstrations])
+            pseudo = self._prompted_queries(generator, docs, options, report)
+        elif pairs and METHODS[options.method].memory:
             report(0, options.first_epochs, "training the query generator")
-            pairs = [(doc_text(by_id[i]), q) for i, qs in real.items() for q in qs]
             generator, _ = train_query_generator(
                 pairs,
                 shape=shape,
@@ -364,6 +386,29 @@ class DsiEngine:
         config = self._config(options, options.first_epochs, METHODS[options.method].sam)
         return model, scheme, pseudo, generator, examples, config, docs
 
+    def _prompted_queries(
+        self,
+        generator: PromptedQueryGenerator,
+        docs: Sequence[Document],
+        options: StepOptions,
+        report: Progress,
+    ) -> dict[str, list[str]]:
+        if self._llm is None:
+            raise LodestarError(
+                ErrorCode.validation,
+                "query_generator 'lm' needs the engine's LLM (DsiEngine.from_settings)",
+                field="query_generator",
+            )
+        return generate_pseudo_queries_lm(
+            self._llm(),
+            docs,
+            options.pseudo_per_doc,
+            generator.demonstrations,
+            progress=lambda done, total: report(
+                0, options.epochs, f"pseudo-queries {done}/{total}"
+            ),
+        )
+
     def _next_step(
         self, base: Snapshot, docs: list[Document], options: StepOptions, report: Progress
     ) -> Any:
@@ -377,8 +422,12 @@ class DsiEngine:
         model.model.to(self.device)
         version_dir = self.family(base.manifest["collection"]).versions_dir / base.version
         pseudo: dict[str, list[str]] = json.loads((version_dir / "pseudo_queries.json").read_text())
-        generator = None
-        if (version_dir / "query_generator").exists():
+        generator: Any = None
+        if (version_dir / "query_prompt").exists():
+            generator = PromptedQueryGenerator.load(version_dir / "query_prompt")
+            if method.memory:
+                pseudo.update(self._prompted_queries(generator, docs, options, report))
+        elif (version_dir / "query_generator").exists():
             generator = T5Dsi.load(version_dir / "query_generator", self.tokenizer)
             generator.model.to(self.device)
             if method.memory:

@@ -3,7 +3,9 @@ crashed step leaves the last good model serving, and a redelivered job resumes i
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,9 @@ import torch
 
 from services.dsi.engine import DsiEngine, StepOptions
 from shared.errors import LodestarError
+from shared.models import get_generator
 from shared.schemas import Document
+from shared.settings import Settings
 
 TOPICS = [
     ("lighthouse", "A lighthouse is a tower that emits light to guide ships at sea."),
@@ -107,3 +111,39 @@ def test_a_crashed_step_keeps_the_last_good_model_and_a_retry_resumes(tmp_path: 
     assert not (family.root / "resume" / "job-1").exists()
     _, hits = engine.search("tiny", "Orchids. Orchids are a diverse family", 8)
     assert "orchid" in {doc.id for doc, _, _ in hits}
+
+
+def test_generative_memory_with_the_prompted_lm_covers_old_and_new_documents(
+    tmp_path: Path, settings: Settings
+) -> None:
+    """genmem with ``query_generator="lm"``: the first step keeps its demonstrations (not a
+    model), every document of both steps gets pseudo-queries from the real SmolLM2, and the
+    second step reloads the demonstrations from the published version."""
+    engine = DsiEngine(tmp_path, llm=lambda: get_generator(settings))
+    memory = replace(
+        FAST, method="genmem", query_generator="lm", demonstrations=2, pseudo_per_doc=1
+    )
+    real = [("volcano", "where does lava come from"), ("glacier", "what is a glacier made of")]
+    first = engine.index_step("tiny", docs(TOPICS[:5]), queries=real, options=memory)
+    version_dir = engine.family("tiny").versions_dir / first.version
+    demonstrations = json.loads((version_dir / "query_prompt" / "demonstrations.json").read_text())
+    assert [q for _, q in demonstrations] == [q for _, q in real]
+    assert not (version_dir / "query_generator").exists()
+
+    second = engine.index_step("tiny", docs(TOPICS[5:]), options=memory)
+    version_dir = engine.family("tiny").versions_dir / second.version
+    pseudo = json.loads((version_dir / "pseudo_queries.json").read_text())
+    assert set(pseudo) == {name for name, _ in TOPICS}
+    assert all(len(queries) == 1 and queries[0] for queries in pseudo.values())
+    assert (version_dir / "query_prompt" / "demonstrations.json").exists()
+    # The second step trained on the new documents' pseudo-queries and replayed old ones.
+    assert second.updates > 0
+
+
+def test_the_lm_query_generator_needs_an_llm(tmp_path: Path) -> None:
+    memory = replace(FAST, method="genmem", query_generator="lm")
+    with pytest.raises(LodestarError) as error:
+        DsiEngine(tmp_path).index_step(
+            "tiny", docs(TOPICS[:3]), queries=[("volcano", "what is a volcano")], options=memory
+        )
+    assert error.value.code == "validation"

@@ -3,7 +3,12 @@ evaluation question was ever a training question."""
 
 from __future__ import annotations
 
-from lodestar.experiments.dsi_protocol import ProtocolConfig, split_corpus
+import json
+from pathlib import Path
+
+import pytest
+
+from lodestar.experiments.dsi_protocol import ProtocolConfig, _load_pseudo_queries, split_corpus
 
 
 def test_split_gives_half_to_d0_and_holds_out_every_evaluation_question() -> None:
@@ -22,3 +27,34 @@ def test_split_gives_half_to_d0_and_holds_out_every_evaluation_question() -> Non
     # Same seed, same split: runs are reproducible.
     again = split_corpus(ProtocolConfig(docs=120, corpora=5, seed=3))
     assert [d.id for s in again for d in s.docs] == ids
+
+
+def test_a_larger_run_extends_a_smaller_one_so_its_pseudo_queries_can_be_reused(
+    tmp_path: Path,
+) -> None:
+    """What ``--reuse-pseudo-queries`` relies on: with the same seed the smaller run's documents
+    are a subset of the larger run's and D0's first real pairs (the LM's demonstrations) are the
+    same; a file from another generator or prompt is refused."""
+    small = split_corpus(ProtocolConfig(docs=60, seed=0))
+    large = split_corpus(ProtocolConfig(docs=200, seed=0))
+    small_ids = {d.id for s in small for d in s.docs}
+    assert small_ids <= {d.id for s in large for d in s.docs}
+    assert list(small[0].train_queries.items())[:3] == list(large[0].train_queries.items())[:3]
+
+    config = ProtocolConfig(docs=200, seed=0, pseudo_per_doc=1)
+    saved = {
+        "query_generator": "lm",
+        "demonstrations": config.demonstrations,
+        "per_doc": 1,
+        "queries": {doc_id: [f"q {doc_id}"] for doc_id in small_ids},
+    }
+    path = tmp_path / "pseudo_queries.json"
+    path.write_text(json.dumps(saved))
+    docs = [d for s in large for d in s.docs]
+    reused = _load_pseudo_queries(path, docs, config)
+    assert set(reused) == small_ids and reused[next(iter(small_ids))][0].startswith("q ")
+
+    for field, value in (("query_generator", "t5"), ("demonstrations", 2), ("per_doc", 2)):
+        path.write_text(json.dumps({**saved, field: value}))
+        with pytest.raises(SystemExit):
+            _load_pseudo_queries(path, docs, config)

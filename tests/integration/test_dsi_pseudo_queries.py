@@ -1,0 +1,58 @@
+"""Generative memory's pseudo-queries from the real pretrained SmolLM2-135M-Instruct, prompted with
+real (document, question) demonstrations: every document gets a question-shaped query, the greedy
+first query is reproducible, and extra samples never repeat one."""
+
+from __future__ import annotations
+
+from services.dsi.continual import generate_pseudo_queries_lm
+from shared.models import get_generator
+from shared.schemas import Document
+from shared.settings import Settings
+
+DEMONSTRATIONS = [
+    (
+        "Eiffel Tower. The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in "
+        "Paris, France. It is named after the engineer Gustave Eiffel.",
+        "who is the eiffel tower named after",
+    ),
+    (
+        "Photosynthesis. Photosynthesis is the process by which plants use sunlight, water and "
+        "carbon dioxide to create oxygen and energy in the form of sugar.",
+        "what do plants produce during photosynthesis",
+    ),
+]
+
+DOCS = [
+    Document(
+        id="everest",
+        title="Mount Everest",
+        text="Mount Everest is Earth's highest mountain above sea level, located in the "
+        "Mahalangur Himal sub-range of the Himalayas on the border of Nepal and China.",
+    ),
+    Document(
+        id="beethoven",
+        title="Ludwig van Beethoven",
+        text="Ludwig van Beethoven was a German composer and pianist. He wrote nine symphonies, "
+        "and his Ninth Symphony ends with the Ode to Joy.",
+    ),
+]
+
+
+def test_every_document_gets_distinct_question_shaped_queries(settings: Settings) -> None:
+    generator = get_generator(settings)
+    done: list[int] = []
+    pseudo = generate_pseudo_queries_lm(
+        generator, DOCS, 3, DEMONSTRATIONS, progress=lambda n, _total: done.append(n)
+    )
+    assert done == [1, 2]
+    assert set(pseudo) == {"everest", "beethoven"}
+    for queries in pseudo.values():
+        assert 1 <= len(queries) <= 3
+        assert len(set(queries)) == len(queries)
+        assert all(q and "\n" not in q for q in queries)
+    # The pretrained model asks about the passage: its topic word shows up in some query.
+    assert any("everest" in q.lower() or "mountain" in q.lower() for q in pseudo["everest"])
+    assert any("beethoven" in q.lower() or "symphon" in q.lower() for q in pseudo["beethoven"])
+
+    again = generate_pseudo_queries_lm(generator, DOCS, 1, DEMONSTRATIONS)
+    assert {k: v[:1] for k, v in pseudo.items()} == again  # the first query is greedy

@@ -4,6 +4,8 @@ first query is reproducible, and extra samples never repeat one."""
 
 from __future__ import annotations
 
+import re
+
 from services.dsi.continual import generate_pseudo_queries_lm
 from shared.models import get_generator
 from shared.schemas import Document
@@ -21,6 +23,8 @@ DEMONSTRATIONS = [
         "what do plants produce during photosynthesis",
     ),
 ]
+
+QUESTION_WORDS = {"what", "who", "which", "when", "where", "was", "the", "and", "are"}
 
 DOCS = [
     Document(
@@ -50,9 +54,12 @@ def test_every_document_gets_distinct_question_shaped_queries(settings: Settings
         assert 1 <= len(queries) <= 3
         assert len(set(queries)) == len(queries)
         assert all(q and "\n" not in q for q in queries)
-    # The pretrained model asks about the passage: its topic word shows up in some query.
-    assert any("everest" in q.lower() or "mountain" in q.lower() for q in pseudo["everest"])
-    assert any("beethoven" in q.lower() or "symphon" in q.lower() for q in pseudo["beethoven"])
+    # The greedy query asks about its passage: it shares a content word with it. (Sampled ones
+    # vary from run to run, so only their shape is checked.)
+    for doc in DOCS:
+        passage_words = set(re.findall(r"[a-z]{3,}", f"{doc.title} {doc.text}".lower()))
+        query_words = set(re.findall(r"[a-z]{3,}", pseudo[doc.id][0].lower()))
+        assert query_words & passage_words - QUESTION_WORDS
 
     again = generate_pseudo_queries_lm(generator, DOCS, 1, DEMONSTRATIONS)
     assert {k: v[:1] for k, v in pseudo.items()} == again  # the first query is greedy

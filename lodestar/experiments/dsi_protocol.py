@@ -226,7 +226,7 @@ def run_protocol(
         forgetting_events,
         learning_accuracy,
     )
-    from services.dsi.model import T5Dsi, T5Shape
+    from services.dsi.model import T5Dsi, T5Shape, text_tokenizer
     from services.dsi.training import TrainConfig, train
     from shared.models import get_embedder
 
@@ -251,20 +251,15 @@ def run_protocol(
     )
     scheme.extend([d.id for d in all_docs[len(d0) :]], embeddings[len(d0) :])
     shape = T5Shape(d_model=config.d_model, layers=config.layers, d_ff=config.d_model * 4)
+    tokenizer = text_tokenizer()  # the DSI model's (and the T5 query generator's) vocabulary
 
-    # Generative memory: a doc -> query generator trained on D0's real pairs only.
+    # Generative memory: a doc -> query generator that learns from D0's real pairs only.
     by_id = {d.id: d for d in all_docs}
     from services.dsi.continual import doc_text
 
     pairs = [(doc_text(by_id[i]), q) for i, qs in splits[0].train_queries.items() for q in qs]
     bar.set_postfix_str("query generator")
-    generator, qg_updates = train_query_generator(
-        pairs,
-        shape=shape,
-        epochs=config.qg_epochs if config.query_generator == "t5" else 0,
-        batch_size=config.batch_size,
-        seed=config.seed,
-    )  # with "lm" the untrained T5 is only the DSI model's tokenizer holder
+    qg_updates = 0
     if config.query_generator == "lm":
         from shared.models import get_generator
 
@@ -282,6 +277,13 @@ def run_protocol(
             )
         generator_kind = f"{lm.model_id}, {len(demonstrations)} D0 pairs as demonstrations"
     else:
+        generator, qg_updates = train_query_generator(
+            pairs,
+            shape=shape,
+            epochs=config.qg_epochs,
+            batch_size=config.batch_size,
+            seed=config.seed,
+        )
         pseudo = generate_pseudo_queries(
             generator, all_docs, config.pseudo_per_doc, seed=config.seed
         )
@@ -325,7 +327,7 @@ def run_protocol(
 
     # D0: shared starting point of every continual method (and retraining's step 0).
     bar.set_postfix_str("D0")
-    base = T5Dsi(shape, generator.tokenizer, seed=config.seed)
+    base = T5Dsi(shape, tokenizer, seed=config.seed)
     base.ensure_docid_tokens(max_value(0))
     d0_stats = train(base, base_examples(0), config_for(config.d0_epochs, False, config.seed))
     row0, correct0 = _evaluate(base, scheme, splits, 0, config)
@@ -346,7 +348,7 @@ def run_protocol(
         for step in range(1, n_steps):
             bar.set_postfix_str(f"{name} D{step}")
             if method.retrain:
-                model = T5Dsi(shape, generator.tokenizer, seed=config.seed)
+                model = T5Dsi(shape, tokenizer, seed=config.seed)
                 model.ensure_docid_tokens(max_value(step))
                 examples = base_examples(step)
                 stats = train(
@@ -548,7 +550,7 @@ def render_report(report: dict[str, Any]) -> str:
         "Plots: `forgetting_retrieval_hits10.png`, `forgetting_indexing_hits10.png` (Hits@10 on each "
         "D_o after each step, one panel per method).",
         "",
-        f"Pseudo-query samples ({report['query_generator'].get('kind', 'T5 trained from scratch on D0 pairs')}):",
+        f"Pseudo-query samples ({report['query_generator']['kind']}):",
         "",
     ]
     for sample in report["query_generator"]["samples"]:

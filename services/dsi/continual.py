@@ -8,7 +8,7 @@ import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -16,6 +16,9 @@ from services.dsi.docids import DocidScheme
 from services.dsi.model import T5Dsi, T5Shape, lr_for_step
 from services.dsi.training import Example
 from shared.schemas import Document
+
+if TYPE_CHECKING:
+    from shared.models import Generator
 
 
 @dataclass(frozen=True)
@@ -165,7 +168,7 @@ def _ask_for_query(passage: str, words: int) -> dict[str, str]:
 
 
 def generate_pseudo_queries_lm(
-    generator: Any,
+    generator: Generator,
     docs: Sequence[Document],
     per_doc: int,
     demonstrations: Sequence[tuple[str, str]],
@@ -175,7 +178,7 @@ def generate_pseudo_queries_lm(
     temperature: float = 0.8,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, list[str]]:
-    """Pseudo-queries from a pretrained chat LM (``shared.models.Generator``): the pretrained
+    """Pseudo-queries from a pretrained chat LM: the pretrained
     doc -> query generator DSI++ takes from docT5query, here SmolLM2-135M-Instruct prompted with
     a few real (document, question) pairs of D0 as demonstrations instead of fine-tuned on them.
     The first query of a document is greedy, further ones are sampled; duplicates and empty

@@ -18,9 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import platform
 import random
+import shutil
 import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +63,12 @@ class ProtocolConfig:
     clusters: int = 10
     seed: int = 0
     threads: int = 1
+    # Worker processes: LM pseudo-query generation is sharded over them, and the methods run in
+    # parallel after D0 (each with ``threads`` torch threads).
+    jobs: int = 1
+    # "every": retrain from scratch after every step (the full reference); "last": only on
+    # D0..Dn at the end (the reference's final point, at a fraction of its cost).
+    retrain: str = "every"
 
 
 @dataclass
@@ -204,30 +214,217 @@ def _load_pseudo_queries(path: Path, docs: list[Any], config: ProtocolConfig) ->
     return {d.id: saved["queries"][d.id] for d in docs if d.id in saved["queries"]}
 
 
-def run_protocol(
-    config: ProtocolConfig, out_dir: Path, settings: Settings, reuse_pseudo: Path | None = None
-) -> dict[str, Any]:
-    import torch
-    from tqdm import tqdm
+def _docid_values(splits: list[CorpusSplit], scheme: Any, upto: int) -> int:
+    """How many docid token values D0..D_upto need."""
+    return int(max(max(scheme.docid_of[d.id]) for s in splits[: upto + 1] for d in s.docs)) + 1
 
-    from services.dsi.continual import (
-        METHODS,
-        generate_pseudo_queries,
-        generate_pseudo_queries_lm,
-        index_examples,
-        query_examples,
-        step_examples,
-        train_query_generator,
+
+def _examples_upto(
+    splits: list[CorpusSplit], scheme: Any, pseudo: dict[str, list[str]], upto: int
+) -> list[Any]:
+    """Everything a from-scratch model may train on after D0..D_upto."""
+    from services.dsi.continual import index_examples, query_examples
+
+    docs = [d for s in splits[: upto + 1] for d in s.docs]
+    return (
+        index_examples(docs, scheme)
+        + query_examples(splits[0].train_queries, scheme, "query")
+        + query_examples({d.id: pseudo.get(d.id, []) for d in docs}, scheme, "pseudo")
     )
-    from services.dsi.docids import DocidScheme
+
+
+def _train_config(config: ProtocolConfig, epochs: int, *, sam: bool, seed: int) -> Any:
+    from services.dsi.training import TrainConfig
+
+    return TrainConfig(
+        epochs=epochs,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        sam_rho=config.sam_rho if sam else None,
+        doc_tokens=config.doc_tokens,
+        query_tokens=config.query_tokens,
+        seed=seed,
+    )
+
+
+@dataclass
+class _MethodContext:
+    """What every method's run shares after D0 (picklable: it travels to worker processes)."""
+
+    config: ProtocolConfig
+    splits: list[CorpusSplit]
+    scheme: Any  # services.dsi.docids.DocidScheme
+    pseudo: dict[str, list[str]]
+    row0: dict[str, list[float]]
+    correct0: dict[str, bool]
+    d0_loss: list[float]
+
+
+def _run_method(
+    name: str,
+    base: Any,
+    context: _MethodContext,
+    progress: Callable[[str], Any] | None = None,
+) -> dict[str, Any]:
+    """Index D1..Dn with one method starting from the D0 model ``base``, evaluating after every
+    step. Retraining with ``retrain="last"`` trains and evaluates only at the last step (its
+    intermediate rows are None)."""
+    import torch
+
+    from services.dsi.continual import METHODS, step_examples
     from services.dsi.metrics import (
         average_performance,
         forgetting,
         forgetting_events,
         learning_accuracy,
     )
+    from services.dsi.model import T5Dsi
+    from services.dsi.training import train
+
+    config, splits, scheme, pseudo = context.config, context.splits, context.scheme, context.pseudo
+    n_steps = len(splits)
+    method = METHODS[name]
+    rng = random.Random(config.seed)
+    model = base.copy()
+    rows: list[dict[str, list[float]] | None] = [context.row0]
+    previous = context.correct0
+    events: list[int | None] = [0]
+    updates: list[int] = [0]
+    passes: list[int] = [0]
+    seconds: list[float] = [0.0]
+    curves: list[list[float]] = [context.d0_loss]
+    for step in range(1, n_steps):
+        if method.retrain and config.retrain == "last" and step < n_steps - 1:
+            rows.append(None)
+            events.append(None)
+            updates.append(0)
+            passes.append(0)
+            seconds.append(0.0)
+            curves.append([])
+            if progress is not None:
+                progress(f"{name} D{step} skipped")
+            continue
+        # Dropout draws from torch's global generator: seed it per step so a method's result does
+        # not depend on what ran before it in the process (sequential vs --jobs).
+        torch.manual_seed(config.seed + step)
+        if method.retrain:
+            model = T5Dsi(base.shape, base.tokenizer, seed=config.seed)
+            model.ensure_docid_tokens(_docid_values(splits, scheme, step))
+            stats = train(
+                model,
+                _examples_upto(splits, scheme, pseudo, step),
+                _train_config(config, config.d0_epochs, sam=False, seed=config.seed + step),
+            )
+        else:
+            model.ensure_docid_tokens(_docid_values(splits, scheme, step))
+            examples = step_examples(
+                method,
+                splits[step].docs,
+                [d.id for s in splits[:step] for d in s.docs],
+                scheme,
+                pseudo,
+                replay_per_new_doc=config.replay_per_new_doc,
+                rng=rng,
+            )
+            stats = train(
+                model,
+                examples,
+                _train_config(config, config.step_epochs, sam=method.sam, seed=config.seed + step),
+            )
+        row, correct = _evaluate(model, scheme, splits, step, config)
+        count, _ = forgetting_events(previous, correct)
+        previous = correct
+        rows.append(row)
+        events.append(count)
+        updates.append(stats.updates)
+        passes.append(stats.passes)
+        seconds.append(round(stats.seconds, 1))
+        curves.append(stats.epoch_loss)
+        if progress is not None:
+            progress(f"{name} D{step} done")
+    complete = all(r is not None for r in rows)
+    metrics: dict[str, Any] = {}
+    for key in ("ret@1", "ret@10", "idx@1", "idx@10"):
+        matrix = [r[key] if r is not None else None for r in rows]
+        filled = [m if m is not None else [] for m in matrix]
+        metrics[key] = {
+            "P": matrix,
+            # A_n needs only row n; F_n and LA_n need every earlier row.
+            "A": [
+                average_performance(filled, n) if m is not None else None
+                for n, m in enumerate(matrix)
+            ],
+            "F": [forgetting(filled, n) for n in range(n_steps)] if complete else None,
+            "LA": [learning_accuracy(filled, n) for n in range(n_steps)] if complete else None,
+        }
+    return {
+        "metrics": metrics,
+        "steps_trained": [n for n, r in enumerate(rows) if r is not None],
+        "forgetting_events": events,
+        "forgetting_events_total": sum(e for e in events if e is not None),
+        "updates": updates,
+        "updates_total": sum(updates),
+        "passes": passes,
+        "passes_total": sum(passes),
+        "train_seconds": seconds,
+        "epoch_loss": curves,
+    }
+
+
+def _run_method_from_checkpoint(
+    name: str, base_dir: Path, context: _MethodContext
+) -> dict[str, Any]:
+    """A worker process's entry: load the saved D0 model, then run one method."""
+    import torch
+
+    from services.dsi.model import T5Dsi
+
+    torch.set_num_threads(context.config.threads)
+    return _run_method(name, T5Dsi.load(base_dir), context)
+
+
+def _lm_pseudo_queries(
+    settings: Settings,
+    docs: list[Any],
+    config: ProtocolConfig,
+    demonstrations: list[tuple[str, str]],
+    shard: int,
+) -> dict[str, list[str]]:
+    """Pseudo-queries for one shard of the documents (one worker process per shard)."""
+    import torch
+    from tqdm import tqdm
+
+    from services.dsi.continual import generate_pseudo_queries_lm
+    from shared.models import get_generator
+
+    torch.set_num_threads(config.threads)
+    with tqdm(
+        total=len(docs), desc=f"pseudo-queries {shard}", unit="doc", position=shard, leave=False
+    ) as bar:
+        return generate_pseudo_queries_lm(
+            get_generator(settings),
+            docs,
+            config.pseudo_per_doc,
+            demonstrations,
+            progress=lambda _done, _total: bar.update(1),
+        )
+
+
+def _worker_pool(workers: int) -> ProcessPoolExecutor:
+    # spawn, not fork: the parent has torch (and its thread pools) loaded.
+    return ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
+
+
+def run_protocol(
+    config: ProtocolConfig, out_dir: Path, settings: Settings, reuse_pseudo: Path | None = None
+) -> dict[str, Any]:
+    import torch
+    from tqdm import tqdm
+
+    from services.dsi.continual import generate_pseudo_queries, train_query_generator
+    from services.dsi.docids import DocidScheme
     from services.dsi.model import T5Dsi, T5Shape, text_tokenizer
-    from services.dsi.training import TrainConfig, train
+    from services.dsi.training import train
     from shared.models import get_embedder
 
     torch.set_num_threads(config.threads)  # more threads than free cores slows torch down badly
@@ -261,21 +458,26 @@ def run_protocol(
     bar.set_postfix_str("query generator")
     qg_updates = 0
     if config.query_generator == "lm":
-        from shared.models import get_generator
+        from shared.models import LLM_ID
 
-        lm = get_generator(settings)
         demonstrations = pairs[: config.demonstrations]
         pseudo = _load_pseudo_queries(reuse_pseudo, all_docs, config) if reuse_pseudo else {}
         todo = [d for d in all_docs if d.id not in pseudo]
-        with tqdm(total=len(todo), desc="pseudo-queries", unit="doc", leave=False) as qbar:
-            pseudo |= generate_pseudo_queries_lm(
-                lm,
-                todo,
-                config.pseudo_per_doc,
-                demonstrations,
-                progress=lambda done, _total: qbar.update(1),
-            )
-        generator_kind = f"{lm.model_id}, {len(demonstrations)} D0 pairs as demonstrations"
+        shards = [todo[i :: config.jobs] for i in range(config.jobs) if todo[i :: config.jobs]]
+        if len(shards) > 1:
+            with _worker_pool(len(shards)) as pool:
+                for shard_queries in pool.map(
+                    _lm_pseudo_queries,
+                    [settings] * len(shards),
+                    shards,
+                    [config] * len(shards),
+                    [demonstrations] * len(shards),
+                    range(len(shards)),
+                ):
+                    pseudo |= shard_queries
+        elif shards:
+            pseudo |= _lm_pseudo_queries(settings, shards[0], config, demonstrations, 0)
+        generator_kind = f"{LLM_ID}, {len(demonstrations)} D0 pairs as demonstrations"
     else:
         generator, qg_updates = train_query_generator(
             pairs,
@@ -302,103 +504,45 @@ def run_protocol(
     )
     bar.update(1)
 
-    def max_value(upto: int) -> int:
-        return max(max(scheme.docid_of[d.id]) for s in splits[: upto + 1] for d in s.docs) + 1
-
-    def base_examples(upto: int) -> list[Any]:
-        """Everything a from-scratch model may train on after D0..D_upto."""
-        docs = [d for s in splits[: upto + 1] for d in s.docs]
-        return (
-            index_examples(docs, scheme)
-            + query_examples(splits[0].train_queries, scheme, "query")
-            + query_examples({d.id: pseudo.get(d.id, []) for d in docs}, scheme, "pseudo")
-        )
-
-    def config_for(epochs: int, sam: bool, seed: int) -> TrainConfig:
-        return TrainConfig(
-            epochs=epochs,
-            batch_size=config.batch_size,
-            lr=config.lr,
-            sam_rho=config.sam_rho if sam else None,
-            doc_tokens=config.doc_tokens,
-            query_tokens=config.query_tokens,
-            seed=seed,
-        )
-
     # D0: shared starting point of every continual method (and retraining's step 0).
     bar.set_postfix_str("D0")
     base = T5Dsi(shape, tokenizer, seed=config.seed)
-    base.ensure_docid_tokens(max_value(0))
-    d0_stats = train(base, base_examples(0), config_for(config.d0_epochs, False, config.seed))
+    base.ensure_docid_tokens(_docid_values(splits, scheme, 0))
+    d0_stats = train(
+        base,
+        _examples_upto(splits, scheme, pseudo, 0),
+        _train_config(config, config.d0_epochs, sam=False, seed=config.seed),
+    )
     row0, correct0 = _evaluate(base, scheme, splits, 0, config)
     bar.update(1)
 
+    def step_done(label: str) -> None:
+        bar.set_postfix_str(label)
+        bar.update(1)
+
+    context = _MethodContext(config, splits, scheme, pseudo, row0, correct0, d0_stats.epoch_loss)
     results: dict[str, Any] = {}
-    for name in config.methods:
-        method = METHODS[name]
-        rng = random.Random(config.seed)
-        model = base.copy()
-        rows = [row0]
-        previous = correct0
-        events: list[int] = [0]
-        updates: list[int] = [0]
-        passes: list[int] = [0]
-        seconds: list[float] = [0.0]
-        curves: list[list[float]] = [d0_stats.epoch_loss]
-        for step in range(1, n_steps):
-            bar.set_postfix_str(f"{name} D{step}")
-            if method.retrain:
-                model = T5Dsi(shape, tokenizer, seed=config.seed)
-                model.ensure_docid_tokens(max_value(step))
-                examples = base_examples(step)
-                stats = train(
-                    model, examples, config_for(config.d0_epochs, False, config.seed + step)
-                )
-            else:
-                model.ensure_docid_tokens(max_value(step))
-                old_ids = [d.id for s in splits[:step] for d in s.docs]
-                examples = step_examples(
-                    method,
-                    splits[step].docs,
-                    old_ids,
-                    scheme,
-                    pseudo,
-                    replay_per_new_doc=config.replay_per_new_doc,
-                    rng=rng,
-                )
-                stats = train(
-                    model, examples, config_for(config.step_epochs, method.sam, config.seed + step)
-                )
-            row, correct = _evaluate(model, scheme, splits, step, config)
-            count, _ = forgetting_events(previous, correct)
-            previous = correct
-            rows.append(row)
-            events.append(count)
-            updates.append(stats.updates)
-            passes.append(stats.passes)
-            seconds.append(round(stats.seconds, 1))
-            curves.append(stats.epoch_loss)
-            bar.update(1)
-        metrics: dict[str, Any] = {}
-        for key in ("ret@1", "ret@10", "idx@1", "idx@10"):
-            matrix = [r[key] for r in rows]
-            metrics[key] = {
-                "P": matrix,
-                "A": [average_performance(matrix, n) for n in range(n_steps)],
-                "F": [forgetting(matrix, n) for n in range(n_steps)],
-                "LA": [learning_accuracy(matrix, n) for n in range(n_steps)],
+    if config.jobs > 1 and len(config.methods) > 1:
+        # Methods are independent once D0 is trained: each worker process starts from the saved
+        # D0 model, with the same seeds as the sequential path.
+        base_dir = out_dir / "d0_model"
+        base.save(base_dir)
+        with _worker_pool(config.jobs) as pool:
+            # Retraining is the longest: start it first so the others fill the other workers.
+            longest_first = sorted(config.methods, key=lambda name: name != "retrain")
+            futures = {
+                pool.submit(_run_method_from_checkpoint, name, base_dir, context): name
+                for name in longest_first
             }
-        results[name] = {
-            "metrics": metrics,
-            "forgetting_events": events,
-            "forgetting_events_total": sum(events),
-            "updates": updates,
-            "updates_total": sum(updates),
-            "passes": passes,
-            "passes_total": sum(passes),
-            "train_seconds": seconds,
-            "epoch_loss": curves,
-        }
+            for future in as_completed(futures):
+                bar.set_postfix_str(f"{futures[future]} done")
+                results[futures[future]] = future.result()
+                bar.update(n_steps - 1)
+        shutil.rmtree(base_dir)
+        results = {name: results[name] for name in config.methods}
+    else:
+        for name in config.methods:
+            results[name] = _run_method(name, base, context, progress=step_done)
     bar.close()
 
     report: dict[str, Any] = {
@@ -436,7 +580,7 @@ def run_protocol(
         "methods": results,
         "bm25": _bm25(splits),
         "wall_seconds": round(time.perf_counter() - started, 1),
-        "machine": f"{platform.machine()} {platform.processor() or ''}, torch threads {config.threads}, shared CPU under load",
+        "machine": f"{platform.machine()} {platform.processor() or ''}, {config.jobs} process(es) x {config.threads} torch thread(s), shared CPU under load",
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "protocol.json").write_text(json.dumps(report, indent=2))
@@ -460,7 +604,7 @@ def _plot(report: dict[str, Any], out_dir: Path) -> None:
         for ax, (name, data) in zip(np.atleast_1d(axes), methods.items(), strict=True):
             matrix = data["metrics"][key]["P"]
             for o in range(len(matrix)):
-                xs = list(range(o, len(matrix)))
+                xs = [n for n in range(o, len(matrix)) if matrix[n] is not None]
                 ax.plot(xs, [matrix[n][o] for n in xs], marker="o", label=f"D{o}")
             ax.set_title(name)
             ax.set_xlabel("after training on D_n")
@@ -472,8 +616,13 @@ def _plot(report: dict[str, Any], out_dir: Path) -> None:
         plt.close(fig)
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}"
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.1f}"
+
+
+def _at(values: list[Any] | None, n: int) -> Any:
+    """``values[n]``, or None where a metric was not computed (retraining at the last step only)."""
+    return None if values is None else values[n]
 
 
 def render_report(report: dict[str, Any]) -> str:
@@ -502,10 +651,10 @@ def render_report(report: dict[str, Any]) -> str:
     for name, data in methods.items():
         m = data["metrics"]
         lines.append(
-            f"| {name} | {_pct(m['ret@10']['A'][last])} | {_pct(m['ret@10']['F'][last])} | "
-            f"{_pct(m['ret@10']['LA'][last])} | {_pct(m['ret@1']['A'][last])} | "
-            f"{_pct(m['idx@1']['A'][last])} | {_pct(m['idx@1']['F'][last])} | "
-            f"{_pct(m['idx@1']['LA'][last])} | {data['forgetting_events_total']} | "
+            f"| {name} | {_pct(m['ret@10']['A'][last])} | {_pct(_at(m['ret@10']['F'], last))} | "
+            f"{_pct(_at(m['ret@10']['LA'], last))} | {_pct(m['ret@1']['A'][last])} | "
+            f"{_pct(m['idx@1']['A'][last])} | {_pct(_at(m['idx@1']['F'], last))} | "
+            f"{_pct(_at(m['idx@1']['LA'], last))} | {data['forgetting_events_total']} | "
             f"{data['updates_total']} | {data['passes_total']} |"
         )
     lines += ["", "## D0 after each step (forgetting of the initial corpus)", ""]
@@ -514,7 +663,7 @@ def render_report(report: dict[str, Any]) -> str:
     for name, data in methods.items():
         matrix = data["metrics"]["idx@1"]["P"]
         lines.append(
-            f"| {name} | " + " | ".join(_pct(matrix[n][0]) for n in range(last + 1)) + " |"
+            f"| {name} | " + " | ".join(_pct(_at(matrix[n], 0)) for n in range(last + 1)) + " |"
         )
     lines += [
         "",
@@ -526,7 +675,7 @@ def render_report(report: dict[str, Any]) -> str:
     for name, data in methods.items():
         matrix = data["metrics"]["ret@10"]["P"]
         lines.append(
-            f"| {name} | " + " | ".join(_pct(matrix[n][0]) for n in range(last + 1)) + " |"
+            f"| {name} | " + " | ".join(_pct(_at(matrix[n], 0)) for n in range(last + 1)) + " |"
         )
     bm25 = report["bm25"]
     lines += [
@@ -672,6 +821,8 @@ def cmd_experiment_dsi(args: argparse.Namespace, settings: Settings) -> int:
         pseudo_per_doc=args.pseudo_per_doc,
         seed=args.seed,
         threads=args.threads,
+        jobs=args.jobs,
+        retrain=args.retrain,
     )
     reuse = Path(args.reuse_pseudo_queries) if args.reuse_pseudo_queries else None
     report = run_protocol(config, Path(args.out), settings, reuse)
@@ -702,7 +853,19 @@ def register(group: Any) -> None:
     parser.add_argument("--sam-rho", type=float, default=ProtocolConfig.sam_rho)
     parser.add_argument("--pseudo-per-doc", type=int, default=ProtocolConfig.pseudo_per_doc)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="worker processes for LM pseudo-query generation and for the methods after D0",
+    )
+    parser.add_argument(
+        "--retrain",
+        choices=("every", "last"),
+        default=ProtocolConfig.retrain,
+        help="retraining reference after every step, or only after the last (cheaper)",
+    )
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     parser.add_argument(
         "--reuse-pseudo-queries",

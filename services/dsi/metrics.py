@@ -13,16 +13,17 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 
-def _check(matrix: Sequence[Sequence[float]], n: int) -> None:
+def _check(matrix: Sequence[Sequence[float]], n: int, *, rows: range | None = None) -> None:
     if n < 0 or n >= len(matrix):
         raise ValueError(f"step {n} is outside the matrix (0..{len(matrix) - 1})")
-    for row in range(n + 1):
+    for row in rows if rows is not None else range(n + 1):
         if len(matrix[row]) < row + 1:
             raise ValueError(f"row {row} needs P[{row}][0..{row}]")
 
 
 def average_performance(matrix: Sequence[Sequence[float]], n: int) -> float:
-    _check(matrix, n)
+    """Needs only row ``n`` (earlier rows may be empty: a reference evaluated at step n only)."""
+    _check(matrix, n, rows=range(n, n + 1))
     return sum(matrix[n][o] for o in range(n + 1)) / (n + 1)
 
 

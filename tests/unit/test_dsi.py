@@ -177,6 +177,8 @@ def test_average_performance_worked_example() -> None:
     assert average_performance(P, 0) == pytest.approx(0.8)
     assert average_performance(P, 1) == pytest.approx(0.65)
     assert average_performance(P, 2) == pytest.approx(0.6)
+    # A_n reads row n only: a reference evaluated at the last step alone still has A_n.
+    assert average_performance([[], [], P[2]], 2) == pytest.approx(0.6)
 
 
 def test_forgetting_worked_example() -> None:

@@ -806,6 +806,8 @@ def cmd_experiment_dsi(args: argparse.Namespace, settings: Settings) -> int:
         )
         print(json.dumps(choice["rows"], indent=2))
         return 0
+    if args.jobs < 1 or args.threads < 1:
+        raise SystemExit("--jobs and --threads must be at least 1")
     config = ProtocolConfig(
         docs=args.docs,
         corpora=args.corpora,

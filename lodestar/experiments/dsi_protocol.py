@@ -819,6 +819,7 @@ def cmd_experiment_dsi(args: argparse.Namespace, settings: Settings) -> int:
         step_epochs=args.step_epochs,
         qg_epochs=args.qg_epochs,
         query_generator=args.query_generator,
+        lr=args.lr,
         sam_rho=args.sam_rho,
         pseudo_per_doc=args.pseudo_per_doc,
         seed=args.seed,
@@ -852,6 +853,7 @@ def register(group: Any) -> None:
         help="pseudo-queries from pretrained SmolLM2 prompted with D0 pairs (lm) or from a T5 "
         "trained from scratch on them (t5)",
     )
+    parser.add_argument("--lr", type=float, default=ProtocolConfig.lr, help="peak learning rate")
     parser.add_argument("--sam-rho", type=float, default=ProtocolConfig.sam_rho)
     parser.add_argument("--pseudo-per-doc", type=int, default=ProtocolConfig.pseudo_per_doc)
     parser.add_argument("--seed", type=int, default=0)

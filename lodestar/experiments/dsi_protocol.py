@@ -21,11 +21,12 @@ import json
 import multiprocessing as mp
 import platform
 import random
-import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -383,11 +384,33 @@ def _run_method_from_checkpoint(
     return _run_method(name, T5Dsi.load(base_dir), context)
 
 
+def _run_methods_in_workers(
+    base_dir: Path, context: _MethodContext, progress: Callable[[int], Any]
+) -> dict[str, Any]:
+    """Every method in its own worker process, each starting from the D0 model in ``base_dir``;
+    ``progress`` gets the number of steps a finished method ran."""
+    from services.dsi.continual import METHODS
+
+    config = context.config
+    results: dict[str, Any] = {}
+    with _worker_pool(config.jobs) as pool:
+        # Retraining is the longest: start it first so the others fill the other workers.
+        longest_first = sorted(config.methods, key=lambda name: not METHODS[name].retrain)
+        futures = {
+            pool.submit(_run_method_from_checkpoint, name, base_dir, context): name
+            for name in longest_first
+        }
+        for future in as_completed(futures):
+            results[futures[future]] = future.result()
+            progress(len(context.splits) - 1)
+    return results
+
+
 def _lm_pseudo_queries(
     settings: Settings,
-    docs: list[Any],
     config: ProtocolConfig,
     demonstrations: list[tuple[str, str]],
+    docs: list[Any],
     shard: int,
 ) -> dict[str, list[str]]:
     """Pseudo-queries for one shard of the documents (one worker process per shard)."""
@@ -465,18 +488,12 @@ def run_protocol(
         todo = [d for d in all_docs if d.id not in pseudo]
         shards = [todo[i :: config.jobs] for i in range(config.jobs) if todo[i :: config.jobs]]
         if len(shards) > 1:
+            shard_job = partial(_lm_pseudo_queries, settings, config, demonstrations)
             with _worker_pool(len(shards)) as pool:
-                for shard_queries in pool.map(
-                    _lm_pseudo_queries,
-                    [settings] * len(shards),
-                    shards,
-                    [config] * len(shards),
-                    [demonstrations] * len(shards),
-                    range(len(shards)),
-                ):
+                for shard_queries in pool.map(shard_job, shards, range(len(shards))):
                     pseudo |= shard_queries
         elif shards:
-            pseudo |= _lm_pseudo_queries(settings, shards[0], config, demonstrations, 0)
+            pseudo |= _lm_pseudo_queries(settings, config, demonstrations, shards[0], 0)
         generator_kind = f"{LLM_ID}, {len(demonstrations)} D0 pairs as demonstrations"
     else:
         generator, qg_updates = train_query_generator(
@@ -525,20 +542,11 @@ def run_protocol(
     if config.jobs > 1 and len(config.methods) > 1:
         # Methods are independent once D0 is trained: each worker process starts from the saved
         # D0 model, with the same seeds as the sequential path.
-        base_dir = out_dir / "d0_model"
-        base.save(base_dir)
-        with _worker_pool(config.jobs) as pool:
-            # Retraining is the longest: start it first so the others fill the other workers.
-            longest_first = sorted(config.methods, key=lambda name: name != "retrain")
-            futures = {
-                pool.submit(_run_method_from_checkpoint, name, base_dir, context): name
-                for name in longest_first
-            }
-            for future in as_completed(futures):
-                bar.set_postfix_str(f"{futures[future]} done")
-                results[futures[future]] = future.result()
-                bar.update(n_steps - 1)
-        shutil.rmtree(base_dir)
+        # A temporary directory: removed even when a worker fails.
+        with tempfile.TemporaryDirectory(dir=out_dir, prefix="d0_model.") as handover:
+            base_dir = Path(handover)
+            base.save(base_dir)
+            results = _run_methods_in_workers(base_dir, context, progress=bar.update)
         results = {name: results[name] for name in config.methods}
     else:
         for name in config.methods:

@@ -246,7 +246,8 @@ class RagContext:
         """The orchestrator's ``AnswerPipeline`` over ``InProcessIndex``, wired as the app does."""
         if self._answer_pipeline is None:
             from services.index.engine import InProcessIndex
-            from services.orchestrator.engine import AnswerPipeline, SearchPipeline
+            from services.orchestrator.rounds import AnswerPipeline
+            from services.orchestrator.search import SearchPipeline
 
             settings = self.settings
             search = SearchPipeline(InProcessIndex(self.engine), rrf_k=settings.rrf_k)
@@ -261,7 +262,8 @@ class RagContext:
         critic (loaded on its first judgement, so the baselines need no trained critic)."""
         if self._loop_pipeline is None:
             from services.index.engine import InProcessIndex
-            from services.orchestrator.engine import AnswerPipeline, SearchPipeline
+            from services.orchestrator.rounds import AnswerPipeline
+            from services.orchestrator.search import SearchPipeline
 
             settings = self.settings
             search = SearchPipeline(InProcessIndex(self.engine), rrf_k=settings.rrf_k)
@@ -288,7 +290,7 @@ class RagMethod:
 
 async def answer_closed_book(context: RagContext, example: QAExample) -> RagOutcome:
     """The LLM alone (always in-process: no stack endpoint answers without retrieval)."""
-    from services.orchestrator.engine import build_closed_book_messages, clean_answer
+    from services.orchestrator.prompts import build_closed_book_messages, clean_answer
 
     generator = context.reasoner
     generation = await asyncio.to_thread(
@@ -352,7 +354,8 @@ def loop_method(policy: str, max_rounds: int) -> MethodAnswer:
     """A method running the orchestrator's multi-round loop with one stopping ``policy``."""
 
     async def answer(context: RagContext, example: QAExample) -> RagOutcome:
-        from services.orchestrator.engine import StopPolicy, is_unsure
+        from services.orchestrator.prompts import is_unsure
+        from services.orchestrator.rounds import StopPolicy
         from shared.store import Trace
 
         stop = StopPolicy(policy)

@@ -112,7 +112,7 @@ class InProcessBackend:
 
     def __init__(self, settings: Settings) -> None:
         from services.index.engine import IndexEngine, InProcessIndex
-        from services.orchestrator.engine import SearchPipeline
+        from services.orchestrator.search import SearchPipeline
         from services.reranker.engine import InProcessReranker, rerank_engine_from_settings
 
         # Configured exactly as the services configure them (ANN backend, candidates, token

@@ -103,7 +103,8 @@ async def practice_question(
     temperature: float,
     k: int,
 ) -> list[PracticeRow]:
-    from services.orchestrator.engine import StopPolicy, is_unsure
+    from services.orchestrator.prompts import is_unsure
+    from services.orchestrator.rounds import StopPolicy
     from shared.store import Trace
 
     trace = Trace(kind="practice", request={"qid": example.id})
@@ -161,7 +162,8 @@ def run_self_practice(
     With ``time_budget_s``, questions not started by then are left out (the manifest counts the
     questions practised)."""
     from services.index.engine import IndexEngine, InProcessIndex
-    from services.orchestrator.engine import AnswerPipeline, SearchPipeline
+    from services.orchestrator.rounds import AnswerPipeline
+    from services.orchestrator.search import SearchPipeline
     from shared.models import get_generator
 
     questions, corpus = load_practice_dataset(dataset)

@@ -39,7 +39,7 @@ def pipeline_for(backend: InProcessBackend) -> Any:
     """The backend's search pipeline with ``fm`` added as an external retriever (one per
     backend: the generator loads once)."""
     from services.index.engine import InProcessIndex
-    from services.orchestrator.engine import SearchPipeline
+    from services.orchestrator.search import SearchPipeline
     from shared.settings import get_settings
 
     key = id(backend)

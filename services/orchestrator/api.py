@@ -18,8 +18,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from sse_starlette.sse import EventSourceResponse
 
-from services.orchestrator.engine import (
-    INDEX_RETRIEVERS,
+from services.orchestrator.rounds import (
     AnswerPiece,
     AnswerPipeline,
     RoundFinished,
@@ -27,8 +26,8 @@ from services.orchestrator.engine import (
     RoundsFinished,
     RoundsOutcome,
     RoundStarted,
-    SearchPipeline,
 )
+from services.orchestrator.search import INDEX_RETRIEVERS, SearchPipeline
 from shared.app import check_k, check_text, from_state, require_ready
 from shared.clients import IndexClient
 from shared.errors import LodestarError, invalid

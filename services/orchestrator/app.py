@@ -5,7 +5,8 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from services.orchestrator.api import router
-from services.orchestrator.engine import AnswerPipeline, SearchPipeline
+from services.orchestrator.rounds import AnswerPipeline
+from services.orchestrator.search import SearchPipeline
 from shared.app import Readiness, create_app
 from shared.clients import CriticClient, IndexClient, RerankerClient, RetrieverClient
 from shared.jobs import make_celery

@@ -16,20 +16,22 @@ import pytest
 
 from services.critic.practice import PracticeRow
 from services.critic.training import balance_by_downsampling, binary_report, split_by_question
-from services.orchestrator.engine import (
+from services.orchestrator.prompts import (
     QUERY_SYSTEM_PROMPT,
-    AnswerPiece,
-    AnswerPipeline,
-    RoundFinished,
-    RoundsFinished,
-    RoundStarted,
-    SearchPipeline,
-    StopPolicy,
     format_round_context,
     is_unsure,
     parse_query,
     parse_reasoner_output,
 )
+from services.orchestrator.rounds import (
+    AnswerPiece,
+    AnswerPipeline,
+    RoundFinished,
+    RoundsFinished,
+    RoundStarted,
+    StopPolicy,
+)
+from services.orchestrator.search import SearchPipeline
 from shared.clients import CriticClient, DependencyError, JudgeRequest, JudgeResponse
 from shared.models import Generation
 from shared.schemas import Hit, IndexSearchRequest, IndexSearchResponse

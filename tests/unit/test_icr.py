@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from services.orchestrator.engine import SearchPipeline
+from services.orchestrator.search import SearchPipeline
 from services.reranker.engine import (
     RankGPTOptions,
     RankGPTRanker,

@@ -5,13 +5,9 @@ from __future__ import annotations
 import pytest
 
 from services.index.engine import chunk_document, embedding_text
-from services.orchestrator.engine import (
-    SearchPipeline,
-    build_answer_messages,
-    choose_citations,
-    clean_answer,
-    reciprocal_rank_fusion,
-)
+from services.orchestrator.fusion import reciprocal_rank_fusion
+from services.orchestrator.prompts import build_answer_messages, choose_citations, clean_answer
+from services.orchestrator.search import SearchPipeline
 from shared.clients import DependencyError
 from shared.errors import ErrorCode, LodestarError
 from shared.schemas import Document, Hit, IndexSearchRequest, IndexSearchResponse

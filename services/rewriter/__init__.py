@@ -1,0 +1,1 @@
+"""The CAR rewriter: context-aware rewriting of training queries and synthetic queries."""

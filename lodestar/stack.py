@@ -49,6 +49,8 @@ STACK: tuple[ProcessSpec, ...] = (
     ProcessSpec("reranker", "services.reranker", port_service="reranker"),
     # Ready before any critic is trained: /judge answers 503 and /answer degrades to max_rounds.
     ProcessSpec("critic", "services.critic", port_service="critic"),
+    # CAR rewriting of training queries (SmolLM2 loads in about a second once converted).
+    ProcessSpec("rewriter", "services.rewriter", port_service="rewriter"),
     # Ready with no model (tokenizer only): a collection without a trained DSI answers 404.
     ProcessSpec("dsi", "services.dsi", port_service="dsi"),
     # Ready with no FM-index built (the LM loads in seconds): such a collection answers 404.

@@ -33,6 +33,8 @@ TASK_CRITIC_TRAIN = "lodestar.critic_train"
 TASK_FMINDEX_BUILD = "lodestar.fmindex_build"
 #: SEAL: fine-tunes and publishes the fmindex n-gram generator, cpu queue.
 TASK_FMINDEX_TRAIN = "lodestar.fmindex_train"
+#: CAR: rewrites a batch of training queries (``services.rewriter.jobs``), cached per pair.
+TASK_REWRITE_BATCH = "lodestar.rewrite_batch"
 
 _STATES = {
     "PENDING": "queued",

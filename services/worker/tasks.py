@@ -19,6 +19,7 @@ from shared.jobs import (
     TASK_FMINDEX_TRAIN,
     TASK_INDEX_DOCUMENTS,
     TASK_MERGE_COLLECTION,
+    TASK_REWRITE_BATCH,
     make_celery,
 )
 from shared.schemas import Document
@@ -191,3 +192,15 @@ def fmindex_train(
         self.update_state(state="PROGRESS", meta=meta)
 
     return train(settings, dataset, split, TrainConfig(**(config or {})), progress=progress)
+
+
+@app.task(bind=True, name=TASK_REWRITE_BATCH)  # type: ignore[untyped-decorator]
+def rewrite_batch(self: Task, **job: Any) -> dict[str, Any]:
+    """CAR: rewrite a dataset split or a staged batch of training pairs (``services.rewriter``).
+    Idempotent: every rewrite is cached on disk, so a redelivered job generates nothing again."""
+    from services.rewriter.jobs import run_rewrite_job
+
+    def progress(done: int, total: int, stage: str) -> None:
+        self.update_state(state="PROGRESS", meta={"done": done, "total": total, "stage": stage})
+
+    return run_rewrite_job(settings, str(self.request.id), progress=progress, **job)

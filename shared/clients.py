@@ -26,6 +26,8 @@ from shared.errors import ErrorCode, LodestarError
 from shared.schemas import (
     CollectionInfo,
     Document,
+    EmbedRequest,
+    EmbedResponse,
     IndexSearchRequest,
     IndexSearchResponse,
     WriteResponse,
@@ -138,6 +140,12 @@ class IndexClient(ServiceClient):
     async def collection(self, name: str) -> CollectionInfo:
         info: CollectionInfo = await self._call("GET", f"/collections/{name}", CollectionInfo)
         return info
+
+    async def embed(self, request: EmbedRequest) -> EmbedResponse:
+        result: EmbedResponse = await self._call(
+            "POST", "/embed", EmbedResponse, request.model_dump()
+        )
+        return result
 
     async def upsert(self, name: str, documents: list[Document]) -> WriteResponse:
         body = {"documents": [doc.model_dump() for doc in documents]}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -10,6 +11,9 @@ from pydantic import BaseModel, Field, field_validator
 COLLECTION_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
 _COLLECTION_NAME_RE = re.compile(COLLECTION_NAME_PATTERN)
 DOC_ID_MAX_CHARS = 256
+#: Bounds of the index's optional query overrides (a dense vector, weighted BM25 terms).
+QUERY_VECTOR_MAX_DIM = 4096
+BM25_TERMS_MAX = 256
 
 
 def is_valid_collection_name(name: str) -> bool:
@@ -83,6 +87,34 @@ class IndexSearchRequest(BaseModel):
     """IVF lists visited (IVF-PQ collections); default: the collection's configuration."""
     ef_search: int | None = None
     """HNSW search breadth (HNSW collections); default: the collection's configuration."""
+    query_vector: list[float] | None = Field(
+        default=None, min_length=1, max_length=QUERY_VECTOR_MAX_DIM
+    )
+    """A dense query vector to search with instead of embedding ``query`` (e.g. a Rocchio
+    vector); dense retrievers only, of the collection's embedding dimension (checked there)."""
+    bm25_terms: dict[str, float] | None = Field(
+        default=None, min_length=1, max_length=BM25_TERMS_MAX
+    )
+    """A weighted BM25 query (term -> weight > 0, e.g. RM3 expansion interpolated with the
+    query) scored as sum_t weight_t * BM25(t, d) instead of ``query``; bm25 only."""
+
+    @field_validator("query_vector")
+    @classmethod
+    def _finite_vector(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and not all(math.isfinite(x) for x in value):
+            raise ValueError("query_vector must hold finite numbers")
+        return value
+
+    @field_validator("bm25_terms")
+    @classmethod
+    def _positive_weights(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is not None:
+            for term, weight in value.items():
+                if not term.strip() or len(term) > 64:
+                    raise ValueError("bm25_terms keys are words of 1-64 characters")
+                if not (math.isfinite(weight) and weight > 0):
+                    raise ValueError("bm25_terms weights must be finite and > 0")
+        return value
 
 
 class IndexSearchResponse(BaseModel):
@@ -92,6 +124,26 @@ class IndexSearchResponse(BaseModel):
     timings_ms: dict[str, float]
     dense_backend: str | None = None
     """Which dense backend answered ``dense``: ``flat`` or e.g. ``ivfpq+exact``."""
+
+
+class EmbedPassage(BaseModel):
+    title: str = ""
+    text: str = Field(max_length=20_000)
+
+
+class EmbedRequest(BaseModel):
+    """Vectors the index's embedder gives a query and passages (passages embedded exactly as the
+    index embeds its own, title prepended, so a hit's text gets its stored vector back)."""
+
+    query: str | None = Field(default=None, max_length=4_000)
+    passages: list[EmbedPassage] = Field(default_factory=list, max_length=64)
+
+
+class EmbedResponse(BaseModel):
+    model: str
+    dim: int
+    query_vector: list[float] | None
+    passage_vectors: list[list[float]]
 
 
 class UpsertRequest(BaseModel):

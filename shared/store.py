@@ -51,6 +51,8 @@ traces = Table(
     Column("request", JSON, nullable=False),
     Column("response", JSON, nullable=True),
     Column("created_at", Float, nullable=False),
+    Index("ix_traces_parent", "parent_trace_id"),
+    Index("ix_traces_session", "session_id"),
 )
 
 stage_runs = Table(
@@ -251,7 +253,41 @@ class Store:
                 .where(feedback.c.trace_id == trace_id)
                 .order_by(feedback.c.created_at)
             ).mappings()
-            return {**dict(row), "stages": stages, "feedback": [dict(f) for f in fb]}
+            children = conn.execute(
+                select(traces.c.trace_id)
+                .where(traces.c.parent_trace_id == trace_id)
+                .order_by(traces.c.created_at)
+            ).all()
+            return {
+                **dict(row),
+                "stages": stages,
+                "feedback": [dict(f) for f in fb],
+                "children": [str(c[0]) for c in children],
+            }
+
+    def children(self, trace_id: str) -> list[str]:
+        """Traces rerun from ``trace_id`` (their ``parent_trace_id``), oldest first."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(traces.c.trace_id)
+                .where(traces.c.parent_trace_id == trace_id)
+                .order_by(traces.c.created_at)
+            ).all()
+        return [str(r[0]) for r in rows]
+
+    def session_traces(
+        self, session_id: str, *, with_feedback: bool = True, limit: int = 50
+    ) -> list[str]:
+        """The session's traces (those with feedback when ``with_feedback``), oldest first, at
+        most the ``limit`` most recent ones."""
+        query = select(traces.c.trace_id, traces.c.created_at).where(
+            traces.c.session_id == session_id
+        )
+        if with_feedback:
+            query = query.where(traces.c.trace_id.in_(select(feedback.c.trace_id).distinct()))
+        with self.engine.connect() as conn:
+            rows = conn.execute(query.order_by(traces.c.created_at.desc()).limit(limit)).all()
+        return [str(r[0]) for r in reversed(rows)]
 
     # --- feedback -------------------------------------------------------------------------------
 

@@ -18,6 +18,8 @@ from services.index.engine import (
 from shared.app import check_k, check_text, from_state, require_ready
 from shared.schemas import (
     CollectionInfo,
+    EmbedRequest,
+    EmbedResponse,
     IndexSearchRequest,
     IndexSearchResponse,
     UpsertRequest,
@@ -62,9 +64,26 @@ async def search(
     query = check_text(body.query, "query", settings)
     check_k(body.k, settings)
     snapshot, results, timings = await run_in_threadpool(
-        engine.search, body.collection, query, body.k, body.retrievers, params_of(body)
+        lambda: engine.search(
+            body.collection,
+            query,
+            body.k,
+            body.retrievers,
+            params_of(body),
+            query_vector=body.query_vector,
+            bm25_terms=body.bm25_terms,
+        )
     )
     return search_response(snapshot, results, timings)
+
+
+@router.post("/embed", response_model=EmbedResponse)
+async def embed(body: EmbedRequest, engine: EngineDep, settings: SettingsDep) -> EmbedResponse:
+    """The embedder's vectors for a query and passages, so a caller can move a dense query
+    (Rocchio relevance feedback) and search with ``query_vector``."""
+    if body.query is not None:
+        check_text(body.query, "query", settings)
+    return await run_in_threadpool(engine.embed, body)
 
 
 @router.get("/collections", response_model=list[CollectionInfo])

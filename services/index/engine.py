@@ -50,6 +50,8 @@ from shared.errors import invalid, not_found
 from shared.models import EMBEDDER_ID, EMBEDDING_DIM, Embedder
 from shared.schemas import (
     Document,
+    EmbedRequest,
+    EmbedResponse,
     Hit,
     IndexSearchRequest,
     IndexSearchResponse,
@@ -93,6 +95,12 @@ def chunk_document(doc: Document, passage_words: int) -> list[Passage]:
 def embedding_text(passage: Passage) -> str:
     """Title prepended, as CompactDS (``no_title: False``) and BEIR's dense baselines do."""
     return f"{passage.title} {passage.text}".strip()
+
+
+def _stemmer() -> Any:
+    import Stemmer
+
+    return Stemmer.Stemmer("english")
 
 
 def _bm25_tokenize(texts: Sequence[str], *, show_progress: bool = False) -> Any:
@@ -277,8 +285,40 @@ class BM25Searcher:
         # Over-fetch passages so that k distinct documents survive max-passage grouping.
         depth = min(n_passages, max(k * 4, k + 32))
         indices, scores = self.retriever.retrieve(tokens, k=depth, show_progress=False, n_threads=1)
+        return self._by_document(indices[0].tolist(), scores[0].tolist(), k)
+
+    def search_weighted(self, terms: dict[str, float], k: int) -> list[ScoredDoc]:
+        """A weighted query: score(p) = sum_t w_t * BM25(t, p) over the terms' stems (terms that
+        stem alike add their weights), then documents by their best passage like ``search``.
+        This is how an RM3-expanded query (Lavrenko and Croft's relevance model interpolated
+        with the original query) is scored: one weighted term list, not a re-tokenised string."""
+        n_passages = self.live_rows.shape[0]
+        if self.retriever is None or n_passages == 0:
+            return []
+        import bm25s
+
+        weights: dict[int, float] = {}
+        words = list(terms)
+        stems = bm25s.tokenize(
+            words, stopwords="en", stemmer=_stemmer(), return_ids=False, show_progress=False
+        )
+        for word, tokens in zip(words, stems, strict=True):
+            for token_id in self.retriever.get_tokens_ids([t for t in tokens if t]):
+                weights[token_id] = weights.get(token_id, 0.0) + terms[word]
+        if not weights:
+            return []
+        scores = np.zeros(n_passages, dtype=np.float32)
+        for token_id, weight in weights.items():
+            scores += weight * self.retriever.get_scores_from_ids([token_id])
+        depth = min(n_passages, max(k * 4, k + 32))
+        top = np.argpartition(-scores, depth - 1)[:depth]
+        top = top[np.lexsort((top, -scores[top]))]
+        return self._by_document(top.tolist(), scores[top].tolist(), k)
+
+    def _by_document(self, live_indices: list[int], scores: list[float], k: int) -> list[ScoredDoc]:
+        """Ranked passages (positions among live passages) to documents by their best one."""
         best: dict[int, ScoredDoc] = {}
-        for live_index, score in zip(indices[0].tolist(), scores[0].tolist(), strict=True):
+        for live_index, score in zip(live_indices, scores, strict=True):
             if score <= 0:
                 continue
             passage_index = int(self.live_rows[live_index])
@@ -327,6 +367,7 @@ class Snapshot:
         k: int,
         params: SearchParams | None = None,
         timings: dict[str, float] | None = None,
+        bm25_terms: dict[str, float] | None = None,
     ) -> list[ScoredDoc]:
         if retriever in DENSE_RETRIEVERS:
             if query_vector is None:
@@ -334,6 +375,8 @@ class Snapshot:
             searcher: DenseSearcher = self.dense if retriever == "dense" else self.exact
             return searcher.search(query_vector, k, params, timings)
         if retriever == "bm25":
+            if bm25_terms:
+                return self.bm25.search_weighted(bm25_terms, k)
             return self.bm25.search(query, k)
         raise invalid(
             f"unknown retriever {retriever!r}; available: {', '.join(RETRIEVERS)}",
@@ -539,6 +582,23 @@ class IndexEngine:
         vector: np.ndarray = self.embedder.encode([query])[0]
         return vector
 
+    def embed(self, request: EmbedRequest) -> EmbedResponse:
+        """The query's vector (as ``search`` embeds it) and the passages' (as indexing embeds
+        them): what a caller needs to move a query vector (Rocchio) without the embedder."""
+        texts = [
+            embedding_text(Passage(passage_id="", doc_id="", title=p.title, text=p.text))
+            for p in request.passages
+        ]
+        vectors = self.embedder.encode(texts)
+        return EmbedResponse(
+            model=self.embedder.model_id,
+            dim=int(self.embedder.dim),
+            query_vector=None
+            if request.query is None
+            else self.embed_query(request.query).tolist(),
+            passage_vectors=[v.tolist() for v in vectors],
+        )
+
     def search(
         self,
         name: str,
@@ -546,7 +606,13 @@ class IndexEngine:
         k: int,
         retrievers: Sequence[str],
         params: SearchParams | None = None,
+        *,
+        query_vector: Sequence[float] | None = None,
+        bm25_terms: dict[str, float] | None = None,
     ) -> tuple[Snapshot, dict[str, list[ScoredDoc]], dict[str, float]]:
+        """Search ``retrievers``; ``query_vector`` replaces the embedded ``query`` for the dense
+        retrievers (its dimension must be the collection's) and ``bm25_terms`` replaces
+        ``query`` for BM25 (a weighted term list)."""
         unknown = [r for r in retrievers if r not in RETRIEVERS]
         if unknown:
             raise invalid(
@@ -557,15 +623,26 @@ class IndexEngine:
         params.check(k, self.max_candidates)
         snapshot = self.snapshot(name)
         timings: dict[str, float] = {}
-        query_vector = None
-        if any(r in DENSE_RETRIEVERS for r in retrievers):
+        vector = None
+        if query_vector is not None:
+            dim = int(snapshot.manifest["dim"])
+            if len(query_vector) != dim:
+                raise invalid(
+                    f"query_vector has {len(query_vector)} dimensions; the collection's "
+                    f"embeddings have {dim}",
+                    field="query_vector",
+                )
+            vector = np.asarray(query_vector, dtype=np.float32)
+        elif any(r in DENSE_RETRIEVERS for r in retrievers):
             started = time.perf_counter()
-            query_vector = self.embed_query(query)
+            vector = self.embed_query(query)
             timings["embed_query"] = (time.perf_counter() - started) * 1000
         results: dict[str, list[ScoredDoc]] = {}
         for retriever in retrievers:
             started = time.perf_counter()
-            results[retriever] = snapshot.search(retriever, query, query_vector, k, params, timings)
+            results[retriever] = snapshot.search(
+                retriever, query, vector, k, params, timings, bm25_terms
+            )
             timings[retriever] = (time.perf_counter() - started) * 1000
         return snapshot, results, timings
 
@@ -838,6 +915,15 @@ class InProcessIndex:
 
     async def search(self, request: IndexSearchRequest) -> IndexSearchResponse:
         snapshot, results, timings = self.engine.search(
-            request.collection, request.query, request.k, request.retrievers, params_of(request)
+            request.collection,
+            request.query,
+            request.k,
+            request.retrievers,
+            params_of(request),
+            query_vector=request.query_vector,
+            bm25_terms=request.bm25_terms,
         )
         return search_response(snapshot, results, timings)
+
+    async def embed(self, request: EmbedRequest) -> EmbedResponse:
+        return self.engine.embed(request)

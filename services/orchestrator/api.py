@@ -5,6 +5,7 @@ Thin: validate, call the pipelines and clients, persist the trace, shape the res
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections.abc import AsyncIterator
@@ -12,12 +13,25 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from celery import Celery
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry
 from pydantic import BaseModel, Field
 from sse_starlette.sse import EventSourceResponse
 
+from services.orchestrator.adapt import FeedbackAdaptation, Judgement
+from services.orchestrator.rerun import (
+    FeedbackMetrics,
+    Overrides,
+    check_rerun,
+    new_trace,
+    rerun_adaptation,
+    rerun_answer,
+    rerun_search,
+    session_adaptation,
+    trace_doc_ids,
+)
 from services.orchestrator.rounds import (
     AnswerPiece,
     AnswerPipeline,
@@ -27,12 +41,13 @@ from services.orchestrator.rounds import (
     RoundsOutcome,
     RoundStarted,
 )
-from services.orchestrator.search import INDEX_RETRIEVERS, SearchPipeline
+from services.orchestrator.search import INDEX_RETRIEVERS, SearchOutcome, SearchPipeline
 from shared.app import check_k, check_text, from_state, require_ready
 from shared.clients import IndexClient
 from shared.errors import LodestarError, invalid
 from shared.jobs import TASK_INDEX_DOCUMENTS, TASK_MERGE_COLLECTION, job_status
 from shared.schemas import (
+    DOC_ID_MAX_CHARS,
     CollectionInfo,
     Document,
     Hit,
@@ -45,6 +60,10 @@ from shared.store import FeedbackIn, Store, Trace, new_id
 # --- request and response models ---------------------------------------------------------------
 
 
+SessionId = Annotated[str, Field(min_length=1, max_length=64)]
+DocId = Annotated[str, Field(min_length=1, max_length=DOC_ID_MAX_CHARS)]
+
+
 class SearchRequest(BaseModel):
     query: str
     collection: str = "wiki"
@@ -52,13 +71,24 @@ class SearchRequest(BaseModel):
     retrievers: list[str] = Field(default_factory=lambda: list(INDEX_RETRIEVERS), min_length=1)
     fusion: Literal["rrf"] = "rrf"
     rerank: str | None = None
+    session_id: SessionId | None = None
+    """Stored on the trace. Feedback given earlier in the session applies to this search:
+    pins and removals from the session's searches of the same query, relevance labels from any
+    of its searches (Rocchio and RM3)."""
+
+
+class ResponseHit(Hit):
+    judged: Judgement | None = None
+    """How feedback applied to this search judged the document (``pinned`` over a label)."""
 
 
 class SearchResponse(BaseModel):
     trace_id: str
-    hits: list[Hit]
+    hits: list[ResponseHit]
     timings_ms: dict[str, float]
     degraded: list[str]
+    parent_trace_id: str | None = None
+    """The trace this one reran (``POST /traces/{id}/rerun``)."""
 
 
 class AnswerRequest(BaseModel):
@@ -68,6 +98,9 @@ class AnswerRequest(BaseModel):
     max_rounds: int = Field(4, ge=1, le=8)
     """Retrieval rounds at most (SIM-RAG): the critic may stop the loop earlier."""
     stream: bool = False
+    session_id: SessionId | None = None
+    """Stored on the trace; the session's earlier feedback applies to every round's search (the
+    rule of ``SearchRequest.session_id``, the question as the query)."""
 
 
 class Citation(BaseModel):
@@ -108,9 +141,46 @@ class AnswerResponse(BaseModel):
     rounds: list[Round]
     stop_reason: str
     """Why the loop ended: ``accepted`` (critic), ``max_rounds``, ``repeated_query``,
-    ``empty_retrieval``."""
+    ``empty_retrieval``; ``rerun_generate`` for a rerun from ``generate``."""
     timings_ms: dict[str, float]
     degraded: list[str]
+    judged: dict[str, Judgement] = Field(default_factory=dict)
+    """Documents feedback judged (``relevant``, ``irrelevant``, ``pinned``)."""
+    parent_trace_id: str | None = None
+    """The trace this one reran (``POST /traces/{id}/rerun``)."""
+
+
+class SubQueryEdit(BaseModel):
+    action: Literal["edit", "add", "delete", "reorder"]
+    sq_id: str | None = Field(None, min_length=1, max_length=512)
+    text: str | None = Field(None, max_length=300)
+    order: int | None = Field(None, ge=0, le=64)
+
+
+class RerunOverrides(BaseModel):
+    pin: list[DocId] = Field(default_factory=list, max_length=100)
+    """Documents to put first, in this order (any document of the trace's stages)."""
+    remove: list[DocId] = Field(default_factory=list, max_length=100)
+    relevant: list[DocId] = Field(default_factory=list, max_length=100)
+    irrelevant: list[DocId] = Field(default_factory=list, max_length=100)
+    subqueries: list[SubQueryEdit] | None = Field(default=None, max_length=32)
+    """Sub-query edits (accepted and validated; applied once ``/answer`` has a decompose
+    stage, until then a 422)."""
+
+
+class RerunRequest(BaseModel):
+    from_stage: str = Field(min_length=1, max_length=32)
+    """``retrieve``, ``fusion`` or ``rerank`` for a search; ``retrieve`` or ``generate`` for an
+    answer. Stages before it are copied from the trace, it and the ones after run again."""
+    apply_feedback: bool = False
+    """Apply the feedback stored on the trace (and the traces it was rerun from)."""
+    overrides: RerunOverrides | None = None
+    """Applied on top of stored feedback (an override wins for the documents it names)."""
+    k: int | None = None
+    """Results (search) or documents per round (answer); default: the trace's own ``k``."""
+    feedback_sources: list[Literal["user", "shadow"]] = Field(default=["user"], min_length=1)
+    """Whose stored feedback ``apply_feedback`` applies: users' by default; ``shadow`` agents'
+    only when asked, so synthetic feedback never acts unannounced."""
 
 
 class FeedbackRequest(BaseModel):
@@ -144,6 +214,19 @@ StoreDep = Annotated[Store, Depends(from_state("store"))]
 IndexDep = Annotated[IndexClient, Depends(from_state("index"))]
 SearchDep = Annotated[SearchPipeline, Depends(from_state("search"))]
 AnswerDep = Annotated[AnswerPipeline, Depends(from_state("answer"))]
+
+
+def _feedback_metrics(request: Request) -> FeedbackMetrics:
+    """The rerun/adaptation counters, registered once on the service's ``/metrics`` registry."""
+    state = request.app.state
+    metrics: FeedbackMetrics | None = getattr(state, "feedback_metrics", None)
+    if metrics is None:
+        registry = getattr(state, "metrics_registry", None) or CollectorRegistry()
+        metrics = state.feedback_metrics = FeedbackMetrics(registry)
+    return metrics
+
+
+MetricsDep = Annotated[FeedbackMetrics, Depends(_feedback_metrics)]
 CeleryDep = Annotated[Celery, Depends(from_state("celery"))]
 
 router = APIRouter()
@@ -162,13 +245,18 @@ def validate_collection(name: str) -> None:
 
 @router.post("/search", response_model=SearchResponse, dependencies=ready)
 async def search(
-    body: SearchRequest, settings: SettingsDep, store: StoreDep, pipeline: SearchDep
+    body: SearchRequest,
+    settings: SettingsDep,
+    store: StoreDep,
+    pipeline: SearchDep,
+    metrics: MetricsDep,
 ) -> SearchResponse:
     query = check_text(body.query, "query", settings)
     check_k(body.k, settings)
     validate_collection(body.collection)
     started = time.perf_counter()
-    trace = Trace(kind="search", request=body.model_dump())
+    trace = Trace(kind="search", request=body.model_dump(), session_id=body.session_id)
+    adaptation = await _session_adaptation(store, body.session_id, query, metrics)
     outcome = await pipeline.run(
         trace,
         query=query,
@@ -176,29 +264,63 @@ async def search(
         k=body.k,
         retrievers=body.retrievers,
         rerank=body.rerank,
+        adaptation=adaptation,
     )
+    return await _finish_search(trace, outcome, started, store)
+
+
+async def _session_adaptation(
+    store: Store, session_id: str | None, query: str, metrics: FeedbackMetrics
+) -> FeedbackAdaptation | None:
+    if session_id is None:
+        return None
+    adaptation = await run_in_threadpool(session_adaptation, store, session_id, query)
+    if adaptation.empty:
+        return None
+    metrics.adapted("session", adaptation)
+    return adaptation
+
+
+async def _finish_search(
+    trace: Trace, outcome: SearchOutcome, started: float, store: Store
+) -> SearchResponse:
     timings = {**outcome.timings_ms, "total": (time.perf_counter() - started) * 1000}
     response = SearchResponse(
         trace_id=trace.trace_id,
-        hits=outcome.hits,
+        hits=[
+            ResponseHit(**h.model_dump(), judged=outcome.judged.get(h.doc_id)) for h in outcome.hits
+        ],
         timings_ms=_round(timings),
         degraded=outcome.degraded,
+        parent_trace_id=trace.parent_trace_id,
     )
-    trace.response = {"hit_ids": [h.doc_id for h in outcome.hits], "degraded": outcome.degraded}
+    trace.response = {
+        "hit_ids": [h.doc_id for h in outcome.hits],
+        "degraded": outcome.degraded,
+        "judged": outcome.judged,
+    }
     await run_in_threadpool(store.save_trace, trace)
     return response
 
 
 @router.post("/answer", response_model=AnswerResponse, dependencies=ready)
 async def answer(
-    body: AnswerRequest, settings: SettingsDep, store: StoreDep, pipeline: AnswerDep
+    body: AnswerRequest,
+    settings: SettingsDep,
+    store: StoreDep,
+    pipeline: AnswerDep,
+    metrics: MetricsDep,
 ) -> Any:
     """Multi-round answering (SIM-RAG): up to ``max_rounds`` rounds of retrieve, answer with a
     rationale, ask the critic; every round is in ``rounds`` and in the trace."""
     question = check_text(body.question, "question", settings)
     check_k(body.k, settings)
     validate_collection(body.collection)
-    trace = Trace(kind="answer", request=body.model_dump())
+    trace = Trace(kind="answer", request=body.model_dump(), session_id=body.session_id)
+    adaptation = await _session_adaptation(store, body.session_id, question, metrics)
+    if adaptation is not None:
+        pipeline = copy.copy(pipeline)
+        pipeline.search = pipeline.search.adapted(adaptation)
     if body.stream:
         return EventSourceResponse(_answer_events(trace, question, body, store, pipeline))
     started = time.perf_counter()
@@ -210,15 +332,20 @@ async def answer(
         max_rounds=body.max_rounds,
     )
     timings = {**outcome.timings_ms, "total": (time.perf_counter() - started) * 1000}
-    response = _answer_response(trace, outcome, timings)
+    response = _answer_response(trace, outcome, timings, adaptation)
     trace.response = response.model_dump(exclude={"timings_ms"})
     await run_in_threadpool(store.save_trace, trace)
     return response
 
 
 def _answer_response(
-    trace: Trace, outcome: RoundsOutcome, timings: dict[str, float]
+    trace: Trace,
+    outcome: RoundsOutcome,
+    timings: dict[str, float],
+    adaptation: FeedbackAdaptation | None = None,
 ) -> AnswerResponse:
+    read = {h.doc_id for h in outcome.hits}
+    judged = adaptation.judged() if adaptation is not None else {}
     return AnswerResponse(
         trace_id=trace.trace_id,
         answer=outcome.answer,
@@ -227,6 +354,8 @@ def _answer_response(
         stop_reason=outcome.stop_reason,
         timings_ms=_round(timings),
         degraded=outcome.degraded,
+        judged={d: label for d, label in judged.items() if d in read},
+        parent_trace_id=trace.parent_trace_id,
     )
 
 
@@ -290,8 +419,84 @@ async def post_feedback(body: FeedbackRequest, store: StoreDep) -> FeedbackRespo
 
 @router.get("/traces/{trace_id}")
 async def get_trace(trace_id: str, store: StoreDep) -> dict[str, Any]:
+    """The trace with its stages, feedback, ``parent_trace_id`` and ``children`` (reruns)."""
     trace: dict[str, Any] = await run_in_threadpool(store.get_trace, trace_id)
     return trace
+
+
+@router.post(
+    "/traces/{trace_id}/rerun",
+    response_model=SearchResponse | AnswerResponse,
+    dependencies=ready,
+)
+async def rerun_trace(
+    trace_id: str,
+    body: RerunRequest,
+    settings: SettingsDep,
+    store: StoreDep,
+    search_pipeline: SearchDep,
+    answer_pipeline: AnswerDep,
+    metrics: MetricsDep,
+) -> SearchResponse | AnswerResponse:
+    """A new trace from ``from_stage`` on (``parent_trace_id`` = this one), upstream stages
+    copied, with the overrides and (``apply_feedback``) stored feedback applied; the response
+    has the shape of the original call's."""
+    started = time.perf_counter()
+    parent: dict[str, Any] = await run_in_threadpool(store.get_trace, trace_id)
+    request = parent.get("request") or {}
+    k = body.k if body.k is not None else int(request.get("k", 10))
+    check_k(k, settings)
+    given = body.overrides or RerunOverrides()
+    overrides = Overrides(
+        pin=list(given.pin),
+        remove=list(given.remove),
+        relevant=list(given.relevant),
+        irrelevant=list(given.irrelevant),
+        subqueries=None
+        if given.subqueries is None
+        else [edit.model_dump() for edit in given.subqueries],
+    )
+    check_rerun(parent, body.from_stage, overrides, trace_doc_ids(parent))
+    adaptation = await run_in_threadpool(
+        lambda: rerun_adaptation(
+            store,
+            parent,
+            overrides,
+            apply_feedback=body.apply_feedback,
+            sources=body.feedback_sources,
+        )
+    )
+    trace = new_trace(
+        parent,
+        {
+            "k": k,
+            "rerun": {
+                **body.model_dump(),
+                "adaptation": adaptation.describe(),
+            },
+        },
+    )
+    metrics.reruns.labels(body.from_stage, trace.kind).inc()
+    if not adaptation.empty:
+        metrics.adapted("rerun", adaptation)
+    if trace.kind == "search":
+        outcome = await rerun_search(
+            search_pipeline,
+            parent,
+            trace,
+            from_stage=body.from_stage,
+            adaptation=adaptation,
+            k=k,
+        )
+        return await _finish_search(trace, outcome, started, store)
+    rounds = await rerun_answer(
+        answer_pipeline, parent, trace, from_stage=body.from_stage, adaptation=adaptation, k=k
+    )
+    timings = {**rounds.timings_ms, "total": (time.perf_counter() - started) * 1000}
+    response = _answer_response(trace, rounds, timings, adaptation)
+    trace.response = response.model_dump(exclude={"timings_ms"})
+    await run_in_threadpool(store.save_trace, trace)
+    return response
 
 
 # --- collections and jobs ----------------------------------------------------------------------

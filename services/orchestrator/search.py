@@ -7,11 +7,15 @@ can point at.
 from __future__ import annotations
 
 import asyncio
+import copy
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
+import numpy as np
+
+from services.orchestrator.adapt import FeedbackAdaptation, Judgement
 from services.orchestrator.fusion import reciprocal_rank_fusion
 from shared.clients import (
     DependencyError,
@@ -20,7 +24,15 @@ from shared.clients import (
     RerankResponse,
 )
 from shared.errors import ErrorCode, LodestarError
-from shared.schemas import Hit, IndexSearchRequest, IndexSearchResponse, SourceRank
+from shared.schemas import (
+    EmbedPassage,
+    EmbedRequest,
+    EmbedResponse,
+    Hit,
+    IndexSearchRequest,
+    IndexSearchResponse,
+    SourceRank,
+)
 from shared.store import StageRun, Trace
 
 #: First-stage retrievers served by the index service.
@@ -51,6 +63,39 @@ class SearchOutcome:
     hits: list[Hit]
     timings_ms: dict[str, float]
     degraded: list[str] = field(default_factory=list)
+    judged: dict[str, Judgement] = field(default_factory=dict)
+    """Documents feedback judged (``relevant``, ``irrelevant``, ``pinned``), for the response."""
+
+
+@dataclass(frozen=True)
+class QueryAdaptation:
+    """The adapted query sent to the index: a Rocchio vector for dense, RM3 terms for BM25."""
+
+    query_vector: list[float] | None = None
+    bm25_terms: dict[str, float] | None = None
+
+
+def retrieve_outputs(hits: Sequence[Hit]) -> list[dict[str, Any]]:
+    """A retriever's list as its stage persists it: enough to fuse and re-rank again later
+    without retrieving (title and text included; a rerank needs the text)."""
+    return [
+        {"doc_id": h.doc_id, "rank": i, "score": h.score, "title": h.title, "text": h.text}
+        for i, h in enumerate(hits, 1)
+    ]
+
+
+def fusion_outputs(hits: Sequence[Hit]) -> list[dict[str, Any]]:
+    """The fused list as its stage persists it: ids, fused scores and each hit's per-retriever
+    ranks (the text is in the retrieve stages)."""
+    return [
+        {
+            "doc_id": h.doc_id,
+            "rank": i,
+            "score": h.score,
+            "sources": {name: s.model_dump() for name, s in h.sources.items()},
+        }
+        for i, h in enumerate(hits, 1)
+    ]
 
 
 #: The model behind each retriever's list, recorded in its trace stage.
@@ -79,29 +124,51 @@ class SearchPipeline:
         self.reranker = reranker
         self.rerank_depth = rerank_depth
         self.external = dict(external or {})
+        self.default_adaptation: FeedbackAdaptation | None = None
+        """Applied by ``run`` when no adaptation is passed: set on a copy (``adapted``) so that
+        callers that do not know about feedback (the multi-round loop) search adapted."""
+
+    def adapted(self, adaptation: FeedbackAdaptation | None) -> SearchPipeline:
+        """A shallow copy of this pipeline that applies ``adaptation`` to every ``run``."""
+        clone = copy.copy(self)
+        clone.default_adaptation = adaptation
+        return clone
 
     @property
     def retrievers(self) -> tuple[str, ...]:
         return INDEX_RETRIEVERS + tuple(self.external)
 
     async def _retrieve(
-        self, collection: str, query: str, depth: int, retrievers: Sequence[str]
+        self,
+        collection: str,
+        query: str,
+        depth: int,
+        retrievers: Sequence[str],
+        adapted: QueryAdaptation | None = None,
     ) -> tuple[list[tuple[str, IndexSearchResponse]], list[str]]:
-        """Ask the index service and each external retriever concurrently; name who answered."""
-        calls: list[tuple[str, IndexSearcher, list[str]]] = []
+        """Ask the index service and each external retriever concurrently; name who answered.
+        An adapted query (Rocchio vector, RM3 terms) goes to the index service only."""
+        calls: list[tuple[str, IndexSearcher, IndexSearchRequest]] = []
         on_index = [r for r in retrievers if r in INDEX_RETRIEVERS]
         if on_index:
-            calls.append(("index", self.index, on_index))
-        calls.extend((r, self.external[r], [r]) for r in retrievers if r in self.external)
+            request = IndexSearchRequest(
+                collection=collection, query=query, k=depth, retrievers=on_index
+            )
+            if adapted is not None:
+                request.query_vector = adapted.query_vector
+                request.bm25_terms = adapted.bm25_terms
+            calls.append(("index", self.index, request))
+        calls.extend(
+            (
+                r,
+                self.external[r],
+                IndexSearchRequest(collection=collection, query=query, k=depth, retrievers=[r]),
+            )
+            for r in retrievers
+            if r in self.external
+        )
         outcomes = await asyncio.gather(
-            *(
-                searcher.search(
-                    IndexSearchRequest(
-                        collection=collection, query=query, k=depth, retrievers=names
-                    )
-                )
-                for _, searcher, names in calls
-            ),
+            *(searcher.search(request) for _, searcher, request in calls),
             return_exceptions=True,
         )
         responses: list[tuple[str, IndexSearchResponse]] = []
@@ -121,16 +188,7 @@ class SearchPipeline:
             )
         return responses, degraded
 
-    async def run(
-        self,
-        trace: Trace,
-        *,
-        query: str,
-        collection: str,
-        k: int,
-        retrievers: Sequence[str],
-        rerank: str | None = None,
-    ) -> SearchOutcome:
+    def check(self, retrievers: Sequence[str], rerank: str | None) -> None:
         unknown = [r for r in retrievers if r not in self.retrievers]
         if unknown:
             raise LodestarError(
@@ -144,15 +202,46 @@ class SearchPipeline:
                 f"unknown reranker {rerank!r}; available: {', '.join(RERANKERS) or 'none yet'}",
                 field="rerank",
             )
+
+    def pool_size(self, k: int, rerank: str | None) -> int:
+        """Fused candidates kept: the reranker's depth when re-ranking (reranking after
+        truncation to k wastes its cost), else k."""
+        return max(k, self.rerank_depth) if rerank is not None else k
+
+    async def run(
+        self,
+        trace: Trace,
+        *,
+        query: str,
+        collection: str,
+        k: int,
+        retrievers: Sequence[str],
+        rerank: str | None = None,
+        adaptation: FeedbackAdaptation | None = None,
+    ) -> SearchOutcome:
+        """Stages ``adapt`` (when there is feedback to apply), ``retrieve`` (one per retriever),
+        ``fusion``, ``rerank`` (when asked). Each stage's persisted output is enough to recompute
+        the stages after it (``services.orchestrator.rerun``): retrieve lists carry the hits'
+        title and text, the fusion list each hit's per-retriever ranks."""
+        self.check(retrievers, rerank)
+        adaptation = adaptation or self.default_adaptation
+        adaptation = adaptation if adaptation is None or not adaptation.empty else None
         timings: dict[str, float] = {}
+        degraded: list[str] = []
+        extra = len(adaptation.pins) + len(adaptation.removes) if adaptation else 0
+        pool = self.pool_size(k, rerank)
         depth = max(k, FUSION_DEPTH) if len(retrievers) > 1 else k
-        # Rerank the fused pool, not the first k: reranking after truncation wastes its cost.
-        pool = max(k, self.rerank_depth) if rerank is not None else k
-        depth = max(depth, pool)
+        depth = max(depth, pool) + extra
+        adapted = None
+        if adaptation is not None:
+            adapted = await self.adapt_query(
+                trace, query, collection, retrievers, adaptation, timings, degraded
+            )
         started = time.perf_counter()
-        responses, degraded = await self._retrieve(
-            collection, query, depth, list(dict.fromkeys(retrievers))
+        responses, failed = await self._retrieve(
+            collection, query, depth, list(dict.fromkeys(retrievers)), adapted
         )
+        degraded.extend(failed)
         timings["retrieve"] = (time.perf_counter() - started) * 1000
         results: dict[str, list[Hit]] = {}
         for service, response in responses:
@@ -160,16 +249,12 @@ class SearchPipeline:
             for name, value in response.timings_ms.items():
                 timings[f"{service}.{name}"] = value
             for retriever, hits in response.results.items():
+                adapted_here = adapted is not None and service == "index"
                 trace.stages.append(
                     StageRun(
                         stage="retrieve",
-                        inputs={"query": query, "k": depth},
-                        outputs={
-                            "hits": [
-                                {"doc_id": h.doc_id, "rank": i, "score": h.score}
-                                for i, h in enumerate(hits, 1)
-                            ]
-                        },
+                        inputs={"query": query, "k": depth, "adapted": adapted_here},
+                        outputs={"hits": retrieve_outputs(hits)},
                         targets=_doc_targets(hits),
                         model_id=RETRIEVER_MODELS.get(retriever, retriever),
                         params={
@@ -180,34 +265,157 @@ class SearchPipeline:
                         latency_ms=response.timings_ms.get(retriever, 0.0),
                     )
                 )
-        started = time.perf_counter()
-        if len(results) == 1:
-            (only,) = results.values()
-            hits = only[:pool]
-        else:
-            hits = reciprocal_rank_fusion(results, self.rrf_k, pool)
-        timings["fusion"] = (time.perf_counter() - started) * 1000
-        trace.stages.append(
-            StageRun(
-                stage="fusion",
-                inputs={"retrievers": list(results), "k": k},
-                outputs={
-                    "hits": [
-                        {"doc_id": h.doc_id, "rank": i, "score": h.score}
-                        for i, h in enumerate(hits, 1)
-                    ]
-                },
-                targets=_doc_targets(hits),
-                params={
-                    "method": "rrf" if len(results) > 1 else "none",
-                    "rrf_k": self.rrf_k,
-                },
-                latency_ms=timings["fusion"],
-            )
+        return await self.rank(
+            trace,
+            query=query,
+            results=results,
+            k=k,
+            rerank=rerank,
+            adaptation=adaptation,
+            timings=timings,
+            degraded=degraded,
         )
+
+    async def rank(
+        self,
+        trace: Trace,
+        *,
+        query: str,
+        results: Mapping[str, list[Hit]],
+        k: int,
+        rerank: str | None = None,
+        adaptation: FeedbackAdaptation | None = None,
+        timings: dict[str, float] | None = None,
+        degraded: list[str] | None = None,
+        fused: list[Hit] | None = None,
+    ) -> SearchOutcome:
+        """The stages after retrieval: ``fusion`` of ``results`` (skipped when ``fused``, the
+        output of an earlier fusion, is given), removals, ``rerank``, pins first."""
+        timings = {} if timings is None else timings
+        degraded = [] if degraded is None else degraded
+        adaptation = adaptation if adaptation is None or not adaptation.empty else None
+        pool = self.pool_size(k, rerank)
+        extra = len(adaptation.pins) + len(adaptation.removes) if adaptation else 0
+        if fused is None:
+            started = time.perf_counter()
+            if len(results) == 1:
+                (only,) = results.values()
+                hits = only[: pool + extra]
+            else:
+                hits = reciprocal_rank_fusion(dict(results), self.rrf_k, pool + extra)
+            timings["fusion"] = (time.perf_counter() - started) * 1000
+            trace.stages.append(
+                StageRun(
+                    stage="fusion",
+                    inputs={"retrievers": list(results), "k": k},
+                    outputs={"hits": fusion_outputs(hits)},
+                    targets=_doc_targets(hits),
+                    params={
+                        "method": "rrf" if len(results) > 1 else "none",
+                        "rrf_k": self.rrf_k,
+                    },
+                    latency_ms=timings["fusion"],
+                )
+            )
+        else:
+            hits = list(fused)
+        if adaptation is not None:
+            hits = adaptation.candidates(hits)
+        hits = hits[:pool]
         if rerank is not None:
             hits = await self._rerank(trace, query, rerank, hits, timings, degraded)
-        return SearchOutcome(hits=hits[:k], timings_ms=timings, degraded=degraded)
+        judged: dict[str, Judgement] = {}
+        if adaptation is not None:
+            hits = adaptation.apply(hits)
+            judged = adaptation.judged()
+        return SearchOutcome(hits=hits[:k], timings_ms=timings, degraded=degraded, judged=judged)
+
+    async def adapt_query(
+        self,
+        trace: Trace,
+        query: str,
+        collection: str,
+        retrievers: Sequence[str],
+        adaptation: FeedbackAdaptation,
+        timings: dict[str, float],
+        degraded: list[str],
+    ) -> QueryAdaptation | None:
+        """Record the ``adapt`` stage; with relevance labels, the RM3 terms for BM25 and the
+        Rocchio vector for dense retrieval (the index embeds the query and the judged passages).
+        An index that cannot embed leaves the dense query as it was, with ``adaptation`` in
+        ``degraded``."""
+        started = time.perf_counter()
+        outputs: dict[str, Any] = {"query_adapted": False}
+        adapted: QueryAdaptation | None = None
+        if adaptation.adapts_query:
+            bm25_terms = adaptation.bm25_terms(query) if "bm25" in retrievers else None
+            vector: list[float] | None = None
+            if "dense" in retrievers:
+                try:
+                    vector, cosine = await self._rocchio(query, adaptation)
+                    outputs["rocchio"] = {
+                        "relevant": sum(d in adaptation.documents for d in adaptation.relevant),
+                        "irrelevant": sum(d in adaptation.documents for d in adaptation.irrelevant),
+                        "cosine_to_query": round(cosine, 4),
+                    }
+                except DependencyError as exc:
+                    degraded.append("adaptation")
+                    outputs["rocchio"] = {"error": exc.message}
+            if bm25_terms:
+                outputs["bm25_terms"] = {t: round(w, 5) for t, w in bm25_terms.items()}
+            if vector is not None or bm25_terms:
+                adapted = QueryAdaptation(query_vector=vector, bm25_terms=bm25_terms)
+                outputs["query_adapted"] = True
+        timings["adapt"] = (time.perf_counter() - started) * 1000
+        w = adaptation.weights
+        trace.stages.append(
+            StageRun(
+                stage="adapt",
+                inputs={"query": query, **adaptation.describe()},
+                outputs=outputs,
+                targets=_doc_targets(
+                    [adaptation.documents[d] for d in adaptation.pins if d in adaptation.documents]
+                ),
+                model_id="rocchio+rm3",
+                params={
+                    "collection": collection,
+                    "alpha": w.alpha,
+                    "beta": w.beta,
+                    "gamma": w.gamma,
+                    "rm3_terms": w.rm3_terms,
+                    "rm3_original_weight": w.rm3_original_weight,
+                },
+                latency_ms=timings["adapt"],
+            )
+        )
+        return adapted
+
+    async def _rocchio(
+        self, query: str, adaptation: FeedbackAdaptation
+    ) -> tuple[list[float], float]:
+        embed = getattr(self.index, "embed", None)
+        if embed is None:
+            raise DependencyError("index", "the index client cannot embed")
+        relevant = [
+            adaptation.documents[d] for d in adaptation.relevant if d in adaptation.documents
+        ]
+        irrelevant = [
+            adaptation.documents[d] for d in adaptation.irrelevant if d in adaptation.documents
+        ]
+        response: EmbedResponse = await embed(
+            EmbedRequest(
+                query=query,
+                passages=[EmbedPassage(title=h.title, text=h.text) for h in relevant + irrelevant],
+            )
+        )
+        assert response.query_vector is not None
+        vectors = response.passage_vectors
+        moved = adaptation.query_vector(
+            response.query_vector, vectors[: len(relevant)], vectors[len(relevant) :]
+        )
+        q = np.asarray(response.query_vector, dtype=np.float64)
+        cosine = float(moved @ q / (np.linalg.norm(q) or 1.0))
+        return moved.tolist(), cosine
 
     async def _rerank(
         self,

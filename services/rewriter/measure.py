@@ -37,7 +37,7 @@ from services.rewriter.engine import (
 )
 from shared.settings import Settings, get_settings
 
-DEFAULT_VARIANTS = ("context-instruct-v2", "context-fewshot-v2", "context-terms-v1")
+DEFAULT_VARIANTS = ("context-instruct-v2", "context-terms-v1")
 _WORD = re.compile(r"[a-z0-9]+")
 _STOP = frozenset(
     [
@@ -183,7 +183,7 @@ def measure_prompts(
     seed: int = 0,
     variants: Sequence[str] = DEFAULT_VARIANTS,
     query_only: bool = True,
-    max_new_tokens: int = 48,
+    max_new_tokens: int = 32,
     context_tokens: int = 192,
 ) -> dict[str, Any]:
     """Rank and copying figures per prompt variant (and for the original queries)."""
@@ -278,7 +278,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS))
     parser.add_argument("--no-query-only", action="store_true")
-    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--context-tokens", type=int, default=192)
     parser.add_argument("--json", help="also write the full report (with every rewrite) here")
     args = parser.parse_args()

@@ -52,7 +52,16 @@ def test_cleaning_keeps_one_query_line(raw: str, expected: str) -> None:
 
 @pytest.mark.parametrize(
     "raw",
-    ["", "   \n\n", "Rewritten query:", '""', "word " * 60, "x" * 400],
+    [
+        "",
+        "   \n\n",
+        "Rewritten query:",
+        '""',
+        "word " * 60,
+        "x" * 400,
+        "the passage above",
+        "The user was looking for the passage and wants to know what the user wants to know",
+    ],
 )
 def test_cleaning_falls_back_to_the_original_when_nothing_usable(raw: str) -> None:
     assert clean_rewrite(raw, ORIGINAL) == (ORIGINAL, True)
@@ -177,3 +186,32 @@ def test_staged_batches_are_read_by_name_only(tmp_path: Path) -> None:
     for name in ("../../etc/passwd", "/etc/passwd", "x.jsonl", "0" * 32 + ".json"):
         with pytest.raises(LodestarError):
             read_staged(settings, name)
+
+
+def test_a_cache_hit_makes_no_call_and_is_cleaned_again_from_the_raw_output(
+    tmp_path: Path,
+) -> None:
+    """Query-only needs no tokenizer: with the entry in the cache no model is ever loaded."""
+    engine = RewriterEngine(tmp_path, _no_model)
+    prompt = PROMPTS[engine.prompt_version("query-only")]
+    digest = engine._digest(prompt.build("define sri", "", ""))
+    record = RewriteRecord(
+        qid="q1",
+        original_query="define sri",
+        doc_id="d1",
+        rewritten_query="an older cleaner's output",
+        mode="query-only",
+        model=engine.model_id,
+        prompt_version=prompt.version,
+    )
+    raw = "Rewritten query: **meaning of the honorific sri**\nand more"
+    engine.cache("query-only").put(asdict(record), digest, raw=raw)
+    document = PairDocument("d1", "ignored", "ignored")
+    result = engine.rewrite("define sri", document, "query-only", qid="q1")
+    assert result.cached and engine.llm_calls == 0
+    assert result.record.rewritten_query == "meaning of the honorific sri"
+    # A batch over the same pair is free too, and another engine reloads it from disk.
+    fresh = RewriterEngine(tmp_path, _no_model)
+    pairs = [RewritePair("q1", "define sri", document)]
+    assert fresh.rewrite_batch(pairs, "query-only") == [result.record]
+    assert fresh.llm_calls == 0

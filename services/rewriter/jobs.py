@@ -83,6 +83,8 @@ def rewrite_job(
     dropped = 0
     output = batches_dir(settings) / f"{job_id}.jsonl"
     if staged is not None:
+        if not _STAGED_NAME.match(staged):
+            raise LodestarError(ErrorCode.validation, f"not a staged batch name: {staged!r}")
         if not (incoming_dir(settings) / staged).exists() and output.exists():
             # Redelivered after a run that finished and removed its input: nothing left to do.
             return _summary(output, mode, generated=0, dropped=0, note="batch already done")

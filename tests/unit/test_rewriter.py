@@ -22,7 +22,7 @@ from services.rewriter.engine import (
     clean_rewrite,
     dataset_pairs,
 )
-from services.rewriter.jobs import read_staged
+from services.rewriter.jobs import read_staged, run_rewrite_job
 from shared.errors import ErrorCode, LodestarError
 from tests.conftest import make_settings
 
@@ -186,6 +186,8 @@ def test_staged_batches_are_read_by_name_only(tmp_path: Path) -> None:
     for name in ("../../etc/passwd", "/etc/passwd", "x.jsonl", "0" * 32 + ".json"):
         with pytest.raises(LodestarError):
             read_staged(settings, name)
+        with pytest.raises(ValueError, match="not a staged batch name"):
+            run_rewrite_job(settings, "job", staged=name)
 
 
 def test_a_cache_hit_makes_no_call_and_is_cleaned_again_from_the_raw_output(

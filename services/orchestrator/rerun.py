@@ -345,6 +345,15 @@ async def rerun_search(
     )
 
 
+def parent_max_rounds(parent: Mapping[str, Any]) -> int:
+    """The parent's ``max_rounds``; when it left the default to the server (``None``), the
+    number of rounds it ran (at least 1)."""
+    asked = (parent.get("request") or {}).get("max_rounds")
+    if asked:
+        return int(asked)
+    return max(1, len((parent.get("response") or {}).get("rounds") or []))
+
+
 async def rerun_answer(
     pipeline: AnswerPipeline,
     parent: Mapping[str, Any],
@@ -366,7 +375,7 @@ async def rerun_answer(
             question=question,
             collection=str(request.get("collection", "wiki")),
             k=k,
-            max_rounds=int(request.get("max_rounds", 1)),
+            max_rounds=parent_max_rounds(parent),
         )
     copy_stages(trace, parent, _UPSTREAM["answer"][from_stage])
     generates = [s for s in parent.get("stages", []) if s["stage"] == "generate"]

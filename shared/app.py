@@ -382,6 +382,7 @@ def create_app(
     app.state.settings = settings
     app.state.readiness = readiness
     app.state.service = service
+    app.state.metrics_registry = metrics.registry  # for service-specific collectors
 
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict[str, str]:

@@ -188,6 +188,19 @@ class Settings(BaseSettings):
     answer_max_new_tokens: int = 64
     """Longest generated answer; SmolLM2 on two cores writes ~20-30 tokens/s."""
 
+    shadow_agent: Literal["auto", "llm", "cross-encoder", "both"] = "auto"
+    """The shadow user agent (``services.orchestrator.shadow``) when a request names none:
+    ``auto`` = the published cross-encoder for documents and the LLM for answers, or the LLM
+    alone while no cross-encoder is published; ``both`` averages the two on documents."""
+    shadow_top_k: Annotated[int, Field(ge=1, le=50)] = 10
+    """Documents of a trace's last ranking a shadow user judges (one LLM pass each)."""
+    shadow_llm_threshold: Annotated[float, Field(gt=0, lt=1)] = 0.5
+    """P(yes) at or above which the LLM agent says relevant: higher, fewer but surer labels."""
+    shadow_ce_threshold: Annotated[float, Field(gt=0, lt=1)] = 0.5
+    """sigmoid(cross-encoder logit) at or above which the cross-encoder agent says relevant."""
+    shadow_weight: Annotated[float, Field(gt=0, le=1)] = 0.5
+    """Training weight of shadow feedback per unit of confidence (user feedback weighs 1)."""
+
     @field_validator("api_key_hashes", mode="before")
     @classmethod
     def _split_hashes(cls, value: object) -> object:

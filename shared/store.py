@@ -381,3 +381,148 @@ class Store:
         if row is None:
             raise not_found("job", job_id)
         return dict(row)
+
+    # --- user profiles, feedback listing, offline updates (NExT-Search shadow mode and export) --
+
+    def set_user_profile(self, user_id: str, profile: str) -> dict[str, Any]:
+        """Create or replace the profile text that conditions ``user_id``'s shadow agent."""
+        now = time.time()
+        for attempt in range(2):
+            try:
+                with self.engine.begin() as conn:
+                    changed = conn.execute(
+                        user_profiles.update()
+                        .where(user_profiles.c.user_id == user_id)
+                        .values(profile=profile, updated_at=now)
+                    ).rowcount
+                    if not changed:
+                        conn.execute(
+                            insert(user_profiles).values(
+                                user_id=user_id, profile=profile, updated_at=now
+                            )
+                        )
+                break
+            except IntegrityError:
+                # A concurrent first write for the same user won: the retry updates its row.
+                if attempt == 1:
+                    raise
+        return {"user_id": user_id, "profile": profile, "updated_at": now}
+
+    def get_user_profile(self, user_id: str) -> dict[str, Any]:
+        with self.engine.connect() as conn:
+            row = (
+                conn.execute(select(user_profiles).where(user_profiles.c.user_id == user_id))
+                .mappings()
+                .first()
+            )
+        if row is None:
+            raise not_found("user profile", user_id, field="user_id")
+        return dict(row)
+
+    def list_feedback(
+        self,
+        *,
+        stage: str | None = None,
+        source: str | None = None,
+        since: float | None = None,
+    ) -> list[dict[str, Any]]:
+        """Feedback rows (oldest first), optionally of one stage, one source, created at or
+        after ``since`` (a Unix time)."""
+        query = select(feedback)
+        if stage is not None:
+            query = query.where(feedback.c.stage == stage)
+        if source is not None:
+            query = query.where(feedback.c.source == source)
+        if since is not None:
+            query = query.where(feedback.c.created_at >= since)
+        query = query.order_by(feedback.c.created_at, feedback.c.feedback_id)
+        with self.engine.connect() as conn:
+            return [dict(row) for row in conn.execute(query).mappings()]
+
+    def feedback_counts(self) -> list[tuple[str, str, int]]:
+        """(stage, source, count) over all stored feedback (the metrics collector's view)."""
+        from sqlalchemy import func
+
+        query = select(feedback.c.stage, feedback.c.source, func.count()).group_by(
+            feedback.c.stage, feedback.c.source
+        )
+        with self.engine.connect() as conn:
+            return [(str(s), str(src), int(n)) for s, src, n in conn.execute(query)]
+
+    def doc_label_pairs(self) -> list[tuple[str, str]]:
+        """For every document of a trace labelled relevant/irrelevant by both a user and a
+        shadow agent: (user label, shadow label), each source's latest label."""
+        query = (
+            select(
+                feedback.c.trace_id,
+                feedback.c.target_id,
+                feedback.c.source,
+                feedback.c.action,
+            )
+            .where(
+                feedback.c.target_type == "doc",
+                feedback.c.action.in_(("relevant", "irrelevant")),
+            )
+            .order_by(feedback.c.created_at)
+        )
+        latest: dict[tuple[str, str], dict[str, str]] = {}
+        with self.engine.connect() as conn:
+            for trace_id, doc_id, source, action in conn.execute(query):
+                latest.setdefault((trace_id, doc_id), {})[source] = action
+        return [
+            (labels["user"], labels["shadow"])
+            for labels in latest.values()
+            if "user" in labels and "shadow" in labels
+        ]
+
+    def record_offline_update(
+        self,
+        job_id: str,
+        component: str,
+        outcome: str,
+        result: dict[str, Any],
+    ) -> None:
+        """The outcome (``published``, ``rejected``, ``failed``) of one offline-update job; a
+        redelivered job replaces its earlier record."""
+        with self.engine.begin() as conn:
+            conn.execute(offline_updates.delete().where(offline_updates.c.job_id == job_id))
+            conn.execute(
+                insert(offline_updates).values(
+                    job_id=job_id,
+                    component=component,
+                    outcome=outcome,
+                    result=result,
+                    created_at=time.time(),
+                )
+            )
+
+    def offline_update_counts(self) -> list[tuple[str, str, int]]:
+        """(component, outcome, count) of recorded offline-update jobs."""
+        from sqlalchemy import func
+
+        query = select(
+            offline_updates.c.component, offline_updates.c.outcome, func.count()
+        ).group_by(offline_updates.c.component, offline_updates.c.outcome)
+        with self.engine.connect() as conn:
+            return [(str(c), str(o), int(n)) for c, o, n in conn.execute(query)]
+
+
+#: The profile text that conditions a user's shadow agent (NExT-Search's ``UserProfile``).
+user_profiles = Table(
+    "user_profiles",
+    metadata,
+    Column("user_id", String(128), primary_key=True),
+    Column("profile", Text, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)
+
+#: One row per offline-update job: its outcome and figures (what /metrics counts).
+offline_updates = Table(
+    "offline_updates",
+    metadata,
+    Column("job_id", String(64), primary_key=True),
+    Column("component", String(32), nullable=False),
+    Column("outcome", String(16), nullable=False),
+    Column("result", JSON, nullable=False),
+    Column("created_at", Float, nullable=False),
+)

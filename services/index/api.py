@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends
 from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, Field
 
 from services.index.engine import (
     RETRIEVERS,
@@ -17,7 +18,9 @@ from services.index.engine import (
 )
 from shared.app import check_k, check_text, from_state, require_ready
 from shared.schemas import (
+    DOC_ID_MAX_CHARS,
     CollectionInfo,
+    Document,
     EmbedRequest,
     EmbedResponse,
     IndexSearchRequest,
@@ -107,3 +110,19 @@ async def upsert_documents(name: str, body: UpsertRequest, engine: EngineDep) ->
 async def delete_document(name: str, doc_id: str, engine: EngineDep) -> WriteResponse:
     result = await run_in_threadpool(engine.delete, name, doc_id)
     return _write_response(result)
+
+
+class LookupRequest(BaseModel):
+    ids: list[Annotated[str, Field(min_length=1, max_length=DOC_ID_MAX_CHARS)]] = Field(
+        min_length=1
+    )
+
+
+@router.post("/collections/{name}/documents/lookup", response_model=list[Document])
+async def lookup_documents(
+    name: str, body: LookupRequest, engine: EngineDep, settings: SettingsDep
+) -> list[Document]:
+    """The stored documents with these ids (unknown ids are left out), e.g. for judging the
+    documents a trace ranked; at most ``max_k`` ids per request."""
+    check_k(len(body.ids), settings)
+    return await run_in_threadpool(engine.documents, name, body.ids)

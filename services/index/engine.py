@@ -659,6 +659,19 @@ class IndexEngine:
             )
         return self._write(name, upserts=list(documents), deletes=set(), progress=progress)
 
+    def documents(self, name: str, doc_ids: Sequence[str]) -> list[Document]:
+        """The live documents among ``doc_ids`` (in that order; unknown ids are left out).
+        One pass over the collection's document records, read from disk."""
+        wanted = set(doc_ids)
+        found: dict[str, Document] = {}
+        if wanted:
+            for doc in self.snapshot(name).documents:
+                if doc.id in wanted:
+                    found[doc.id] = doc
+                    if len(found) == len(wanted):
+                        break
+        return [found[d] for d in dict.fromkeys(doc_ids) if d in found]
+
     def delete(self, name: str, doc_id: str) -> WriteResult:
         if not self.exists(name):
             raise not_found("collection", name, field="collection")

@@ -168,6 +168,13 @@ class IndexClient(ServiceClient):
         )
         return result
 
+    async def documents(self, name: str, doc_ids: list[str]) -> list[Document]:
+        """The stored documents with these ids, in that order (unknown ids left out)."""
+        rows = await self._call(
+            "POST", f"/collections/{name}/documents/lookup", None, {"ids": doc_ids}
+        )
+        return [Document.model_validate(row) for row in rows]
+
 
 class RetrieverClient(ServiceClient):
     """A first-stage retriever served by its own service (``fm`` by fmindex, ``dsi`` by dsi).

@@ -192,7 +192,7 @@ class RetrieverClient(ServiceClient):
 
 # --- reranker ----------------------------------------------------------------------------------
 
-#: Methods the reranker service serves (``cross-encoder`` is reserved until CAR trains one).
+#: Methods the reranker service serves (``cross-encoder`` answers 503 until one is published).
 RERANK_METHODS = ("icr", "rankgpt", "cosine", "cross-encoder")
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from services.orchestrator.adapt import FeedbackAdaptation, Judgement
 from services.orchestrator.fusion import reciprocal_rank_fusion
 from shared.clients import (
+    RERANK_METHODS,
     DependencyError,
     RerankDocumentIn,
     RerankRequest,
@@ -39,9 +40,9 @@ from shared.store import StageRun, Trace
 INDEX_RETRIEVERS = ("dense", "bm25")
 #: How deep each retriever's list is before fusion: RRF needs more than k to work with.
 FUSION_DEPTH = 100
-#: Methods of the reranker service ``/search`` accepts as ``rerank`` (``cross-encoder`` answers
-#: 422 "not trained yet" until CAR trains it).
-RERANKERS: tuple[str, ...] = ("icr", "rankgpt", "cosine", "cross-encoder")
+#: Methods of the reranker service ``/search`` accepts as ``rerank``; an unpublished
+#: cross-encoder answers 503, and ``/search`` then falls back to the first stage (``degraded``).
+RERANKERS: tuple[str, ...] = RERANK_METHODS
 #: Fused candidates sent to the reranker by default (ICR's multi-hop setting: top 20).
 RERANK_DEPTH = 20
 

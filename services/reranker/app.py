@@ -17,7 +17,12 @@ def build_app(settings: Settings) -> FastAPI:
         docs = [RerankDocument("a", "", "warm up"), RerankDocument("b", "", "the second one")]
         engine.rerank("warm up", docs, "icr")
         engine.rerank("warm up", docs, "cosine")
-        readiness.set_ready(model=engine.lm.model_id, methods=["icr", "rankgpt", "cosine"])
+        methods = ["icr", "rankgpt", "cosine"]
+        if engine.cross_encoder_trained:
+            engine.rerank("warm up", docs, "cross-encoder")
+            methods.append("cross-encoder")
+        # An untrained cross-encoder does not block readiness: it answers 503 until published.
+        readiness.set_ready(model=engine.lm.model_id, methods=methods)
 
     app = create_app("reranker", settings, [router], warm_up=warm_up)
     app.state.engine = engine

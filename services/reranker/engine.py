@@ -9,7 +9,8 @@ Methods (:data:`METHODS`):
   robustly; ids it forgets keep their input order after the ones it ranked. More documents than
   the window are ranked with RankGPT's sliding window, from the back of the list to the front;
 - ``cosine``: bi-encoder cosine between the query and each document (MiniLM);
-- ``cross-encoder``: reserved for the cross-encoder CAR trains; answers "not trained yet".
+- ``cross-encoder``: the cross-encoder CAR trains (:mod:`services.reranker.cross_encoder`),
+  the published ``CURRENT`` version, reloaded when a new one is published; 503 until one is.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from services.reranker.cross_encoder import CurrentCrossEncoder, TrainedCrossEncoder
 from services.reranker.icr import (
     ICRInputError,
     ICROptions,
@@ -36,7 +38,6 @@ from shared.errors import ErrorCode, LodestarError
 from shared.settings import Settings
 
 METHODS = ("icr", "rankgpt", "cosine", "cross-encoder")
-RESERVED = {"cross-encoder": "the cross-encoder is not trained yet (it comes with the CAR issue)"}
 
 RANKGPT_SYSTEM = (
     "You are RankGPT, an intelligent assistant that can rank passages based on their relevancy "
@@ -211,15 +212,27 @@ class RerankerEngine:
         *,
         max_doc_tokens: int = 160,
         max_prompt_tokens: int = 4096,
+        cross_encoder: Callable[[], TrainedCrossEncoder] | None = None,
     ) -> None:
         self._lm_factory = lm_factory
         self._embedder_factory = embedder_factory
+        self._cross_encoder = cross_encoder
         self.max_doc_tokens = max_doc_tokens
         self.max_prompt_tokens = max_prompt_tokens
         self._icr: ICRScorer | None = None
         self._lock = threading.Lock()
         # ICR hooks the LLM's attention modules: never let RankGPT generate on it meanwhile.
         self._llm_lock = threading.Lock()
+
+    @property
+    def cross_encoder_trained(self) -> bool:
+        if self._cross_encoder is None:
+            return False
+        try:
+            self._cross_encoder()
+        except LodestarError:
+            return False
+        return True
 
     @property
     def lm(self) -> ChatLM:
@@ -248,8 +261,6 @@ class RerankerEngine:
         method: str,
         options: dict[str, Any] | None = None,
     ) -> RerankOutcome:
-        if method in RESERVED:
-            raise LodestarError(ErrorCode.validation, RESERVED[method], field="method")
         if method not in METHODS:
             raise LodestarError(
                 ErrorCode.validation,
@@ -273,7 +284,26 @@ class RerankerEngine:
                 )
             with self._llm_lock:
                 return RankGPTRanker(self.lm).rerank(query, texts, rank_options)
+        if method == "cross-encoder":
+            return self._cross_encode(query, texts)
         return self._cosine(query, texts)
+
+    def _cross_encode(self, query: str, texts: list[str]) -> RerankOutcome:
+        if self._cross_encoder is None:
+            raise LodestarError(
+                ErrorCode.unavailable, "this reranker has no cross-encoder configured"
+            )
+        model = self._cross_encoder()  # raises 503 while none is published
+        started = time.perf_counter()
+        scores = model.score(query, texts)
+        return RerankOutcome(
+            method="cross-encoder",
+            scores=scores,
+            forward_passes=-(-len(texts) // 32),
+            prompt_tokens=0,
+            timings_ms={"score": (time.perf_counter() - started) * 1000},
+            details={"model": model.model_id, "max_length": model.max_length},
+        )
 
     def _icr_rerank(self, query: str, texts: list[str], options: dict[str, Any]) -> RerankOutcome:
         icr_options = self.icr_options(
@@ -321,6 +351,7 @@ def rerank_engine_from_settings(settings: Settings) -> RerankerEngine:
         lambda: get_embedder(settings),
         max_doc_tokens=settings.rerank_max_doc_tokens,
         max_prompt_tokens=settings.rerank_max_prompt_tokens,
+        cross_encoder=CurrentCrossEncoder(settings).get,
     )
 
 

@@ -114,7 +114,6 @@ def test_ablations_and_baselines_answer_with_their_costs(rerank_stack: RerankSta
 @pytest.mark.parametrize(
     ("body", "status", "code"),
     [
-        ({"query": QUERY, "documents": DOCS, "method": "cross-encoder"}, 422, "validation"),
         ({"query": QUERY, "documents": DOCS, "method": "monot5"}, 422, "validation"),
         ({"query": "  ", "documents": DOCS}, 400, "empty"),
         ({"query": QUERY, "documents": []}, 422, "validation"),
@@ -132,9 +131,60 @@ def test_bad_rerank_input_gets_a_typed_4xx(
     assert response.json()["error"]["code"] == code
 
 
-def test_cross_encoder_slot_says_not_trained_yet(rerank_stack: RerankStack) -> None:
-    response = rerank(rerank_stack, {"query": QUERY, "documents": DOCS, "method": "cross-encoder"})
-    assert "not trained yet" in response.json()["error"]["message"]
+def test_cross_encoder_is_unavailable_until_published_then_served_without_restart(
+    rerank_stack: RerankStack, built_data_dir: Path
+) -> None:
+    body = {"query": QUERY, "documents": DOCS, "method": "cross-encoder"}
+    missing = rerank(rerank_stack, body)
+    assert missing.status_code == 503, missing.text
+    assert missing.json()["error"]["code"] == "unavailable"
+    assert "no cross-encoder is published" in missing.json()["error"]["message"]
+
+    from services.reranker.cross_encoder import (
+        CrossEncoderTrainConfig,
+        RankingExample,
+        TextDoc,
+        publish_cross_encoder,
+        train_cross_encoder,
+    )
+    from tests.conftest import make_settings
+
+    docs = [TextDoc(d["doc_id"], d["title"], d["text"]) for d in DOCS]
+    examples = [
+        RankingExample("q1", QUERY, docs[2], (docs[0], docs[1], docs[3])),
+        RankingExample("q2", "What do plants make from light?", docs[1], (docs[0], docs[2])),
+        RankingExample("q3", "a lattice tower in Paris", docs[0], (docs[1], docs[2], docs[3])),
+    ]
+    config = CrossEncoderTrainConfig(steps=30, batch_size=3, learning_rate=1e-4, max_length=64)
+    settings = make_settings(built_data_dir)
+    family_dir = built_data_dir / "models" / "cross-encoder"
+    try:
+        manifest = publish_cross_encoder(settings, train_cross_encoder(examples, config), {})
+        served = rerank(rerank_stack, body)
+        assert served.status_code == 200, served.text
+        result = served.json()
+        assert result["method"] == "cross-encoder"
+        assert result["details"]["model"] == f"cross-encoder:{manifest['version']}"
+        assert result["results"][0]["doc_id"] == "newton"
+
+        # Through the orchestrator's /search, the stage names the served version.
+        reranked = search(
+            rerank_stack.orchestrator_url,
+            {"query": "Who painted the Mona Lisa?", "k": 3, "rerank": "cross-encoder"},
+        )
+        assert reranked["degraded"] == []
+        hits = reranked["hits"]
+        assert isinstance(hits, list) and all("rerank" in h["sources"] for h in hits)
+        trace = httpx.get(
+            f"{rerank_stack.orchestrator_url}/traces/{reranked['trace_id']}", timeout=30
+        ).json()
+        stage = next(s for s in trace["stages"] if s["stage"] == "rerank")
+        assert stage["model_id"] == f"cross-encoder:{manifest['version']}"
+    finally:
+        # The data dir is shared by later test modules, which expect no published cross-encoder.
+        import shutil
+
+        shutil.rmtree(family_dir, ignore_errors=True)
 
 
 def search(url: str, body: dict[str, object]) -> dict[str, object]:
@@ -164,13 +214,14 @@ def test_search_reranks_through_the_service_and_records_the_stage(
     assert stage["outputs"]["forward_passes"] == 2
 
 
+@pytest.mark.parametrize("method", ["icr", "cross-encoder"])
 def test_search_falls_back_to_first_stage_order_when_the_reranker_is_down(
-    rerank_stack: RerankStack,
+    rerank_stack: RerankStack, method: str
 ) -> None:
     url = rerank_stack.orchestrator_down_url
     query = {"query": "Who painted the Mona Lisa?", "k": 3}
     plain = search(url, query)
-    fallback = search(url, {**query, "rerank": "icr"})
+    fallback = search(url, {**query, "rerank": method})
     assert fallback["degraded"] == ["reranker"]
     assert plain["degraded"] == []
     plain_hits, fallback_hits = plain["hits"], fallback["hits"]

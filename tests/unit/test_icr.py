@@ -285,12 +285,14 @@ def test_rankgpt_applies_the_permutation_and_falls_back_to_input_order(tokenizer
     assert lm.prompts[0] == rankgpt_messages("q", ["a", "b", "c", "d"])
 
 
-def test_engine_reserves_the_cross_encoder_and_rejects_unknown_methods(tokenizer: Any) -> None:
+def test_engine_without_a_cross_encoder_is_unavailable_and_rejects_unknown_methods(
+    tokenizer: Any,
+) -> None:
     engine = RerankerEngine(lambda: ScriptedLM(tokenizer, []), lambda: None)  # type: ignore[arg-type,return-value]
     docs = [RerankDocument("a", "", "x")]
-    with pytest.raises(LodestarError, match="not trained yet") as info:
+    with pytest.raises(LodestarError, match="no cross-encoder configured") as info:
         engine.rerank("q", docs, "cross-encoder")
-    assert info.value.status == 422
+    assert info.value.status == 503
     with pytest.raises(LodestarError, match="unknown method"):
         engine.rerank("q", docs, "bm42")
 

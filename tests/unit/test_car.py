@@ -1,0 +1,78 @@
+"""CAR's training-data rules and the experiment's ranking arithmetic (no model, no index)."""
+
+from __future__ import annotations
+
+import pytest
+
+from lodestar.experiments.car import fuse, rank_run, rerank_top
+from services.reranker.cross_encoder import LeakageError, TextDoc
+from services.reranker.training_data import (
+    TrainPair,
+    condition_queries,
+    examples_for,
+    low_margin,
+    mine,
+    training_pairs,
+)
+
+QUERIES = {"q1": "claim one", "q2": "claim two", "q3": "claim three"}
+QRELS = {"q1": {"d1": 1, "d9": 1}, "q2": {"test-doc": 1}, "q3": {"d3": 1}}
+
+
+def test_training_pairs_never_use_test_judged_documents() -> None:
+    pairs, dropped = training_pairs(QUERIES, QRELS, {"test-doc", "d1"}, limit=10, seed=0)
+    assert dropped == 1  # q2's only relevant document is judged for a test query
+    assert {(p.qid, p.doc_id) for p in pairs} == {("q1", "d9"), ("q3", "d3")}
+    limited, _ = training_pairs(QUERIES, QRELS, set(), limit=1, seed=0)
+    assert len(limited) == 1
+
+
+def test_mining_skips_judged_and_forbidden_documents_and_records_the_margin() -> None:
+    pairs = [TrainPair("q1", "claim one", "d9")]
+
+    def search(query: str, k: int, retrievers: tuple[str, ...]) -> tuple[list[str], list[float]]:
+        if retrievers == ("dense",):
+            return ["d1", "x"], [0.9, 0.6]
+        return ["d1", "test-doc", "n1", "d9", "n2"], [5, 4, 3, 2, 1]
+
+    mine(pairs, QRELS, search, {"test-doc"})
+    assert pairs[0].negatives == ["n1", "n2"]
+    assert pairs[0].margin == pytest.approx(0.3)
+
+
+def test_conditions_and_the_ambiguity_rule() -> None:
+    pairs = [
+        TrainPair(f"q{i}", f"query {i}", f"d{i}", ["n"], margin=m, rewrites={"context": f"car {i}"})
+        for i, m in enumerate([0.05, 0.1, 0.3, 0.4])
+    ]
+    ambiguous = low_margin(pairs)
+    assert ambiguous == {"q0", "q1"}  # below the median margin
+    assert condition_queries("car-ambiguous", pairs[0], ambiguous) == [("car 0", "car")]
+    assert condition_queries("car-ambiguous", pairs[3], ambiguous) == [("query 3", "original")]
+    assert condition_queries("original+car", pairs[2], ambiguous) == [
+        ("query 2", "original"),
+        ("car 2", "car"),
+    ]
+    with pytest.raises(ValueError, match="unknown condition"):
+        condition_queries("drift", pairs[0], ambiguous)
+
+
+def test_examples_are_checked_against_test_documents() -> None:
+    pairs = [TrainPair("q1", "claim", "d1", ["n1", "test-doc"])]
+
+    def doc(doc_id: str) -> TextDoc:
+        return TextDoc(doc_id, "", doc_id)
+
+    with pytest.raises(LeakageError):
+        examples_for("original", pairs, doc, forbidden_qids=set(), forbidden_docs={"test-doc"})
+    made = examples_for("original", pairs, doc, forbidden_qids=set(), forbidden_docs=set())
+    assert made[0].negatives == (doc("n1"), doc("test-doc")) and made[0].source == "original"
+
+
+def test_reranking_keeps_the_tail_and_fusion_mixes_both_orders() -> None:
+    ranking = ["a", "b", "c", "d"]
+    assert rerank_top(ranking, {"a": 0.1, "b": 0.9, "c": 0.5}, depth=3) == ["b", "c", "a", "d"]
+    assert rank_run(["b", "a"]) == {"b": 2.0, "a": 1.0}
+    fused = fuse(["a", "b", "c"], ["c", "b", "a"])
+    # 1/61 + 1/63 beats 2/62; the tie between a and c goes to the re-ranked order.
+    assert fused == ["c", "a", "b"]

@@ -12,6 +12,7 @@ from lodestar.bench import register as register_bench
 from lodestar.critic import register as register_critic
 from lodestar.evaluation.cli import register as register_eval
 from lodestar.experiments import register as register_experiments
+from lodestar.rerank import register as register_rerank
 from shared.settings import Settings, get_settings, hash_api_key
 
 Handler = Callable[[argparse.Namespace, Settings], int]
@@ -167,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_bench(sub)
     register_experiments(sub)
     register_critic(sub)
+    register_rerank(sub)
     return parser
 
 

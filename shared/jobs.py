@@ -35,6 +35,10 @@ TASK_FMINDEX_BUILD = "lodestar.fmindex_build"
 TASK_FMINDEX_TRAIN = "lodestar.fmindex_train"
 #: CAR: rewrites a batch of training queries (``services.rewriter.jobs``), cached per pair.
 TASK_REWRITE_BATCH = "lodestar.rewrite_batch"
+#: NExT-Search offline update: fine-tune a component on exported feedback, publish iff better.
+TASK_OFFLINE_UPDATE = "lodestar.offline_update"
+#: CAR: trains the cross-encoder on SciFact train (original or rewritten queries) and publishes it.
+TASK_CROSS_ENCODER_TRAIN = "lodestar.cross_encoder_train"
 
 _STATES = {
     "PENDING": "queued",

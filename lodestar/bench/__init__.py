@@ -7,6 +7,7 @@ from typing import Any
 
 def register(sub: Any) -> None:
     """Adds the ``bench`` group; each benchmark module registers its subcommand on it."""
+    from lodestar.bench.cross_encoder import register as register_cross_encoder
     from lodestar.bench.fmindex import register as register_fmindex
     from lodestar.bench.index import register as register_index
     from lodestar.bench.ingest import register as register_ingest
@@ -15,5 +16,11 @@ def register(sub: Any) -> None:
     group = sub.add_parser(
         "bench", help="speed and memory benchmarks (JSON under benchmarks/results)"
     ).add_subparsers(dest="bench_command", required=True)
-    for register_benchmark in (register_index, register_ingest, register_rerank, register_fmindex):
+    for register_benchmark in (
+        register_index,
+        register_ingest,
+        register_rerank,
+        register_fmindex,
+        register_cross_encoder,
+    ):
         register_benchmark(group)

@@ -1,0 +1,122 @@
+"""The cross-encoder training job: SciFact train pairs → hard negatives → (CAR rewrites) → train →
+publish. It composes the index engine (first stage), the rewriter engine (rewrites, cached) and
+the reranker's trainer in one process, which is the worker's role; the reranker serves the
+published version from its next request. ``lodestar experiment car`` measures the conditions;
+this job trains the chosen one for serving (``lodestar.cross_encoder_train``, or
+``lodestar rerank train`` in process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Any
+
+from services.reranker.cross_encoder import (
+    CrossEncoderTrainConfig,
+    TextDoc,
+    publish_cross_encoder,
+    train_cross_encoder,
+)
+from services.reranker.training_data import CONDITIONS, examples_for, mine, training_pairs
+from shared.settings import Settings
+
+Progress = Callable[[int, int, str], None]
+#: The collection the first stage searches (the evaluation harness's name for SciFact).
+COLLECTION = "eval-scifact"
+#: The rewrites each condition needs.
+REWRITE_MODES = {
+    "original": [],
+    "car": ["context"],
+    "query-only": ["query-only"],
+    "original+car": ["context"],
+    "car-ambiguous": ["context"],
+}
+
+
+def train_and_publish(
+    settings: Settings,
+    *,
+    condition: str = "car",
+    train_queries: int = 250,
+    config: CrossEncoderTrainConfig | None = None,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Train one condition's cross-encoder on SciFact train and publish it; the manifest."""
+    from services.index.engine import IndexEngine, InProcessIndex
+    from services.orchestrator.search import SearchPipeline
+    from services.rewriter.engine import PairDocument, RewritePair, RewriterEngine
+    from shared.datasets import load_scifact
+    from shared.store import Trace
+
+    if condition not in CONDITIONS:
+        raise ValueError(f"unknown condition {condition!r}; known: {', '.join(CONDITIONS)}")
+    config = config or CrossEncoderTrainConfig(steps=200, max_length=160)
+    started = time.perf_counter()
+    dataset = load_scifact()
+    corpus = {doc.id: doc for doc in dataset.corpus}
+    forbidden_docs = {d for docs in dataset.qrels["test"].values() for d in docs}
+    engine = IndexEngine.from_settings(settings)
+    if not engine.exists(COLLECTION):
+        engine.upsert(COLLECTION, dataset.corpus, progress=progress)
+    pipeline = SearchPipeline(InProcessIndex(engine), rrf_k=settings.rrf_k)
+
+    def search(query: str, k: int, retrievers: tuple[str, ...]) -> tuple[list[str], list[float]]:
+        trace = Trace(kind="search", request={})
+        outcome = asyncio.run(
+            pipeline.run(trace, query=query, collection=COLLECTION, k=k, retrievers=retrievers)
+        )
+        return [h.doc_id for h in outcome.hits], [h.score for h in outcome.hits]
+
+    train_qrels = dataset.qrels["train"]
+    pairs, _ = training_pairs(dataset.queries, train_qrels, forbidden_docs, train_queries, seed)
+    mine(pairs, train_qrels, search, forbidden_docs, progress)
+    modes = REWRITE_MODES[condition]
+    rewriter = RewriterEngine.from_settings(settings)
+    for mode in modes:
+        batch = [
+            RewritePair(
+                p.qid,
+                p.query,
+                PairDocument(p.doc_id, corpus[p.doc_id].title, corpus[p.doc_id].text),
+            )
+            for p in pairs
+        ]
+        records = rewriter.rewrite_batch(
+            batch, mode, forbidden_doc_ids=forbidden_docs, progress=progress
+        )
+        for pair, record in zip(pairs, records, strict=True):
+            pair.rewrites[mode] = record.rewritten_query
+
+    def text_doc(doc_id: str) -> TextDoc:
+        return TextDoc(doc_id, corpus[doc_id].title, corpus[doc_id].text)
+
+    examples = examples_for(
+        condition,
+        pairs,
+        text_doc,
+        forbidden_qids=set(dataset.qrels["test"]),
+        forbidden_docs=forbidden_docs,
+    )
+    trained = train_cross_encoder(examples, config, progress=progress)
+    sources: dict[str, int] = {}
+    for example in examples:
+        sources[example.source] = sources.get(example.source, 0) + 1
+    manifest = publish_cross_encoder(
+        settings,
+        trained,
+        {
+            "trained_by": "lodestar.cross_encoder_train",
+            "condition": condition,
+            "dataset": "scifact/train",
+            "config": asdict(config),
+            "examples": len(examples),
+            "sources": sources,
+            "rewriter_model": rewriter.model_id if modes else None,
+            "seconds": round(time.perf_counter() - started, 1),
+        },
+    )
+    return {k: v for k, v in manifest.items() if k != "files"}

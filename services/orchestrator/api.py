@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field
 from sse_starlette.sse import EventSourceResponse
 
 from services.orchestrator.adapt import FeedbackAdaptation, Judgement
+from services.orchestrator.prompts import MAX_SUBQUERIES
 from services.orchestrator.rerun import (
     FeedbackMetrics,
     Overrides,
@@ -95,8 +96,11 @@ class AnswerRequest(BaseModel):
     question: str
     collection: str = "wiki"
     k: int = 3
-    max_rounds: int = Field(4, ge=1, le=8)
-    """Retrieval rounds at most (SIM-RAG): the critic may stop the loop earlier."""
+    max_rounds: int | None = Field(None, ge=1, le=8)
+    """Retrieval rounds at most (SIM-RAG): the critic may stop the loop earlier. Default: the
+    critic's loop (up to 4 rounds) while a critic answers, else 1 round (docs/answer.md)."""
+    subqueries: int | None = Field(None, ge=1, le=MAX_SUBQUERIES)
+    """Sub-queries the question is decomposed into (1 = none); default by measurement."""
     stream: bool = False
     session_id: SessionId | None = None
     """Stored on the trace; the session's earlier feedback applies to every round's search (the
@@ -330,6 +334,7 @@ async def answer(
         collection=body.collection,
         k=body.k,
         max_rounds=body.max_rounds,
+        subqueries=body.subqueries,
     )
     timings = {**outcome.timings_ms, "total": (time.perf_counter() - started) * 1000}
     response = _answer_response(trace, outcome, timings, adaptation)
@@ -374,6 +379,7 @@ async def _answer_events(
             collection=body.collection,
             k=body.k,
             max_rounds=body.max_rounds,
+            subqueries=body.subqueries,
             stream=True,
         ):
             if isinstance(event, RoundStarted):

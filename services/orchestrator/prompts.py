@@ -219,3 +219,172 @@ def parse_query(raw: str) -> str:
 
 def _query_key(query: str) -> str:
     return " ".join(_WORD_RE.findall(query.lower()))
+
+
+# --- search queries: follow-ups and sub-queries -------------------------------------------------
+
+#: A search query has at least this many words and at most this many words / characters.
+QUERY_MIN_WORDS = 2
+QUERY_MAX_WORDS = 20
+QUERY_MAX_CHARS = 200
+#: The most sub-queries the decomposer writes (``/answer``'s ``subqueries`` is capped here).
+MAX_SUBQUERIES = 3
+#: Tokens for the decomposer's reply: a few short lines.
+DECOMPOSE_MAX_NEW_TOKENS = 32
+#: Content-word Jaccard overlap from which a query counts as a copy of an earlier one.
+NEAR_COPY = 0.6
+#: Answer terms the fallback follow-up query appends to the question.
+FALLBACK_MAX_TERMS = 6
+
+DECOMPOSE_SYSTEM_PROMPT = (
+    "You break a question into simpler search queries for a document collection. Write at most "
+    f"{MAX_SUBQUERIES} short search queries, one per line, each looking for one fact the "
+    "question needs. Do not answer the question. Reply with the queries only."
+)
+
+_QUESTION_WORDS = frozenset(
+    [
+        "who",
+        "whom",
+        "whose",
+        "what",
+        "which",
+        "when",
+        "where",
+        "why",
+        "how",
+        "is",
+        "was",
+        "are",
+        "were",
+        "did",
+        "does",
+        "do",
+        "can",
+    ]
+)
+_ANSWERISH_RE = re.compile(
+    r"^\W*(the\s+)?(final\s+|short\s+|correct\s+)?(answer|rationale)\b", re.IGNORECASE
+)
+_COPULA_RE = re.compile(r"\b(is|was|are|were)\b", re.IGNORECASE)
+_LIST_MARKER_RE = re.compile(
+    r"^\s*(?:[-*\u2022]+|\(?\d{1,2}[.):]|(?:sub-?\s*)?(?:search\s+)?quer(?:y|ies)\s*\d*\s*[:.)-]"
+    r"|q\d{1,2}\s*[:.)-])\s*",
+    re.IGNORECASE,
+)
+
+
+def _content_words(text: str) -> list[str]:
+    return [w for w in _WORD_RE.findall(text.lower()) if w not in _STOP]
+
+
+def query_problem(
+    query: str,
+    *,
+    earlier_queries: Sequence[str] = (),
+    answers: Sequence[str] = (),
+    min_words: int = QUERY_MIN_WORDS,
+) -> str | None:
+    """Why ``query`` is not a usable search query, or ``None`` when it is.
+
+    A follow-up query or a sub-query is something to *search for*. Rejected, in this order:
+    ``empty``; ``answer_prefix`` (it starts like an answer: "The answer is", "Answer:",
+    "Rationale:"); ``too_short`` (< ``min_words`` words: a one-word follow-up is an answer, a
+    one-word sub-query may be an entity); ``too_long`` (>
+    ``QUERY_MAX_WORDS`` words or ``QUERY_MAX_CHARS`` characters); ``repeated`` (the same words
+    as an earlier query, the question included, or content words overlapping one's by a Jaccard
+    of ``NEAR_COPY`` or more: a rewording, not a new search); ``answer_echo``
+    (the same words as one of the reasoner's answers, or containing an answer of three or more
+    content words); ``statement`` (a declarative sentence: four or more words, a copula, a final
+    full stop, and no question word first — what the reasoner writes when it answers instead).
+    """
+    text = query.strip()
+    if not text:
+        return "empty"
+    if _ANSWERISH_RE.match(text):
+        return "answer_prefix"
+    words = _WORD_RE.findall(text.lower())
+    if len(words) < min_words:
+        return "too_short"
+    if len(words) > QUERY_MAX_WORDS or len(text) > QUERY_MAX_CHARS:
+        return "too_long"
+    key, content = " ".join(words), set(_content_words(text))
+    for earlier in earlier_queries:
+        if key == _query_key(earlier):
+            return "repeated"
+        before = set(_content_words(earlier))
+        if content and before and len(content & before) / len(content | before) >= NEAR_COPY:
+            return "repeated"
+    for answer in answers:
+        if is_unsure(answer):
+            continue
+        answer_key = _query_key(answer)
+        if not answer_key:
+            continue
+        if key == answer_key:
+            return "answer_echo"
+        if len(_content_words(answer)) >= 3 and f" {answer_key} " in f" {key} ":
+            return "answer_echo"
+    if (
+        len(words) >= 4
+        and text.endswith(".")
+        and _COPULA_RE.search(text)
+        and words[0] not in _QUESTION_WORDS
+    ):
+        return "statement"
+    return None
+
+
+def fallback_query(question: str, answers: Sequence[str]) -> str | None:
+    """The follow-up query used when the reasoner's is rejected: the question with the content
+    terms of the latest real (not "unsure") answer that the question lacks appended (at most
+    ``FALLBACK_MAX_TERMS``) — the answer usually names the bridge entity, so this searches for
+    what the question *and* the first hop point at. ``None`` when no answer adds a term (the
+    loop then stops: the same search again would find nothing new)."""
+    in_question = set(_WORD_RE.findall(question.lower()))
+    for answer in reversed(answers):
+        if is_unsure(answer):
+            continue
+        terms = list(dict.fromkeys(w for w in _content_words(answer) if w not in in_question))
+        if terms:
+            return f"{question.strip()} {' '.join(terms[:FALLBACK_MAX_TERMS])}"
+        return None
+    return None
+
+
+#: One worked example, given as an earlier chat turn (a 135M model follows a shown format far
+#: better than a described one). Its queries are never accepted as sub-queries of another
+#: question (``choose_subqueries`` counts them as earlier queries).
+DECOMPOSE_EXAMPLE = (
+    "Who was born first, the director of Jaws or the author of Dune?",
+    ("director of the film Jaws", "author of the novel Dune"),
+)
+
+
+def build_decompose_messages(question: str) -> list[dict[str, str]]:
+    """The decomposer's prompt (the same for every ``subqueries`` setting: the first lines are
+    taken, so a larger setting extends a smaller one's sub-queries)."""
+    example_question, example_queries = DECOMPOSE_EXAMPLE
+    return [
+        {"role": "system", "content": DECOMPOSE_SYSTEM_PROMPT},
+        {"role": "user", "content": f"Question: {example_question}\nSearch queries:"},
+        {"role": "assistant", "content": "\n".join(example_queries)},
+        {"role": "user", "content": f"Question: {question}\nSearch queries:"},
+    ]
+
+
+def parse_subqueries(raw: str) -> list[str]:
+    """The decomposer's lines as candidate sub-queries, in order: list markers ("1.", "-",
+    "Query 2:"), a "Search queries:" heading and quotes removed, empty lines and exact duplicates
+    dropped. Validation (``query_problem``) is the caller's."""
+    found: list[str] = []
+    for line in raw.strip().splitlines():
+        text = line.strip()
+        if re.fullmatch(r"(?i)\W*(sub-?\s*)?(search\s+)?quer(y|ies)\W*", text):
+            continue
+        for _ in range(3):  # "- Query 3: ..." carries two markers
+            text = _LIST_MARKER_RE.sub("", text).strip()
+            text = _QUERY_PREFIX_RE.sub("", text).strip().strip("\"'`*").strip()
+        if text and _query_key(text) not in {_query_key(f) for f in found}:
+            found.append(text[: QUERY_MAX_CHARS * 2])
+    return found

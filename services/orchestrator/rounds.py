@@ -10,26 +10,40 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
+from services.orchestrator.decompose import (
+    DEFAULT_SUBQUERIES,
+    KEEP_QUESTION,
+    Decomposition,
+    SubQuery,
+    choose_subqueries,
+    fuse_subquery_lists,
+    sq_id,
+)
 from services.orchestrator.prompts import (
+    DECOMPOSE_MAX_NEW_TOKENS,
     QUERY_MAX_NEW_TOKENS,
     ROUND_PASSAGE_CHARS,
     RoundContext,
     _query_key,
     build_answer_messages,
+    build_decompose_messages,
     build_query_messages,
     build_reasoner_messages,
     choose_citations,
     clean_answer,
+    fallback_query,
     format_round_context,
     is_unsure,
     parse_query,
     parse_reasoner_output,
+    query_problem,
 )
 from services.orchestrator.search import (
     FUSION_DEPTH,
     INDEX_RETRIEVERS,
     SearchOutcome,
     SearchPipeline,
+    fusion_outputs,
 )
 from shared.clients import DependencyError, JudgeRequest, JudgeResponse
 from shared.errors import ErrorCode, LodestarError
@@ -132,6 +146,8 @@ class RoundRecord:
     next_query: str | None = None
     query_generation: Generation | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
+    subqueries: list[SubQuery] = field(default_factory=list)
+    """What this round searched for: round 1 the decomposition, later rounds the follow-up."""
 
     @property
     def new_tokens(self) -> int:
@@ -150,10 +166,14 @@ class RoundsOutcome:
     rounds: list[RoundRecord]
     citations: list[Hit]
     stop_reason: str
-    """``accepted`` (critic), ``confident`` (self-assessment), ``max_rounds``,
-    ``repeated_query`` or ``empty_retrieval``."""
+    """``accepted`` (critic), ``confident`` (self-assessment), ``max_rounds``, ``no_critic``
+    (the default plan without a critic), ``repeated_query`` or ``empty_retrieval``."""
     timings_ms: dict[str, float]
     degraded: list[str]
+    chosen_round: int | None = None
+    """The round whose answer is returned."""
+    chosen_by: str | None = None
+    """The rule that chose it (``final_answer``)."""
 
     @property
     def hits(self) -> list[Hit]:
@@ -186,13 +206,59 @@ class RoundsFinished:
 LoopEvent = RoundStarted | AnswerPiece | RoundFinished | RoundsFinished
 
 
-def final_answer(records: Sequence[RoundRecord]) -> RoundRecord:
-    """The round whose answer is returned: the last one, unless it says "unsure" and an earlier
-    round gave a real answer (the loop forces an answer at the end rather than an abstention)."""
-    for record in reversed(records):
-        if not is_unsure(record.answer):
-            return record
-    return records[-1]
+class AnswerSelection(StrEnum):
+    """Which round's answer the loop returns."""
+
+    auto = "auto"
+    """The round the critic accepted; when the critic judged and accepted none, the forced last
+    round (SIM-RAG); with no verdict at all (no critic, or a baseline policy), the first
+    confident round — chosen by measurement: on HotpotQA dev and NQ-open one round beat the
+    last round of two to four (``docs/answer.md``)."""
+    first_confident = "first_confident"
+    """The first round whose answer is not "unsure" (else the last round)."""
+    last = "last"
+    """The last round's answer (an earlier real one when it says "unsure"): what the
+    ``fixed-k`` evaluation baselines measure."""
+
+
+def final_answer(
+    records: Sequence[RoundRecord], selection: AnswerSelection = AnswerSelection.auto
+) -> tuple[RoundRecord, str]:
+    """The round whose answer is returned, and the rule that chose it (``accepted``,
+    ``critic_forced``, ``first_confident``, ``last``)."""
+
+    def latest_real() -> RoundRecord:
+        for record in reversed(records):
+            if not is_unsure(record.answer):
+                return record
+        return records[-1]
+
+    if selection is AnswerSelection.last:
+        return latest_real(), "last"
+    if selection is AnswerSelection.auto:
+        accepted = next((r for r in records if r.accept), None)
+        if accepted is not None:
+            return accepted, "accepted"
+        if any(r.accept is False for r in records):
+            return latest_real(), "critic_forced"
+    confident = next((r for r in records if not is_unsure(r.answer)), records[-1])
+    return confident, "first_confident"
+
+
+@dataclass
+class FollowUp:
+    query: str | None
+    """The query the next round searches with (the reasoner's or the fallback), if any."""
+    subquery: SubQuery | None
+    generation: Generation
+
+
+#: Rounds at most under the default plan (no ``max_rounds``) while the critic answers: SIM-RAG's
+#: inference ``max_turns``.
+CRITIC_MAX_ROUNDS = 4
+#: Rounds under the default plan when no critic answers: the measured-best fixed setting
+#: (fixed-1 on HotpotQA dev and NQ-open, ``docs/critic.md``).
+NO_CRITIC_ROUNDS = 1
 
 
 class AnswerPipeline:
@@ -216,6 +282,8 @@ class AnswerPipeline:
         critic: Critic | None = None,
         query_max_new_tokens: int = QUERY_MAX_NEW_TOKENS,
         passage_chars: int = ROUND_PASSAGE_CHARS,
+        default_subqueries: int = DEFAULT_SUBQUERIES,
+        decompose_max_new_tokens: int = DECOMPOSE_MAX_NEW_TOKENS,
     ) -> None:
         self.search = search
         self.generator_factory = generator_factory
@@ -223,6 +291,8 @@ class AnswerPipeline:
         self.critic = critic
         self.query_max_new_tokens = query_max_new_tokens
         self.passage_chars = passage_chars
+        self.default_subqueries = default_subqueries
+        self.decompose_max_new_tokens = decompose_max_new_tokens
 
     async def retrieve(self, trace: Trace, question: str, collection: str, k: int) -> SearchOutcome:
         return await self.search.run(
@@ -304,9 +374,11 @@ class AnswerPipeline:
         question: str,
         collection: str,
         k: int,
-        max_rounds: int,
+        max_rounds: int | None = None,
         policy: StopPolicy = StopPolicy.critic,
         temperature: float = 0.0,
+        subqueries: int | None = None,
+        selection: AnswerSelection = AnswerSelection.auto,
     ) -> RoundsOutcome:
         """The multi-round loop without streaming: its final outcome."""
         async for event in self.rounds(
@@ -317,10 +389,86 @@ class AnswerPipeline:
             max_rounds=max_rounds,
             policy=policy,
             temperature=temperature,
+            subqueries=subqueries,
+            selection=selection,
         ):
             if isinstance(event, RoundsFinished):
                 return event.outcome
         raise AssertionError("the answer loop ended without an outcome")  # pragma: no cover
+
+    async def decompose(self, trace: Trace, question: str, n: int) -> Decomposition:
+        """Stage ``decompose`` of round 1: the question and up to ``n - 1`` sub-queries from the
+        decomposer (no model call when ``n`` is 1)."""
+        generation: Generation | None = None
+        if n > 1:
+            generation = await self._generate_messages(
+                build_decompose_messages(question), self.decompose_max_new_tokens, 0.0
+            )
+        decomposition = choose_subqueries(question, generation.text if generation else None, n)
+        trace.stages.append(
+            StageRun(
+                stage="decompose",
+                inputs={"question": question},
+                outputs={
+                    "subqueries": [sq.output() for sq in decomposition.subqueries],
+                    "raw": generation.text if generation else None,
+                    "proposed": decomposition.proposed,
+                    "rejected": decomposition.rejected,
+                    "new_tokens": generation.new_tokens if generation else 0,
+                },
+                targets=[sq.target() for sq in decomposition.subqueries],
+                model_id=self.generator_factory().model_id if generation else None,
+                params={"round": 1, "subqueries": n, "keep_question": KEEP_QUESTION},
+                latency_ms=generation.seconds * 1000 if generation else 0.0,
+            )
+        )
+        return decomposition
+
+    async def search_round(
+        self,
+        trace: Trace,
+        subqueries: Sequence[SubQuery],
+        collection: str,
+        depth: int,
+    ) -> SearchOutcome:
+        """Retrieve for each sub-query through ``SearchPipeline`` (its ``retrieve`` and
+        ``fusion`` stages tagged with the sub-query id), then, for more than one, RRF over the
+        sub-queries' lists (a ``fusion`` stage with ``params.over = "subqueries"``)."""
+        lists: list[tuple[str, list[Hit]]] = []
+        timings: dict[str, float] = {}
+        degraded: list[str] = []
+        for sq in subqueries:
+            first_stage = len(trace.stages)
+            searched = await self.search.run(
+                trace,
+                query=sq.text,
+                collection=collection,
+                k=depth,
+                retrievers=INDEX_RETRIEVERS,
+            )
+            for stage in trace.stages[first_stage:]:
+                stage.params["sq_id"] = sq.sq_id
+            for name, value in searched.timings_ms.items():
+                timings[name] = timings.get(name, 0.0) + value
+            degraded.extend(d for d in searched.degraded if d not in degraded)
+            lists.append((sq.sq_id, searched.hits))
+        if len(lists) == 1:
+            return SearchOutcome(hits=lists[0][1], timings_ms=timings, degraded=degraded)
+        started = time.perf_counter()
+        fused = fuse_subquery_lists(lists, self.search.rrf_k, depth)
+        elapsed = (time.perf_counter() - started) * 1000
+        timings["fusion"] = timings.get("fusion", 0.0) + elapsed
+        trace.stages.append(
+            StageRun(
+                stage="fusion",
+                inputs={"subqueries": [sq.sq_id for sq in subqueries], "k": depth},
+                outputs={"hits": fusion_outputs(fused)},
+                targets=[{"type": "doc", "id": h.doc_id} for h in fused],
+                params={"method": "rrf", "over": "subqueries", "rrf_k": self.search.rrf_k},
+                latency_ms=elapsed,
+            )
+        )
+        return SearchOutcome(hits=fused, timings_ms=timings, degraded=degraded)
 
     async def rounds(
         self,
@@ -329,15 +477,26 @@ class AnswerPipeline:
         question: str,
         collection: str,
         k: int,
-        max_rounds: int,
+        max_rounds: int | None = None,
         policy: StopPolicy = StopPolicy.critic,
         temperature: float = 0.0,
         stream: bool = False,
+        subqueries: int | None = None,
+        selection: AnswerSelection = AnswerSelection.auto,
     ) -> AsyncIterator[LoopEvent]:
         """The multi-round loop as events: per round ``RoundStarted`` (query and new hits),
-        ``AnswerPiece``s when ``stream``, ``RoundFinished``; then one ``RoundsFinished``."""
+        ``AnswerPiece``s when ``stream``, ``RoundFinished``; then one ``RoundsFinished``.
+
+        ``max_rounds`` ``None`` is the default plan: the critic's loop (up to
+        ``CRITIC_MAX_ROUNDS``) while a critic answers; when none does (untrained, down, not
+        configured) the loop stops after ``NO_CRITIC_ROUNDS`` round(s), the measured-best fixed
+        setting, with ``stop_reason`` ``no_critic``. ``subqueries`` ``None`` is
+        ``default_subqueries``."""
         started = time.perf_counter()
         model_id = self.generator_factory().model_id
+        planned = max_rounds is None
+        cap = CRITIC_MAX_ROUNDS if max_rounds is None else max_rounds
+        n_subqueries = self.default_subqueries if subqueries is None else subqueries
         records: list[RoundRecord] = []
         contexts: list[RoundContext] = []
         seen: set[str] = set()
@@ -348,17 +507,16 @@ class AnswerPipeline:
             degraded.append("critic")
             critic_failed = True
         stop_reason = "max_rounds"
-        query = question
-        for round_number in range(1, max_rounds + 1):
+        decomposition = await self.decompose(trace, question, n_subqueries)
+        round_subqueries = decomposition.subqueries
+        next_sq = len(round_subqueries) + 1
+        for round_number in range(1, cap + 1):
             timings: dict[str, float] = {}
-            queries.append(query)
+            queries.extend(sq.text for sq in round_subqueries)
+            query = "; ".join(sq.text for sq in round_subqueries)
             # Ask for enough to fill k after dropping what earlier rounds already returned.
-            searched = await self.search.run(
-                trace,
-                query=query,
-                collection=collection,
-                k=min(k + len(seen), FUSION_DEPTH),
-                retrievers=INDEX_RETRIEVERS,
+            searched = await self.search_round(
+                trace, round_subqueries, collection, min(k + len(seen), FUSION_DEPTH)
             )
             timings["retrieve"] = sum(
                 v for name, v in searched.timings_ms.items() if name in ("retrieve", "fusion")
@@ -419,6 +577,7 @@ class AnswerPipeline:
                     params={
                         "round": round_number,
                         "query": query,
+                        "subqueries": [sq.sq_id for sq in round_subqueries],
                         "max_new_tokens": self.max_new_tokens,
                         "temperature": temperature,
                     },
@@ -435,9 +594,10 @@ class AnswerPipeline:
                 raw=generation.text,
                 generation=generation,
                 timings_ms=timings,
+                subqueries=list(round_subqueries),
             )
             records.append(record)
-            if round_number == max_rounds:
+            if round_number == cap:
                 # The last round's answer is forced: nobody is asked whether to go on.
                 yield RoundFinished(record)
                 break
@@ -453,39 +613,43 @@ class AnswerPipeline:
                     stop_reason = "accepted"
                     yield RoundFinished(record)
                     break
-            query_generation = await self._generate_messages(
-                build_query_messages(question, context, queries), self.query_max_new_tokens, 0.0
+            if planned and critic_failed and round_number >= NO_CRITIC_ROUNDS:
+                # No critic to say when to stop: the measured-best fixed setting instead.
+                stop_reason = "no_critic"
+                yield RoundFinished(record)
+                break
+            follow_up = await self._follow_up(
+                trace, question, context, queries, records, round_number, next_sq
             )
-            record.query_generation = query_generation
-            timings["query"] = query_generation.seconds * 1000
-            next_query = parse_query(query_generation.text)
-            record.next_query = next_query
-            repeated = not next_query or _query_key(next_query) in {_query_key(q) for q in queries}
-            trace.stages.append(
-                StageRun(
-                    stage="query",
-                    inputs={"question": question, "earlier_queries": list(queries)},
-                    outputs={
-                        "query": next_query,
-                        "raw": query_generation.text,
-                        "repeated": repeated,
-                        "new_tokens": query_generation.new_tokens,
-                    },
-                    targets=[{"type": "subquery", "id": next_query or "(empty)"}],
-                    model_id=model_id,
-                    params={"round": round_number, "max_new_tokens": self.query_max_new_tokens},
-                    latency_ms=timings["query"],
-                )
-            )
+            record.query_generation = follow_up.generation
+            timings["query"] = follow_up.generation.seconds * 1000
+            record.next_query = follow_up.query
             yield RoundFinished(record)
-            if repeated:
+            if follow_up.subquery is None:
                 # The same search again would find nothing new: stop with this round's answer.
                 stop_reason = "repeated_query"
                 break
-            query = next_query
+            round_subqueries = [follow_up.subquery]
+            next_sq += 1
+            trace.stages.append(
+                StageRun(
+                    stage="decompose",
+                    inputs={"question": question, "from_round": round_number},
+                    outputs={"subqueries": [follow_up.subquery.output()]},
+                    targets=[follow_up.subquery.target()],
+                    params={"round": round_number + 1, "origin": follow_up.subquery.origin},
+                )
+            )
         if not records:
             raise LodestarError(ErrorCode.internal, "the answer loop ran no round")
-        chosen = final_answer(records)
+        # The trace's request records what the defaults resolved to, so a rerun repeats the plan.
+        if planned and trace.request.get("max_rounds", 0) is None:
+            trace.request["max_rounds"] = (
+                NO_CRITIC_ROUNDS if stop_reason == "no_critic" else CRITIC_MAX_ROUNDS
+            )
+        if subqueries is None and trace.request.get("subqueries", 0) is None:
+            trace.request["subqueries"] = n_subqueries
+        chosen, chosen_by = final_answer(records, selection)
         all_hits = [hit for record in records for hit in record.hits]
         citations, _ = choose_citations(chosen.raw, all_hits)
         total: dict[str, float] = {}
@@ -493,6 +657,20 @@ class AnswerPipeline:
             for name, value in record.timings_ms.items():
                 total[name] = total.get(name, 0.0) + value
         total["loop"] = (time.perf_counter() - started) * 1000
+        trace.stages.append(
+            StageRun(
+                stage="select",
+                inputs={"rounds": [r.round for r in records]},
+                outputs={"round": chosen.round, "answer": chosen.answer, "rule": chosen_by},
+                targets=[{"type": "answer", "id": "answer"}],
+                params={
+                    "selection": selection.value,
+                    "stop_reason": stop_reason,
+                    "max_rounds": max_rounds,
+                    "rounds_cap": cap,
+                },
+            )
+        )
         yield RoundsFinished(
             RoundsOutcome(
                 answer=chosen.answer,
@@ -501,8 +679,60 @@ class AnswerPipeline:
                 stop_reason=stop_reason,
                 timings_ms=total,
                 degraded=degraded,
+                chosen_round=chosen.round,
+                chosen_by=chosen_by,
             )
         )
+
+    async def _follow_up(
+        self,
+        trace: Trace,
+        question: str,
+        context: str,
+        queries: Sequence[str],
+        records: Sequence[RoundRecord],
+        round_number: int,
+        number: int,
+    ) -> FollowUp:
+        """The next round's query (stage ``query``): the reasoner's, when it is a usable search
+        query (``query_problem``); otherwise ``fallback_query`` (the question with the latest
+        answer's new terms); ``subquery`` ``None`` when neither is new (the loop stops)."""
+        generation = await self._generate_messages(
+            build_query_messages(question, context, queries), self.query_max_new_tokens, 0.0
+        )
+        proposed = parse_query(generation.text)
+        answers = [r.answer for r in records]
+        problem = query_problem(proposed, earlier_queries=queries, answers=answers)
+        query, origin = proposed, "follow_up"
+        if problem is not None:
+            fallback = fallback_query(question, answers)
+            # The fallback is the question on purpose: only an exact repeat makes it useless.
+            usable = fallback is not None and _query_key(fallback) not in {
+                _query_key(q) for q in queries
+            }
+            query, origin = (fallback, "fallback") if usable and fallback else ("", "none")
+        subquery = SubQuery(sq_id(number), query, 0, round_number + 1, origin) if query else None
+        trace.stages.append(
+            StageRun(
+                stage="query",
+                inputs={"question": question, "earlier_queries": list(queries)},
+                outputs={
+                    "query": query or None,
+                    "proposed": proposed,
+                    "problem": problem,
+                    "origin": origin,
+                    "sq_id": subquery.sq_id if subquery else None,
+                    "raw": generation.text,
+                    "repeated": subquery is None,
+                    "new_tokens": generation.new_tokens,
+                },
+                targets=[subquery.target()] if subquery else [],
+                model_id=self.generator_factory().model_id,
+                params={"round": round_number, "max_new_tokens": self.query_max_new_tokens},
+                latency_ms=generation.seconds * 1000,
+            )
+        )
+        return FollowUp(query or None, subquery, generation)
 
     async def _judge(self, trace: Trace, question: str, record: RoundRecord) -> bool:
         """Ask the critic about ``record`` and note its verdict; False when it failed."""

@@ -264,14 +264,21 @@ async def test_critic_acceptance_stops_the_loop() -> None:
     assert critic.requests[1].rationale == "doc d" and outcome.degraded == []
     stages = [(s.stage, s.params.get("round")) for s in trace.stages if s.stage != "retrieve"]
     assert stages == [
+        ("decompose", 1),
         ("fusion", None),
         ("generate", 1),
         ("critic", 1),
         ("query", 1),
+        ("decompose", 2),
         ("fusion", None),
         ("generate", 2),
         ("critic", 2),
+        ("select", None),
     ]
+    # The follow-up query is sub-query sq2 of round 2 (round 1's only one is the question, sq1).
+    decompose = [s for s in trace.stages if s.stage == "decompose"]
+    assert [t["id"] for s in decompose for t in s.targets] == ["sq1", "sq2"]
+    assert outcome.chosen_round == 2 and outcome.chosen_by == "accepted"
 
 
 async def test_max_rounds_forces_the_last_answer_without_asking_the_critic() -> None:
@@ -293,16 +300,30 @@ async def test_a_final_unsure_falls_back_to_the_latest_real_answer() -> None:
     assert outcome.answer == "A1" and outcome.rounds[-1].answer == "unsure"
 
 
-async def test_a_repeated_query_stops_the_loop() -> None:
-    reasoner = ScriptedReasoner(["Answer: A1"], ["Who built  it?"])
+async def test_a_repeated_query_with_no_fallback_stops_the_loop() -> None:
+    # An "unsure" answer adds no term to the question, so there is no fallback query either.
+    reasoner = ScriptedReasoner(["Answer: unsure"], ["Who built  it?"])
     outcome, trace = await run(pipeline(reasoner, ScriptedCritic([False])))
     assert outcome.stop_reason == "repeated_query" and len(outcome.rounds) == 1
-    assert outcome.rounds[0].next_query == "Who built  it?"
-    assert next(s for s in trace.stages if s.stage == "query").outputs["repeated"] is True
+    assert outcome.rounds[0].next_query is None
+    query = next(s for s in trace.stages if s.stage == "query")
+    assert query.outputs["repeated"] is True and query.outputs["proposed"] == "Who built  it?"
+    assert query.outputs["problem"] == "repeated" and query.targets == []
 
 
-async def test_an_empty_query_counts_as_repeated() -> None:
-    reasoner = ScriptedReasoner(["Answer: A1"], ["   "])
+async def test_a_rejected_query_is_replaced_by_the_fallback() -> None:
+    # The reasoner writes its answer back instead of a query: the question plus the answer's
+    # new terms is searched instead (CORPUS has no entry for it, so round 2 finds nothing new).
+    reasoner = ScriptedReasoner(["Answer: Eiffel"], ["The answer is: Eiffel"])
+    outcome, trace = await run(pipeline(reasoner, ScriptedCritic([False])))
+    query = next(s for s in trace.stages if s.stage == "query")
+    assert query.outputs["problem"] == "answer_prefix" and query.outputs["origin"] == "fallback"
+    assert outcome.rounds[0].next_query == "who built it eiffel"
+    assert query.targets == [{"type": "subquery", "id": "sq2"}]
+
+
+async def test_an_empty_query_with_no_fallback_counts_as_repeated() -> None:
+    reasoner = ScriptedReasoner(["Answer: unsure"], ["   "])
     outcome, _ = await run(pipeline(reasoner, ScriptedCritic([False])))
     assert outcome.stop_reason == "repeated_query" and len(outcome.rounds) == 1
 
@@ -313,8 +334,9 @@ async def test_retrieval_with_nothing_new_stops_the_loop() -> None:
     assert outcome.stop_reason == "empty_retrieval" and outcome.answer == "A1"
     assert len(outcome.rounds) == 1
     assert (
-        trace.stages[-1].stage == "round" and trace.stages[-1].outputs["stop"] == "empty_retrieval"
+        trace.stages[-2].stage == "round" and trace.stages[-2].outputs["stop"] == "empty_retrieval"
     )
+    assert trace.stages[-1].stage == "select" and trace.stages[-1].outputs["round"] == 1
 
 
 async def test_baseline_policies() -> None:
@@ -393,7 +415,9 @@ async def test_a_failing_critic_degrades_to_max_rounds(failure: object) -> None:
     )
     outcome, trace = await run(pipeline(reasoner, client), max_rounds=3)
     assert outcome.stop_reason == "max_rounds" and len(outcome.rounds) == 3
-    assert outcome.degraded == ["critic"] and outcome.answer == "A3"
+    # No verdict to go by: the first confident answer, not simply the last round's.
+    assert outcome.degraded == ["critic"] and outcome.answer == "A1"
+    assert outcome.chosen_by == "first_confident"
     critic_stages = [s for s in trace.stages if s.stage == "critic"]
     # Asked once; after a failure the loop does not wait on it again.
     assert len(critic_stages) == 1

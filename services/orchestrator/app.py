@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
+from services.orchestrator import feedback_api
 from services.orchestrator.api import router
 from services.orchestrator.rounds import AnswerPipeline
 from services.orchestrator.search import SearchPipeline
@@ -54,10 +55,17 @@ def build_app(settings: Settings) -> FastAPI:
             await client.aclose()
         store.close()
 
-    app = create_app("orchestrator", settings, [router], warm_up=warm_up, on_shutdown=shutdown)
+    app = create_app(
+        "orchestrator",
+        settings,
+        [router, feedback_api.router],
+        warm_up=warm_up,
+        on_shutdown=shutdown,
+    )
     app.state.store = store
     app.state.index = index
     app.state.search = search
     app.state.answer = answer
     app.state.celery = make_celery(settings)
+    feedback_api.install(app, generator)  # shadow agents, feedback metrics
     return app

@@ -19,6 +19,7 @@ from shared.jobs import (
     TASK_FMINDEX_TRAIN,
     TASK_INDEX_DOCUMENTS,
     TASK_MERGE_COLLECTION,
+    TASK_OFFLINE_UPDATE,
     TASK_REWRITE_BATCH,
     make_celery,
 )
@@ -204,3 +205,16 @@ def rewrite_batch(self: Task, **job: Any) -> dict[str, Any]:
         self.update_state(state="PROGRESS", meta={"done": done, "total": total, "stage": stage})
 
     return run_rewrite_job(settings, str(self.request.id), progress=progress, **job)
+
+
+@app.task(bind=True, name=TASK_OFFLINE_UPDATE)  # type: ignore[untyped-decorator]
+def offline_update(self: Task, **params: Any) -> dict[str, Any]:
+    """NExT-Search offline update (``services.worker.offline_update``): fine-tune on exported
+    feedback, publish only if better on held-out queries. A redelivered job trains again and
+    decides again against whatever is serving by then (publishing twice is harmless)."""
+    from services.worker.offline_update import run_offline_update_job
+
+    def progress(done: int, total: int, stage: str) -> None:
+        self.update_state(state="PROGRESS", meta={"done": done, "total": total, "stage": stage})
+
+    return run_offline_update_job(settings, str(self.request.id), progress=progress, **params)

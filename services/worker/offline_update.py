@@ -1,0 +1,78 @@
+"""The offline-update job (NExT-Search): export feedback from the store, fine-tune the component
+on it, publish iff better, record the outcome. Plain Python, so tests and the feedback
+experiment run it without Celery; ``tasks.offline_update`` is the Celery shell around it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from shared.settings import Settings
+from shared.store import Store, database_url
+
+COMPONENTS = ("reranker",)
+
+
+def run_offline_update_job(
+    settings: Settings,
+    job_id: str,
+    *,
+    component: str = "reranker",
+    since: float | None = None,
+    min_examples: int = 8,
+    eval_fraction: float = 0.25,
+    min_gain: float = 0.0,
+    source: str | None = None,
+    train: dict[str, Any] | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> dict[str, Any]:
+    """Run one offline update and record its outcome (``published``/``rejected``/``failed``)
+    in the store; a failure is re-raised as a ``RuntimeError`` with a plain message."""
+    from services.index.engine import IndexEngine
+    from services.orchestrator.feedback_export import build_export
+    from services.reranker.cross_encoder import CrossEncoderTrainConfig, TextDoc
+    from services.reranker.offline_update import OfflineUpdateConfig, run_offline_update
+    from shared.errors import LodestarError
+
+    store = Store(database_url(settings.database_url, settings.data_dir))
+    try:
+        try:
+            if component not in COMPONENTS:
+                raise ValueError(f"unknown component {component!r}; expected one of {COMPONENTS}")
+            rows = build_export(
+                store,
+                source=source,
+                since=since,
+                types=["rel_label"],
+                shadow_factor=settings.shadow_weight,
+            )
+            engine = IndexEngine.from_settings(settings)
+
+            def texts(collection: str, ids: Sequence[str]) -> dict[str, TextDoc]:
+                return {
+                    d.id: TextDoc(d.id, d.title, d.text) for d in engine.documents(collection, ids)
+                }
+
+            config = OfflineUpdateConfig(
+                min_examples=min_examples,
+                eval_fraction=eval_fraction,
+                min_gain=min_gain,
+                train=CrossEncoderTrainConfig(**(train or {})),
+            )
+            result = run_offline_update(
+                settings, rows, texts, config, job_id=job_id, progress=progress
+            )
+        except (LodestarError, ValueError) as exc:
+            message = exc.message if isinstance(exc, LodestarError) else str(exc)
+            store.record_offline_update(job_id, component, "failed", {"error": message})
+            raise RuntimeError(f"offline update of the {component} failed: {message}") from None
+        except Exception as exc:
+            store.record_offline_update(job_id, component, "failed", {"error": repr(exc)})
+            raise
+        summary = {k: v for k, v in result.items() if k not in ("before", "after")}
+        summary["before"] = {k: v for k, v in result["before"].items() if k != "per_query"}
+        summary["after"] = {k: v for k, v in result["after"].items() if k != "per_query"}
+        store.record_offline_update(job_id, component, str(result["outcome"]), summary)
+        return result
+    finally:
+        store.close()

@@ -1,0 +1,194 @@
+"""The offline update's split, held-out evaluation and publish-only-if-better decision.
+
+Training is replaced by fixed scorers here (the real trainer runs in the integration test):
+what is under test is which figures are compared and what gets published."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from services.reranker import offline_update as ou
+from services.reranker.cross_encoder import TextDoc, cross_encoder_family
+from shared.settings import Settings
+
+QUERIES = [f"query {i}" for i in range(8)]
+
+
+def label_rows(relevant_rank: int = 1) -> list[dict[str, Any]]:
+    """Per query: docs q<i>-1..5 ranked 1..5, the one at ``relevant_rank`` labelled relevant."""
+    rows = []
+    for i, query in enumerate(QUERIES):
+        docs = [f"q{i}-{r}" for r in range(1, 6)]
+        positive = docs[relevant_rank - 1]
+        negatives = [d for d in docs if d != positive]
+        rows.append(
+            {
+                "type": "rel_label",
+                "query": query,
+                "collection": "wiki",
+                "doc_id": positive,
+                "label": 1,
+                "rank": relevant_rank,
+                "hard_negatives": negatives,
+                "negative_ranks": [docs.index(d) + 1 for d in negatives],
+                "source": "user",
+                "weight": 1.0,
+                "created_at": float(i),
+                "derived_from": [f"fb{i}"],
+            }
+        )
+    return rows
+
+
+def texts(collection: str, ids: Sequence[str]) -> dict[str, TextDoc]:
+    assert collection == "wiki"
+    return {d: TextDoc(d, d, f"text of {d}") for d in ids}
+
+
+class FakeModel:
+    """Scores by a rule: ``oracle`` puts each query's labelled document first."""
+
+    def __init__(self, positives: set[str], *, oracle: bool, version: str | None = None):
+        self.positives = positives
+        self.oracle = oracle
+        self.version = version
+        self.losses: list[float] = []
+        self.max_length = 32
+
+    def score(self, query: str, documents: Sequence[Any]) -> list[float]:
+        hit = [1.0 if d.doc_id in self.positives else 0.0 for d in documents]
+        return hit if self.oracle else [-h for h in hit]
+
+
+@pytest.fixture
+def published(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    calls: list[dict[str, Any]] = []
+
+    def publish(settings: Settings, trained: Any, manifest: dict[str, Any]) -> dict[str, Any]:
+        calls.append(manifest)
+        return {**manifest, "version": "v-new"}
+
+    monkeypatch.setattr(ou, "publish_cross_encoder", publish)
+    return calls
+
+
+def patch_models(
+    monkeypatch: pytest.MonkeyPatch,
+    settings: Settings,
+    rows: list[dict[str, Any]],
+    current: str,
+    trained: str,
+) -> None:
+    """``current``: the serving model (``none``: nothing published); ``trained``: what
+    training yields. ``oracle`` ranks each labelled document first, ``inverse`` last."""
+    positives = {r["doc_id"] for r in rows}
+    models = {
+        "oracle": FakeModel(positives, oracle=True, version="v-old"),
+        "inverse": FakeModel(positives, oracle=False, version="v-old"),
+    }
+    if current != "none":
+        family = cross_encoder_family(settings)
+        family.root.mkdir(parents=True)
+        (family.root / "CURRENT").write_text("v-old\n")
+    monkeypatch.setattr(
+        ou, "_current_model", lambda settings, version: None if version is None else models[current]
+    )
+    monkeypatch.setattr(ou, "train_cross_encoder", lambda *args, **kwargs: models[trained])
+
+
+def test_should_publish_only_strictly_better() -> None:
+    assert ou.should_publish(0.5, 0.6)
+    assert not ou.should_publish(0.5, 0.5)
+    assert not ou.should_publish(0.6, 0.5)
+    assert not ou.should_publish(0.5, 0.55, min_gain=0.05)
+    assert ou.should_publish(0.5, 0.56, min_gain=0.05)
+
+
+def test_split_is_deterministic_by_query_and_keeps_both_sides() -> None:
+    train, held = ou.split_queries(QUERIES, 0.25, seed=3)
+    assert len(held) == 2 and len(train) == 6 and not train & held
+    assert ou.split_queries(list(reversed(QUERIES)), 0.25, seed=3) == (train, held)
+    assert ou.split_queries(QUERIES, 0.25, seed=4) != (train, held)
+    assert len(ou.split_queries(QUERIES[:2], 0.9, seed=0)[0]) == 1  # never all held out
+    with pytest.raises(ou.InsufficientFeedback):
+        ou.split_queries([ou.query_key(q) for q in ("Only one", " only  ONE")], 0.5, seed=0)
+
+
+def test_held_out_figures_first_stage_and_models() -> None:
+    rows = label_rows(relevant_rank=1)
+    keys = {ou.query_key(q) for q in QUERIES}
+    sets = ou.held_out_sets(rows, keys)
+    documents = texts("wiki", [d for r in rows for d in [r["doc_id"], *r["hard_negatives"]]])
+    first_stage, _ = ou.evaluate_held_out(None, sets, documents)
+    assert first_stage == pytest.approx(1.0)
+    positives = {r["doc_id"] for r in rows}
+    inverse = FakeModel(positives, oracle=False)
+    worst, per_query = ou.evaluate_held_out(lambda q, d: inverse.score(q, d), sets, documents)
+    assert worst == pytest.approx(1 / math.log2(6))  # relevant at rank 5 of 5
+    assert set(per_query) == keys
+
+
+def test_a_user_label_wins_over_a_shadow_label_on_held_out() -> None:
+    rows = label_rows()[:1]
+    shadow = {**rows[0], "source": "shadow", "label": 0, "created_at": 99.0}
+    sets = ou.held_out_sets([rows[0], shadow], {ou.query_key(QUERIES[0])})
+    assert sets[ou.query_key(QUERIES[0])].qrels()[rows[0]["doc_id"]] == 1
+
+
+def test_a_worse_model_is_not_published(
+    monkeypatch: pytest.MonkeyPatch, published: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    rows = label_rows(relevant_rank=1)  # the first stage is already perfect
+    settings = Settings(data_dir=tmp_path)
+    patch_models(monkeypatch, settings, rows, current="none", trained="inverse")
+    result = ou.run_offline_update(settings, rows, texts, ou.OfflineUpdateConfig(min_examples=4))
+    assert not result["published"] and result["outcome"] == "rejected"
+    assert result["before"]["ndcg@10"] == pytest.approx(1.0)
+    assert result["before"]["model"] == "first-stage-order"
+    assert result["after"]["ndcg@10"] < result["before"]["ndcg@10"]
+    assert result["version"] is None
+    assert published == []
+    assert result["examples"]["held_out_queries"] == 2
+    assert result["examples"]["train_examples"] == 6
+
+
+def test_a_tie_is_not_published_either(
+    monkeypatch: pytest.MonkeyPatch, published: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    rows = label_rows(relevant_rank=1)
+    settings = Settings(data_dir=tmp_path)
+    patch_models(monkeypatch, settings, rows, current="none", trained="oracle")
+    result = ou.run_offline_update(settings, rows, texts, ou.OfflineUpdateConfig(min_examples=4))
+    assert result["before"]["ndcg@10"] == result["after"]["ndcg@10"] == pytest.approx(1.0)
+    assert not result["published"] and published == []
+
+
+def test_a_better_model_is_published_with_both_figures(
+    monkeypatch: pytest.MonkeyPatch, published: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    rows = label_rows(relevant_rank=5)
+    settings = Settings(data_dir=tmp_path)
+    patch_models(monkeypatch, settings, rows, current="inverse", trained="oracle")
+    result = ou.run_offline_update(settings, rows, texts, ou.OfflineUpdateConfig(min_examples=4))
+    assert result["published"] and result["version"] == "v-new"
+    assert result["before"]["model"] == "cross-encoder:v-old"
+    assert result["after"]["ndcg@10"] == pytest.approx(1.0)
+    assert result["before"]["ndcg@10"] == pytest.approx(1 / math.log2(6))
+    (manifest,) = published
+    assert manifest["trained_on"] == "feedback"
+    assert manifest["offline_update"]["after"]["ndcg@10"] == pytest.approx(1.0)
+
+
+def test_too_few_examples_fail_clearly(tmp_path: Path) -> None:
+    with pytest.raises(ou.InsufficientFeedback, match="min_examples=20"):
+        ou.run_offline_update(
+            Settings(data_dir=tmp_path),
+            label_rows(),
+            texts,
+            ou.OfflineUpdateConfig(min_examples=20),
+        )

@@ -16,4 +16,10 @@ def register(sub: Any) -> None:
     from lodestar.experiments.dsi_protocol import register as register_dsi
 
     register_dsi(group)
+    from lodestar.experiments.car import register as register_car
+
+    register_car(group)
+    from lodestar.experiments.feedback import register as register_feedback
+
+    register_feedback(group)
     del group  # experiments register here: ``register_<name>(group)``

@@ -461,12 +461,14 @@ def sweep_weights(
             progress(len(rows), total, "sweep")
         return value
 
-    total = len(ROCCHIO_GRID["beta"]) * len(ROCCHIO_GRID["gamma"]) + len(RM3_TERMS_GRID) * len(
-        RM3_WEIGHT_GRID
+    total = (
+        1
+        + len(ROCCHIO_GRID["beta"]) * len(ROCCHIO_GRID["gamma"])
+        + len(RM3_TERMS_GRID) * len(RM3_WEIGHT_GRID)
     )
     defaults = AdaptationWeights()
-    best = defaults
-    best_value = -1.0
+    # The textbook defaults first: a setting replaces them only when strictly better.
+    best, best_value = defaults, score(defaults)
     for beta in ROCCHIO_GRID["beta"]:
         for gamma in ROCCHIO_GRID["gamma"]:
             candidate = replace(defaults, beta=beta, gamma=gamma)
@@ -649,7 +651,8 @@ def run_offline(
     test_ids: Sequence[str],
     train_ids: Sequence[str],
 ) -> tuple[dict[str, Any], Any]:
-    """Returns the phase's results and the cross-encoder published at the largest N (or None)."""
+    """Returns the phase's results and the cross-encoder published at the largest N that
+    published one (or None)."""
     from lodestar.evaluation.common import progress_bar, significance_table
     from services.reranker.cross_encoder import (
         MODEL_DIR,
@@ -755,8 +758,7 @@ def run_offline(
                 )
                 bar(done, len(eval_ids), f"re-rank test (N={size})")
             entry["score_seconds"] = round(time.perf_counter() - started, 1)
-            if size == sizes[-1]:
-                largest_model = model
+            largest_model = model  # sizes ascend: the last published model
         else:
             served = {q: list(r) for q, r in first_test.items()}
         after = full_ndcg(served, test_qrels)
@@ -841,7 +843,8 @@ def shadow_agents(
             scorer = ModelScorer(offline_model)
             notes["cross-encoder"] = (
                 "no cross-encoder is published in the data dir: the model this run's offline "
-                "update published at the largest N (trained on train-query feedback)"
+                "update published at the largest N that published (trained on train-query "
+                "feedback)"
             )
         else:
             notes["cross-encoder"] = "unavailable: nothing published and no offline model"
@@ -1219,7 +1222,8 @@ def report_markdown(result: Mapping[str, Any]) -> str:
             "Anchor (pseudo feedback, another dataset — Anserini regressions, TREC DL19 "
             "passage, nDCG@10): BM25 0.5058 → +RM3 0.5216, +Rocchio 0.5275.",
             "",
-            "Paired tests against the first ranking (residual):",
+            "Paired tests against the first ranking (residual collection; PRF also on the full "
+            "collection, the anchor's protocol — the rows with n = all queries):",
             "",
             "| a | b | a | b | a − b | t p | boot p | n |",
             "|---|---|---:|---:|---:|---:|---:|---:|",
@@ -1379,7 +1383,7 @@ def plot_sweep(sweep: Mapping[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
-    rows = sweep["grid"]
+    rows = sweep["grid"][1:]  # the first row is the defaults
     rocchio = rows[: len(ROCCHIO_GRID["beta"]) * len(ROCCHIO_GRID["gamma"])]
     rm3 = rows[len(rocchio) :]
     for gamma in ROCCHIO_GRID["gamma"]:
@@ -1423,13 +1427,16 @@ def cmd_experiment_feedback(args: argparse.Namespace, settings: Settings) -> int
     config = FeedbackConfig(
         phases=phases,
         test_limit=args.test_limit,
+        feedback_depth=args.feedback_depth,
         sweep_queries=args.sweep_queries,
         prf_docs=_ints(args.prf_docs),
         shadow_queries=args.shadow_queries,
+        llm_queries=args.llm_queries,
         calibrate_queries=args.calibrate_queries,
         agents=agents,
         offline_sizes=_ints(args.offline_sizes),
         offline_test_limit=args.offline_test_limit,
+        rerank_depth=args.rerank_depth,
         steps=args.steps,
         batch_size=args.batch_size,
         negatives=args.negatives,
@@ -1437,7 +1444,15 @@ def cmd_experiment_feedback(args: argparse.Namespace, settings: Settings) -> int
         learning_rate=args.lr,
         seed=args.seed,
     )
-    for name in ("steps", "batch_size", "negatives", "max_length", "shadow_queries"):
+    for name in (
+        "feedback_depth",
+        "steps",
+        "batch_size",
+        "negatives",
+        "max_length",
+        "shadow_queries",
+        "rerank_depth",
+    ):
         if getattr(config, name) < 1:
             print(f"--{name.replace('_', '-')} must be at least 1")
             return 2
@@ -1455,13 +1470,18 @@ def register(group: Any) -> None:
     d = FeedbackConfig()
     parser.add_argument("--phases", default=",".join(PHASES))
     parser.add_argument("--test-limit", type=int, default=None, help="first N test claims")
+    parser.add_argument(
+        "--feedback-depth", type=int, default=d.feedback_depth, help="documents judged"
+    )
     parser.add_argument("--sweep-queries", type=int, default=d.sweep_queries)
     parser.add_argument("--prf-docs", default=",".join(map(str, d.prf_docs)))
     parser.add_argument("--shadow-queries", type=int, default=d.shadow_queries)
+    parser.add_argument("--llm-queries", type=int, default=d.llm_queries)
     parser.add_argument("--calibrate-queries", type=int, default=d.calibrate_queries)
     parser.add_argument("--agents", default=",".join(d.agents))
     parser.add_argument("--offline-sizes", default=",".join(map(str, d.offline_sizes)))
     parser.add_argument("--offline-test-limit", type=int, default=d.offline_test_limit)
+    parser.add_argument("--rerank-depth", type=int, default=d.rerank_depth)
     parser.add_argument("--steps", type=int, default=d.steps)
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--negatives", type=int, default=d.negatives)

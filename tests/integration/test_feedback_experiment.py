@@ -78,7 +78,7 @@ def test_feedback_experiment_end_to_end(tmp_path: Path) -> None:
     assert all(len(j) == 2 for j in online["judged"].values())
     sweep = online["sweep"]
     assert sweep is not None, "no sweep query kept a relevant document beyond the judged two"
-    assert len(sweep["grid"]) == 27 and sweep["queries"] == 8
+    assert len(sweep["grid"]) == 28 and sweep["queries"] == 8  # defaults + 15 + 12
     assert sweep["chosen_residual_ndcg@10"] == max(r["residual_ndcg@10"] for r in sweep["grid"])
     assert online["weights"]["tuned"] == sweep["chosen"]
     assert isinstance(online["target_met"], bool)

@@ -197,9 +197,10 @@ def _text_value(value: Any) -> str | None:
 def apply_subquery_edits(
     original: Sequence[Mapping[str, str]], rows: Iterable[Mapping[str, Any]]
 ) -> list[dict[str, str]]:
-    """The sub-query list after ``rows``' actions, in order: ``edit`` (value: new text),
-    ``add`` (value: text, or ``{"text", "position"?}``), ``delete``, ``reorder`` (value: the
-    new 0-based position, or ``{"position"}``)."""
+    """The sub-query list after ``rows``' actions, in order: ``edit`` (value: new text, or
+    ``{"text"}``), ``add`` (value: text, or ``{"text", "position"?}``), ``delete``, ``reorder``
+    (value: the new 0-based position, or ``{"position"}``; ``order`` is read as ``position``,
+    the spelling of rerun overrides)."""
     current = [dict(sq) for sq in original]
     for row in rows:
         action, target, value = row["action"], str(row["target_id"]), row.get("value")
@@ -207,7 +208,7 @@ def apply_subquery_edits(
         if action == "add":
             text = _text_value(value)
             if text:
-                position = value.get("position") if isinstance(value, Mapping) else None
+                position = _position(value) if isinstance(value, Mapping) else None
                 item = {"id": f"added:{row['feedback_id']}", "text": text}
                 if isinstance(position, int) and 0 <= position <= len(current):
                     current.insert(position, item)
@@ -222,11 +223,16 @@ def apply_subquery_edits(
         elif action == "delete":
             current.pop(index)
         elif action == "reorder":
-            position = value.get("position") if isinstance(value, Mapping) else value
+            position = _position(value) if isinstance(value, Mapping) else value
             if isinstance(position, int):
                 item = current.pop(index)
                 current.insert(max(0, min(position, len(current))), item)
     return current
+
+
+def _position(value: Mapping[str, Any]) -> Any:
+    """The 0-based place a sub-query edit names: ``position``, or ``order`` as reruns spell it."""
+    return value.get("position", value.get("order"))
 
 
 def pref_pair(

@@ -182,8 +182,9 @@ def test_reorder_and_unknown_targets() -> None:
     rows: list[dict[str, Any]] = [
         {"action": "reorder", "target_id": "c", "value": 0, "feedback_id": "1"},
         {"action": "edit", "target_id": "zzz", "value": "ignored", "feedback_id": "2"},
+        {"action": "reorder", "target_id": "a", "value": {"order": 2}, "feedback_id": "3"},
     ]
-    assert [sq["text"] for sq in apply_subquery_edits(original, rows)] == ["C", "A", "B"]
+    assert [sq["text"] for sq in apply_subquery_edits(original, rows)] == ["C", "B", "A"]
 
 
 def test_query_parameters_are_validated() -> None:

@@ -43,9 +43,13 @@ def train_and_publish(
     train_queries: int = 250,
     config: CrossEncoderTrainConfig | None = None,
     seed: int = 0,
+    corpus_limit: int | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Train one condition's cross-encoder on SciFact train and publish it; the manifest."""
+    """Train one condition's cross-encoder on SciFact train and publish it; the manifest.
+
+    ``corpus_limit`` (tests, smoke runs) searches a slice instead of the whole corpus: its first
+    documents plus those judged for the sampled train queries, in a collection of its own."""
     from services.index.engine import IndexEngine, InProcessIndex
     from services.orchestrator.search import SearchPipeline
     from services.rewriter.engine import PairDocument, RewritePair, RewriterEngine
@@ -59,20 +63,27 @@ def train_and_publish(
     dataset = load_scifact()
     corpus = {doc.id: doc for doc in dataset.corpus}
     forbidden_docs = {d for docs in dataset.qrels["test"].values() for d in docs}
+    train_qrels = dataset.qrels["train"]
+    pairs, _ = training_pairs(dataset.queries, train_qrels, forbidden_docs, train_queries, seed)
+    collection, documents = COLLECTION, dataset.corpus
+    if corpus_limit is not None:
+        judged = {d for p in pairs for d in train_qrels[p.qid]}
+        documents = [
+            doc for i, doc in enumerate(dataset.corpus) if i < corpus_limit or doc.id in judged
+        ]
+        collection = f"train-scifact-{corpus_limit}"
     engine = IndexEngine.from_settings(settings)
-    if not engine.exists(COLLECTION):
-        engine.upsert(COLLECTION, dataset.corpus, progress=progress)
+    if not engine.exists(collection):
+        engine.upsert(collection, documents, progress=progress)
     pipeline = SearchPipeline(InProcessIndex(engine), rrf_k=settings.rrf_k)
 
     def search(query: str, k: int, retrievers: tuple[str, ...]) -> tuple[list[str], list[float]]:
         trace = Trace(kind="search", request={})
         outcome = asyncio.run(
-            pipeline.run(trace, query=query, collection=COLLECTION, k=k, retrievers=retrievers)
+            pipeline.run(trace, query=query, collection=collection, k=k, retrievers=retrievers)
         )
         return [h.doc_id for h in outcome.hits], [h.score for h in outcome.hits]
 
-    train_qrels = dataset.qrels["train"]
-    pairs, _ = training_pairs(dataset.queries, train_qrels, forbidden_docs, train_queries, seed)
     mine(pairs, train_qrels, search, forbidden_docs, progress)
     modes = REWRITE_MODES[condition]
     rewriter = RewriterEngine.from_settings(settings)
@@ -112,6 +123,7 @@ def train_and_publish(
             "trained_by": "lodestar.cross_encoder_train",
             "condition": condition,
             "dataset": "scifact/train",
+            "collection": collection,
             "config": asdict(config),
             "examples": len(examples),
             "sources": sources,

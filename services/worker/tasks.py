@@ -14,6 +14,7 @@ from services.index.engine import IndexEngine
 from shared.jobs import (
     TASK_CRITIC_PRACTICE,
     TASK_CRITIC_TRAIN,
+    TASK_CROSS_ENCODER_TRAIN,
     TASK_DSI_INDEX_STEP,
     TASK_FMINDEX_BUILD,
     TASK_FMINDEX_TRAIN,
@@ -218,3 +219,30 @@ def offline_update(self: Task, **params: Any) -> dict[str, Any]:
         self.update_state(state="PROGRESS", meta={"done": done, "total": total, "stage": stage})
 
     return run_offline_update_job(settings, str(self.request.id), progress=progress, **params)
+
+
+@app.task(bind=True, name=TASK_CROSS_ENCODER_TRAIN)  # type: ignore[untyped-decorator]
+def cross_encoder_train(
+    self: Task,
+    condition: str = "car",
+    train_queries: int = 250,
+    config: dict[str, Any] | None = None,
+    corpus_limit: int | None = None,
+) -> dict[str, Any]:
+    """Train the CAR cross-encoder (one condition of ``lodestar experiment car``) and publish it;
+    the reranker serves it from its next request. Idempotent: rewrites are cached, and a
+    redelivered job publishes an equivalent newer version."""
+    from services.reranker.cross_encoder import CrossEncoderTrainConfig
+    from services.worker.cross_encoder_job import train_and_publish
+
+    def progress(done: int, total: int, stage: str) -> None:
+        self.update_state(state="PROGRESS", meta={"done": done, "total": total, "stage": stage})
+
+    return train_and_publish(
+        settings,
+        condition=condition,
+        train_queries=train_queries,
+        config=CrossEncoderTrainConfig(**(config or {})),
+        corpus_limit=corpus_limit,
+        progress=progress,
+    )

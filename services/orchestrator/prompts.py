@@ -231,6 +231,8 @@ QUERY_MAX_CHARS = 200
 MAX_SUBQUERIES = 3
 #: Tokens for the decomposer's reply: a few short lines.
 DECOMPOSE_MAX_NEW_TOKENS = 32
+#: A query of this many words or more found verbatim in the retrieved context is a copy of it.
+CONTEXT_COPY_WORDS = 6
 #: Content-word Jaccard overlap from which a query counts as a copy of an earlier one.
 NEAR_COPY = 0.6
 #: Answer terms the fallback follow-up query appends to the question.
@@ -284,6 +286,7 @@ def query_problem(
     earlier_queries: Sequence[str] = (),
     answers: Sequence[str] = (),
     min_words: int = QUERY_MIN_WORDS,
+    context: str = "",
 ) -> str | None:
     """Why ``query`` is not a usable search query, or ``None`` when it is.
 
@@ -295,8 +298,10 @@ def query_problem(
     as an earlier query, the question included, or content words overlapping one's by a Jaccard
     of ``NEAR_COPY`` or more: a rewording, not a new search); ``answer_echo``
     (the same words as one of the reasoner's answers, or containing an answer of three or more
-    content words); ``statement`` (a declarative sentence: four or more words, a copula, a final
-    full stop, and no question word first — what the reasoner writes when it answers instead).
+    content words); ``context_copy`` (``CONTEXT_COPY_WORDS`` or more words copied verbatim from
+    the retrieved ``context``: it would find the same passage again); ``statement`` (two
+    sentences, or a declarative one: four or more words, a copula, a final full stop, and no
+    question word first — what the reasoner writes when it answers instead).
     """
     text = query.strip()
     if not text:
@@ -325,7 +330,9 @@ def query_problem(
             return "answer_echo"
         if len(_content_words(answer)) >= 3 and f" {answer_key} " in f" {key} ":
             return "answer_echo"
-    if (
+    if len(words) >= CONTEXT_COPY_WORDS and context and f" {key} " in f" {_query_key(context)} ":
+        return "context_copy"
+    if re.search(r"[a-z]{3,}[.!]\s+[A-Z]", text) or (
         len(words) >= 4
         and text.endswith(".")
         and _COPULA_RE.search(text)

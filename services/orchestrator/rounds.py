@@ -657,20 +657,22 @@ class AnswerPipeline:
             for name, value in record.timings_ms.items():
                 total[name] = total.get(name, 0.0) + value
         total["loop"] = (time.perf_counter() - started) * 1000
-        trace.stages.append(
-            StageRun(
-                stage="select",
-                inputs={"rounds": [r.round for r in records]},
-                outputs={"round": chosen.round, "answer": chosen.answer, "rule": chosen_by},
-                targets=[{"type": "answer", "id": "answer"}],
-                params={
-                    "selection": selection.value,
-                    "stop_reason": stop_reason,
-                    "max_rounds": max_rounds,
-                    "rounds_cap": cap,
-                },
+        if len(records) > 1:
+            # Which round's answer is returned (one round has nothing to choose from).
+            trace.stages.append(
+                StageRun(
+                    stage="select",
+                    inputs={"rounds": [r.round for r in records]},
+                    outputs={"round": chosen.round, "answer": chosen.answer, "rule": chosen_by},
+                    targets=[{"type": "answer", "id": "answer"}],
+                    params={
+                        "selection": selection.value,
+                        "stop_reason": stop_reason,
+                        "max_rounds": max_rounds,
+                        "rounds_cap": cap,
+                    },
+                )
             )
-        )
         yield RoundsFinished(
             RoundsOutcome(
                 answer=chosen.answer,
@@ -702,7 +704,7 @@ class AnswerPipeline:
         )
         proposed = parse_query(generation.text)
         answers = [r.answer for r in records]
-        problem = query_problem(proposed, earlier_queries=queries, answers=answers)
+        problem = query_problem(proposed, earlier_queries=queries, answers=answers, context=context)
         query, origin = proposed, "follow_up"
         if problem is not None:
             fallback = fallback_query(question, answers)

@@ -58,6 +58,23 @@ def test_query_problem_on_real_bad_strings(query: str, problem: str | None) -> N
     assert query_problem(query, earlier_queries=[MONA], answers=["Paris, France"]) == problem
 
 
+def test_queries_copied_from_the_context_or_made_of_sentences_are_refused() -> None:
+    # What the reasoner wrote as its round-3 query in the Mona Lisa trajectory.
+    copied = (
+        "The Mona Lisa is a half-length portrait painting by Leonardo da Vinci. "
+        "It is a painting of a woman,"
+    )
+    context = (
+        "Query: x\nRetrieved Document [1]: Title: Mona Lisa Content: The Mona Lisa is a "
+        "half-length portrait painting by Italian artist Leonardo da Vinci."
+    )
+    assert query_problem(copied) == "statement"
+    assert query_problem("The Mona Lisa is a half-length portrait", context=context) == (
+        "context_copy"
+    )
+    assert query_problem("Mona Lisa half-length portrait museum", context=context) is None
+
+
 def test_an_answer_inside_a_query_is_an_echo_only_when_it_is_a_whole_phrase() -> None:
     long_answer = "The Mona Lisa is in the Louvre Museum"
     assert query_problem("where the mona lisa is in the louvre museum", answers=[long_answer]) == (
@@ -314,3 +331,16 @@ async def test_a_critic_that_rejects_every_round_returns_the_forced_last_one() -
         Trace(kind="answer", request={}), question=MONA, collection="wiki", k=2, max_rounds=2
     )
     assert outcome.answer == "Paris" and outcome.chosen_by == "critic_forced"
+
+
+def test_selection_rules_of_the_decomposition_evaluation() -> None:
+    from lodestar.evaluation.decompose import select_answer
+
+    answers = ["unsure", "Paris", "Rome", "paris."]
+    assert select_answer(answers, "first_confident") == "Paris"
+    assert select_answer(answers, "last") == "paris."
+    assert select_answer(answers, "majority") == "Paris"  # "Paris" twice (normalised)
+    assert select_answer(["A", "B"], "majority") == "A"  # a tie: the earliest
+    assert select_answer(["unsure"], "first_confident") == "unsure"
+    with pytest.raises(ValueError):
+        select_answer(answers, "best")

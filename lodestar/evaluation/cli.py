@@ -61,6 +61,24 @@ def cmd_rag(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_decompose(args: argparse.Namespace, settings: Settings) -> int:
+    from lodestar.evaluation.decompose import run_decompose_command
+
+    run_decompose_command(
+        settings,
+        dataset=args.dataset,
+        limit=args.limit,
+        settings_text=args.settings,
+        rounds=args.rounds,
+        k=args.k,
+        out_dir=args.out,
+        generation_cache=args.generation_cache,
+        minutes=args.minutes,
+        loop_minutes=args.loop_minutes,
+    )
+    return 0
+
+
 def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
     from lodestar.evaluation.expected import (
         default_evaluator,
@@ -148,6 +166,23 @@ def register(subparsers: Any) -> None:
         "e.g. sim-rag once the critic is trained, regenerates nothing it already has)",
     )
     rg.set_defaults(handler=_guarded(cmd_rag))
+
+    dec = group.add_parser(
+        "decompose",
+        help="query decomposition: supporting-document recall per round for N sub-queries",
+    )
+    dec.add_argument("--dataset", default="hotpotqa-dev", help="a multi-hop dataset (HotpotQA)")
+    dec.add_argument("--limit", type=int, default=40, help="the first N questions (at most 40)")
+    dec.add_argument("--settings", default="1,2,3", help="sub-query settings N, comma-separated")
+    dec.add_argument("--rounds", type=int, default=2, help="rounds of the loop (fixed policy)")
+    dec.add_argument("--k", type=int, default=rag.DEFAULT_K, help="new documents per round")
+    dec.add_argument("--out", type=Path, help=f"results folder (default: {RESULTS_DIR})")
+    dec.add_argument("--generation-cache", type=Path, help="JSONL of greedy generations to replay")
+    dec.add_argument("--minutes", type=float, help="start no new question after this budget")
+    dec.add_argument(
+        "--loop-minutes", type=float, help="the loop's budget, counted from its first question"
+    )
+    dec.set_defaults(handler=_guarded(cmd_decompose))
 
     check = group.add_parser(
         "check", help="re-measure the expected figures; exit 1 when one drifts beyond tolerance"

@@ -8,8 +8,9 @@ documents retrieved in each round, tokens generated, latency. Methods run the pr
   SmolLM2 answers from the passages), in-process or through a stack's ``POST /answer``.
 
 - ``fixed-1`` … ``fixed-4``: the orchestrator's multi-round loop (``AnswerPipeline.rounds``)
-  run for exactly that many rounds (it stops early only when retrieval finds nothing new or the
-  reasoner repeats a query);
+  run for exactly that many rounds (it stops early only when retrieval finds nothing new or
+  there is no usable next query: the reasoner's fails validation and no fallback is new), answering
+  with the last round's answer;
 - ``self-stop``: the same loop, stopping when the reasoner does not say "unsure" (its own
   confidence), up to 4 rounds;
 - ``sim-rag``: the same loop governed by the trained critic (SIM-RAG), up to 4 rounds.
@@ -355,7 +356,7 @@ def loop_method(policy: str, max_rounds: int) -> MethodAnswer:
 
     async def answer(context: RagContext, example: QAExample) -> RagOutcome:
         from services.orchestrator.prompts import is_unsure
-        from services.orchestrator.rounds import StopPolicy
+        from services.orchestrator.rounds import AnswerSelection, StopPolicy
         from shared.store import Trace
 
         stop = StopPolicy(policy)
@@ -397,6 +398,9 @@ def loop_method(policy: str, max_rounds: int) -> MethodAnswer:
             k=context.k,
             max_rounds=max_rounds,
             policy=stop,
+            # fixed-k answers with round k (the classic baseline, comparable with the recorded
+            # results); the product returns the first confident round when nothing judged.
+            selection=AnswerSelection.last if stop is StopPolicy.fixed else AnswerSelection.auto,
         )
         latency = sum(sum(record.timings_ms.values()) for record in outcome.rounds)
         return RagOutcome(

@@ -1071,6 +1071,9 @@ def run_feedback(
     result: dict[str, Any] = {}
     if set(config.phases) != set(PHASES) and path.exists():
         result = read_json(path)  # the phases not run now keep their earlier results
+        earlier = result.setdefault("earlier_configs", [])
+        if "config" in result:
+            earlier.append(result["config"])  # the config the kept phases were run with
     result.update(
         {
             "experiment": "feedback",

@@ -141,9 +141,10 @@ def answer_messages(
 class LlmAgent:
     """SmolLM2 (any chat causal LM with ``prompt_ids``) asked yes/no per passage."""
 
-    def __init__(self, generator: Any, *, threshold: float = 0.5) -> None:
+    def __init__(self, generator: Any, *, threshold: float = 0.5, batch_size: int = 5) -> None:
         self.generator = generator  # shared.models.Generator: .model, .tokenizer, .prompt_ids
         self.threshold = threshold
+        self.batch_size = batch_size
         tokenizer = generator.tokenizer
         self._yes = _first_token_ids(tokenizer, ("yes", "Yes", " yes", " Yes", "YES"))
         self._no = _first_token_ids(tokenizer, ("no", "No", " no", " No", "NO"))
@@ -153,19 +154,42 @@ class LlmAgent:
         return f"shadow-llm:{self.generator.model_id}"
 
     def p_yes(self, messages: Sequence[dict[str, str]]) -> float:
+        return self.p_yes_batch([messages])[0]
+
+    def p_yes_batch(self, prompts: Sequence[Sequence[dict[str, str]]]) -> list[float]:
+        """P(yes) for each prompt, ``batch_size`` prompts per forward pass (left-padded, with
+        positions counted from each prompt's first real token, so padding changes nothing)."""
         import torch
 
-        ids = self.generator.prompt_ids(messages)
-        with torch.inference_mode():
-            logits = self.generator.model(input_ids=ids).logits[0, -1].float()
-        yes = torch.logsumexp(logits[self._yes], dim=0)
-        no = torch.logsumexp(logits[self._no], dim=0)
-        return float(torch.sigmoid(yes - no))
+        out: list[float] = []
+        pad = self.generator.tokenizer.pad_token_id
+        pad = self.generator.tokenizer.eos_token_id if pad is None else pad
+        for start in range(0, len(prompts), self.batch_size):
+            rows = [
+                self.generator.prompt_ids(m)[0] for m in prompts[start : start + self.batch_size]
+            ]
+            width = max(int(r.shape[0]) for r in rows)
+            ids = torch.full((len(rows), width), int(pad), dtype=rows[0].dtype)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for i, row in enumerate(rows):
+                ids[i, width - row.shape[0] :] = row
+                mask[i, width - row.shape[0] :] = 1
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            device = rows[0].device
+            inputs = {"input_ids": ids.to(device)}
+            if len({int(r.shape[0]) for r in rows}) > 1:  # padding: mask it, count positions
+                inputs.update(attention_mask=mask.to(device), position_ids=positions.to(device))
+            with torch.inference_mode():
+                logits = self.generator.model(**inputs).logits[:, -1].float()
+            yes = torch.logsumexp(logits[:, self._yes], dim=-1)
+            no = torch.logsumexp(logits[:, self._no], dim=-1)
+            out.extend(float(p) for p in torch.sigmoid(yes - no).tolist())
+        return out
 
     def document_probabilities(
         self, profile: str | None, query: str, docs: Sequence[DocLike]
     ) -> list[float]:
-        return [self.p_yes(document_messages(profile, query, doc)) for doc in docs]
+        return self.p_yes_batch([document_messages(profile, query, doc) for doc in docs])
 
     def judge_documents(
         self, profile: str | None, query: str, docs: Sequence[DocLike]

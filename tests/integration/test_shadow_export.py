@@ -117,14 +117,15 @@ def test_shadow_feedback_is_stored_with_provenance_and_kept_apart_in_export(
     response = post(
         live_stack,
         "/shadow/simulate",
-        {"trace_id": trace_id, "user_id": "art-student", "agent": "llm", "top_k": 2},
+        {"trace_id": trace_id, "user_id": "art-student", "agent": "llm", "top_k": 1},
     )
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["profile"] == profile
     assert body["agent_id"].startswith("shadow-llm:") and "SmolLM2" in body["agent_id"]
     shadow = body["feedback"]
-    assert [f["target_id"] for f in shadow] == top[:2]  # the last ranking's top 2, in order
+    # The last ranking's top 1 (one LM pass: a loaded 2-core box stays inside the deadline).
+    assert [f["target_id"] for f in shadow] == top[:1]
     for item in shadow:
         assert item["source"] == "shadow" and item["stage"] == "fusion"
         assert item["agent_id"] == body["agent_id"]
@@ -140,19 +141,10 @@ def test_shadow_feedback_is_stored_with_provenance_and_kept_apart_in_export(
         assert (row["source"], row["agent_id"]) == ("shadow", body["agent_id"])
         assert row["confidence"] == pytest.approx(item["confidence"])
 
-    # The same agent on the same trace and profile does not write its labels twice.
-    again = post(
-        live_stack,
-        "/shadow/simulate",
-        {"trace_id": trace_id, "user_id": "art-student", "agent": "llm", "top_k": 2},
-    ).json()
-    assert [f["feedback_id"] for f in again["feedback"]] == [f["feedback_id"] for f in shadow]
-    assert not any(f["created"] for f in again["feedback"])
-
     # Export: every example derives from feedback of exactly one source, and says which.
     examples = [e for e in export(live_stack) if e["trace_id"] == trace_id]
     assert {e["type"] for e in examples} == {"rel_label"}
-    assert len(examples) == 3
+    assert len(examples) == 2
     for example in examples:
         (origin,) = example["derived_from"]
         row = by_id[origin]
@@ -172,9 +164,9 @@ def test_shadow_feedback_is_stored_with_provenance_and_kept_apart_in_export(
 
     # Metrics: feedback per stage and source, simulations, and shadow/user agreement on the
     # one document both labelled (top[0]: the user said relevant).
-    assert metric(live_stack, "orchestrator_feedback_total", stage="fusion", source="shadow") >= 2
+    assert metric(live_stack, "orchestrator_feedback_total", stage="fusion", source="shadow") >= 1
     assert metric(live_stack, "orchestrator_feedback_total", stage="fusion", source="user") >= 1
-    assert metric(live_stack, "orchestrator_shadow_simulations_total") == simulations_before + 2
+    assert metric(live_stack, "orchestrator_shadow_simulations_total") == simulations_before + 1
     agreed = int(shadow[0]["action"] == "relevant")
     after = agreement()
     assert (after[0] - agreement_before[0], after[1] - agreement_before[1]) == (agreed, 1 - agreed)
@@ -331,4 +323,14 @@ def test_offline_update_refuses_a_worse_model_and_publishes_a_better_one(
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["agent_id"] == f"shadow-ce:cross-encoder:{better['version']}"
-    assert len(body["feedback"]) == 3
+    assert [f["target_id"] for f in body["feedback"]] == [
+        h["doc_id"]
+        for h in get(live_stack, f"/traces/{trace_id}").json()["stages"][-1]["outputs"]["hits"]
+    ]
+    assert all(f["created"] and f["source"] == "shadow" for f in body["feedback"])
+    # The same agent on the same trace (and profile) does not write its labels twice.
+    again = post(live_stack, "/shadow/simulate", {"trace_id": trace_id, "agent": "cross-encoder"})
+    assert again.status_code == 200, again.text
+    assert [(f["feedback_id"], f["created"]) for f in again.json()["feedback"]] == [
+        (f["feedback_id"], False) for f in body["feedback"]
+    ]

@@ -148,7 +148,7 @@ def run_car(settings: Settings, config: CarConfig, out_dir: Path) -> dict[str, A
             rewrite_pairs,
             mode,
             forbidden_doc_ids=forbidden_docs,
-            progress=progress_bar(f"car: rewrite ({mode})", unit="query"),
+            progress=_one_bar(progress_bar(f"car: rewrite ({mode})", unit="query")),
         )
         for pair, record in zip(pairs, records, strict=True):
             pair.rewrites[mode] = record.rewritten_query
@@ -267,6 +267,11 @@ def run_car(settings: Settings, config: CarConfig, out_dir: Path) -> dict[str, A
     (out_dir / "car.md").write_text(report_markdown(result))
     plot(result, out_dir / "car.png")
     return result
+
+
+def _one_bar(bar: Callable[[int, int, str], None]) -> Callable[[int, int, str], None]:
+    """The rewriter's stage text carries a running count ("rewrite (3 generated)"): one bar."""
+    return lambda done, total, stage: bar(done, total, stage.split(" (")[0])
 
 
 def _mean(values: Mapping[str, float]) -> dict[str, float]:

@@ -1344,7 +1344,10 @@ def plot(result: Mapping[str, Any], path: Path) -> None:
         )
         axes[0].legend()
     shadow = result.get("shadow")
-    if shadow and shadow["results"]:
+    if not (shadow and shadow["results"]):
+        axes[1].text(0.5, 0.5, "shadow phase not measured", ha="center", va="center")
+        axes[1].set_axis_off()
+    else:
         keys = list(shadow["results"])
         kappas = [shadow["results"][k]["kappa"] for k in keys]
         shares = [shadow["results"][k]["gain_share_of_user"] or 0.0 for k in keys]
@@ -1372,7 +1375,10 @@ def plot(result: Mapping[str, Any], path: Path) -> None:
                     )
             axes[2].set_xlabel("N train queries with feedback")
             axes[2].set_ylabel("nDCG@10")
-            axes[2].set_title(f"Offline update (test, n={offline['test_queries']}, RRF top 50)")
+            axes[2].set_title(
+                f"Offline update (test, n={offline['test_queries']}, "
+                f"RRF top {offline['rerank_depth']})"
+            )
             axes[2].legend()
     figure.tight_layout()
     figure.savefig(path, dpi=110)

@@ -432,13 +432,22 @@ def publish_best(
     models: Mapping[str, Any],
     publish: Callable[..., dict[str, Any]],
 ) -> dict[str, Any]:
-    """Publish one condition's model as the served cross-encoder: the one named, or ``best``
-    by SciFact nDCG@10 of RRF top-50 re-ranking."""
+    """Publish one condition's model as the served cross-encoder: the one named, or ``best`` by
+    SciFact nDCG@10 of RRF top-50 re-ranking, and then only if it beats the first stage."""
     chosen = config.publish or "best"
     if chosen == "best":
         chosen = max(models, key=lambda c: result["scifact"][f"rrf50+ce:{c}"]["ndcg@10"])
     if chosen not in models:
         raise ValueError(f"--publish {chosen!r}: not a trained condition ({', '.join(models)})")
+    ndcg = result["scifact"][f"rrf50+ce:{chosen}"]["ndcg@10"]
+    first_stage = result["scifact"]["rrf"]["ndcg@10"]
+    if config.publish == "best" and ndcg <= first_stage:
+        # Like the offline update: a model that re-ranks worse than no re-ranking is not served.
+        return {
+            "condition": chosen,
+            "version": None,
+            "refused": f"nDCG@10 {ndcg:.4f} does not beat the first stage's {first_stage:.4f}",
+        }
     manifest = publish(
         settings,
         models[chosen],

@@ -279,3 +279,12 @@ def read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object")
     return data
+
+
+def option_below_one(config: Any, names: Sequence[str]) -> str | None:
+    """The message for the first of ``names`` (fields of ``config``) below 1, as its CLI flag;
+    ``None`` when all are at least 1."""
+    for name in names:
+        if getattr(config, name) < 1:
+            return f"--{name.replace('_', '-')} must be at least 1"
+    return None

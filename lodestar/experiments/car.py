@@ -599,10 +599,13 @@ def cmd_experiment_car(args: argparse.Namespace, settings: Settings) -> int:
         seed=args.seed,
         publish=None if args.publish == "none" else args.publish,
     )
-    for name in ("train_queries", "steps", "batch_size", "negatives", "max_length", "second_limit"):
-        if getattr(config, name) < 1:
-            print(f"--{name.replace('_', '-')} must be at least 1")
-            return 2
+    from lodestar.evaluation.common import option_below_one
+
+    names = ("train_queries", "steps", "batch_size", "negatives", "max_length", "second_limit")
+    problem = option_below_one(config, names)
+    if problem:
+        print(problem)
+        return 2
     result = run_car(settings, config, Path(args.out))
     print(report_markdown(result))
     print(f"wrote {args.out}/car.json, car.md, car.png")

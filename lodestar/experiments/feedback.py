@@ -1453,18 +1453,23 @@ def cmd_experiment_feedback(args: argparse.Namespace, settings: Settings) -> int
         learning_rate=args.lr,
         seed=args.seed,
     )
-    for name in (
-        "feedback_depth",
-        "steps",
-        "batch_size",
-        "negatives",
-        "max_length",
-        "shadow_queries",
-        "rerank_depth",
-    ):
-        if getattr(config, name) < 1:
-            print(f"--{name.replace('_', '-')} must be at least 1")
-            return 2
+    from lodestar.evaluation.common import option_below_one
+
+    problem = option_below_one(
+        config,
+        (
+            "feedback_depth",
+            "steps",
+            "batch_size",
+            "negatives",
+            "max_length",
+            "shadow_queries",
+            "rerank_depth",
+        ),
+    )
+    if problem:
+        print(problem)
+        return 2
     result = run_feedback(settings, config, Path(args.out))
     print(report_markdown(result))
     print(f"wrote {args.out}/feedback.json, feedback.md, feedback.png")

@@ -26,7 +26,7 @@ status:
 	$(BIN)/lodestar status
 
 test: install
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=40
 
 test-fast: install
 	$(BIN)/pytest -m "not slow"

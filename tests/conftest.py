@@ -37,6 +37,18 @@ def make_settings(data_dir: Path, **overrides: object) -> Settings:
     return Settings(data_dir=data_dir, models_dir=MODELS_DIR, log_json=False, **overrides)  # type: ignore[arg-type]
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads() -> Iterator[None]:
+    """Engines that pin torch to one thread (DSI on CPU) must not slow every later test in the
+    same process: put the thread count back after each test."""
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else len(os.sched_getaffinity(0))
+    yield
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.get_num_threads() != before:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     return make_settings(tmp_path / "data")
@@ -116,6 +128,8 @@ class Process:
     name: str
     popen: subprocess.Popen[bytes]
     log: Path
+    args: list[str]
+    env: dict[str, str]
 
     def stop(self) -> None:
         if self.popen.poll() is None:
@@ -131,6 +145,11 @@ class Process:
             os.killpg(self.popen.pid, signal.SIGKILL)
             self.popen.wait()
 
+    def restart(self) -> Process:
+        """A fresh process with the same command, environment and log (after a kill)."""
+        self.stop()
+        return spawn(self.name, self.args, self.env, self.log.parent)
+
 
 def spawn(name: str, args: list[str], env: dict[str, str], log_dir: Path) -> Process:
     log = log_dir / f"{name}.log"
@@ -143,7 +162,7 @@ def spawn(name: str, args: list[str], env: dict[str, str], log_dir: Path) -> Pro
         cwd=ROOT,
         start_new_session=True,
     )
-    return Process(name, popen, log)
+    return Process(name, popen, log, args, env)
 
 
 def wait_ready(url: str, process: Process, timeout_s: float = 180.0) -> None:

@@ -8,7 +8,7 @@ import uuid
 import httpx
 import pytest
 
-from tests.conftest import Stack, read_sse
+from tests.conftest import Stack, read_sse, wait_ready
 
 pytestmark = pytest.mark.slow
 
@@ -252,9 +252,14 @@ def test_readiness_health_and_metrics_on_every_service(live_stack: Stack) -> Non
 
 
 def test_index_down_means_424_not_500(live_stack: Stack) -> None:
-    """Runs last in this module: it stops the index service."""
-    live_stack.processes["index"].kill()
-    response = post(live_stack, "/search", {"query": "Mona Lisa", "k": 3})
-    assert response.status_code == 424
-    assert response.json()["error"]["code"] == "dependency_failed"
-    assert "index" in response.json()["error"]["message"]
+    """Stops the index service, then brings it back for the modules after this one."""
+    index = live_stack.processes["index"]
+    index.kill()
+    try:
+        response = post(live_stack, "/search", {"query": "Mona Lisa", "k": 3})
+        assert response.status_code == 424
+        assert response.json()["error"]["code"] == "dependency_failed"
+        assert "index" in response.json()["error"]["message"]
+    finally:
+        live_stack.processes["index"] = index.restart()
+        wait_ready(live_stack.index_url, live_stack.processes["index"])

@@ -155,6 +155,10 @@ class AnswerResponse(BaseModel):
 
 
 class SubQueryEdit(BaseModel):
+    """One edit of round 1's sub-queries, applied in list order: ``edit`` (``sq_id``, new
+    ``text``), ``add`` (``text``, at ``order`` or last), ``delete`` (``sq_id``), ``reorder``
+    (``sq_id`` to ``order``)."""
+
     action: Literal["edit", "add", "delete", "reorder"]
     sq_id: str | None = Field(None, min_length=1, max_length=512)
     text: str | None = Field(None, max_length=300)
@@ -168,14 +172,15 @@ class RerunOverrides(BaseModel):
     relevant: list[DocId] = Field(default_factory=list, max_length=100)
     irrelevant: list[DocId] = Field(default_factory=list, max_length=100)
     subqueries: list[SubQueryEdit] | None = Field(default=None, max_length=32)
-    """Sub-query edits (accepted and validated; applied once ``/answer`` has a decompose
-    stage, until then a 422)."""
+    """Edits of an ``/answer`` trace's round-1 sub-queries (``from_stage`` ``decompose``): only
+    edited and added sub-queries are searched again."""
 
 
 class RerunRequest(BaseModel):
     from_stage: str = Field(min_length=1, max_length=32)
-    """``retrieve``, ``fusion`` or ``rerank`` for a search; ``retrieve`` or ``generate`` for an
-    answer. Stages before it are copied from the trace, it and the ones after run again."""
+    """``retrieve``, ``fusion`` or ``rerank`` for a search; ``decompose``, ``retrieve`` or
+    ``generate`` for an answer. Stages before it are copied from the trace, it and the ones
+    after run again."""
     apply_feedback: bool = False
     """Apply the feedback stored on the trace (and the traces it was rerun from)."""
     overrides: RerunOverrides | None = None
@@ -496,7 +501,13 @@ async def rerun_trace(
         )
         return await _finish_search(trace, outcome, started, store)
     rounds = await rerun_answer(
-        answer_pipeline, parent, trace, from_stage=body.from_stage, adaptation=adaptation, k=k
+        answer_pipeline,
+        parent,
+        trace,
+        from_stage=body.from_stage,
+        adaptation=adaptation,
+        k=k,
+        subquery_edits=overrides.subqueries,
     )
     timings = {**rounds.timings_ms, "total": (time.perf_counter() - started) * 1000}
     response = _answer_response(trace, rounds, timings, adaptation)

@@ -54,6 +54,12 @@ def sq_id(number: int) -> str:
     return f"sq{number}"
 
 
+def sq_number(sub_query_id: str) -> int:
+    """The number in ``sqN`` (0 for an id not of that form)."""
+    digits = sub_query_id.removeprefix("sq")
+    return int(digits) if digits.isdigit() else 0
+
+
 @dataclass
 class Decomposition:
     """Round 1's sub-queries and what was dropped on the way (for the trace)."""

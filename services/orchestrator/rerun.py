@@ -8,9 +8,12 @@ A rerun makes a new trace whose ``parent_trace_id`` is the old one. Every stage 
   labels can move the query, Rocchio and RM3), ``fusion`` (the parent's ranked lists fused
   again, then re-ranked when the search re-ranked: no retrieval call), ``rerank`` (the parent's
   fused list re-ranked again: no retrieval call);
-- an ``/answer`` trace: ``retrieve`` (the multi-round loop again, every round's search adapted)
-  or ``generate`` (one answer from the documents the parent's last answer read, with pins first
-  and removals out: no retrieval call).
+- an ``/answer`` trace: ``decompose`` (round 1's sub-queries edited — ``overrides.subqueries``
+  — then the loop again; a sub-query whose text is unchanged reuses the parent's retrieval for
+  it, so only edited and added ones are searched), ``retrieve`` (the parent's sub-queries, the
+  multi-round loop again, every round's search adapted) or ``generate`` (one answer from the
+  documents the parent's last answer read, with pins first and removals out: no retrieval
+  call).
 
 Pins and removals apply at whatever stage the rerun starts from; judged documents are marked.
 Plain Python over the pipelines: the API loads traces and feedback and calls this.
@@ -20,12 +23,14 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from services.orchestrator.adapt import AdaptationWeights, FeedbackAdaptation
+from services.orchestrator.decompose import Decomposition, SubQuery, sq_id, sq_number
 from services.orchestrator.prompts import build_answer_messages
 from services.orchestrator.rounds import AnswerPipeline, RoundRecord, RoundsOutcome
 from services.orchestrator.search import SearchOutcome, SearchPipeline
@@ -36,7 +41,7 @@ from shared.store import StageRun, Store, Trace
 #: The stages a rerun may start from, per trace kind, in pipeline order.
 RERUN_STAGES: dict[str, tuple[str, ...]] = {
     "search": ("retrieve", "fusion", "rerank"),
-    "answer": ("retrieve", "generate"),
+    "answer": ("decompose", "retrieve", "generate"),
 }
 #: What is copied (upstream) for each starting stage.
 _UPSTREAM: dict[str, dict[str, tuple[str, ...]]] = {
@@ -46,6 +51,7 @@ _UPSTREAM: dict[str, dict[str, tuple[str, ...]]] = {
         "rerank": ("adapt", "retrieve", "fusion"),
     },
     "answer": {
+        "decompose": (),
         "retrieve": (),
         "generate": ("adapt", "retrieve", "fusion", "rerank"),
     },
@@ -134,21 +140,93 @@ def check_rerun(
         raise _invalid("a document cannot be both pinned and removed", "overrides.pin")
     if set(overrides.relevant) & set(overrides.irrelevant):
         raise _invalid("a document cannot be both relevant and irrelevant", "overrides.relevant")
-    if overrides.subqueries:
-        known = {
-            t["id"]
-            for s in trace.get("stages", [])
-            for t in s.get("targets", [])
-            if t.get("type") == "subquery"
-        }
-        for edit in overrides.subqueries:
-            sq_id = edit.get("sq_id")
-            if sq_id is not None and sq_id not in known:
-                raise _invalid(f"sub-query {sq_id!r} is not in this trace", "overrides.subqueries")
-        raise _invalid(
-            "sub-query edits need the decompose stage, which this trace does not have",
-            "overrides.subqueries",
-        )
+    if overrides.subqueries is not None:
+        if from_stage != "decompose":
+            raise _invalid(
+                "sub-query edits rerun from the decompose stage: set from_stage to 'decompose'",
+                "overrides.subqueries",
+            )
+        edit_subqueries(first_subqueries(trace), overrides.subqueries)
+
+
+def first_subqueries(trace: Mapping[str, Any]) -> list[SubQuery]:
+    """Round 1's sub-queries, from the trace's first ``decompose`` stage (none: ``[]``)."""
+    for stage in trace.get("stages", []):
+        if stage["stage"] == "decompose" and stage.get("params", {}).get("round", 1) == 1:
+            return [SubQuery(**row) for row in stage["outputs"].get("subqueries", [])]
+    return []
+
+
+def edit_subqueries(
+    parent: Sequence[SubQuery], edits: Sequence[Mapping[str, Any]]
+) -> Decomposition:
+    """Round 1's sub-queries after ``edits``, applied in order: ``edit`` (new ``text`` for
+    ``sq_id``), ``add`` (``text`` at position ``order``, default last, with a new id after every
+    id the trace used), ``delete`` (``sq_id``), ``reorder`` (``sq_id`` moved to ``order``).
+    Ids stay stable, so feedback on a kept sub-query still names it. 422 for an unknown id, an
+    empty text, or no sub-query left."""
+    field_name = "overrides.subqueries"
+    current = list(parent)
+    next_number = max((sq_number(sq.sq_id) for sq in parent), default=0) + 1
+
+    def position(sub_query_id: Any, action: str) -> int:
+        for index, sq in enumerate(current):
+            if sq.sq_id == sub_query_id:
+                return index
+        if sub_query_id is None:
+            raise _invalid(f"a sub-query {action} needs sq_id", field_name)
+        raise _invalid(f"sub-query {sub_query_id!r} is not in this trace's round 1", field_name)
+
+    def new_text(edit: Mapping[str, Any]) -> str:
+        text = " ".join(str(edit.get("text") or "").split())
+        if not text:
+            raise _invalid(f"a sub-query {edit['action']} needs a non-empty text", field_name)
+        return text
+
+    for edit in edits:
+        action = edit["action"]
+        order = edit.get("order")
+        if action == "add":
+            added = SubQuery(sq_id(next_number), new_text(edit), 0, 1, "user")
+            next_number += 1
+            current.insert(len(current) if order is None else min(order, len(current)), added)
+        elif action == "edit":
+            index = position(edit.get("sq_id"), action)
+            current[index] = dataclasses.replace(current[index], text=new_text(edit), origin="user")
+        elif action == "delete":
+            del current[position(edit.get("sq_id"), action)]
+        else:  # reorder
+            moved = current.pop(position(edit.get("sq_id"), action))
+            current.insert(len(current) if order is None else min(order, len(current)), moved)
+    if not current:
+        raise _invalid("the edits leave no sub-query to search for", field_name)
+    if len({sq.text.lower() for sq in current}) < len(current):
+        raise _invalid("two sub-queries have the same text", field_name)
+    return Decomposition([dataclasses.replace(sq, order=index) for index, sq in enumerate(current)])
+
+
+def reuse_retrieval(parent: Mapping[str, Any]) -> Callable[[Trace, SubQuery], SearchOutcome | None]:
+    """The parent's round-1 retrieval for a sub-query whose id and text it shares: its stages
+    copied into the rerun's trace and its result list, so an unchanged sub-query costs no
+    retrieval call."""
+    texts = {sq.sq_id: sq.text for sq in first_subqueries(parent)}
+    documents = trace_documents([parent])
+
+    def reuse(trace: Trace, sq: SubQuery) -> SearchOutcome | None:
+        if texts.get(sq.sq_id) != sq.text:
+            return None
+        stages = [
+            s
+            for s in parent.get("stages", [])
+            if s.get("params", {}).get("sq_id") == sq.sq_id and s["outputs"].get("hits")
+        ]
+        if not stages:
+            return None
+        for stage in stages:
+            trace.stages.append(copied_stage(stage))
+        return SearchOutcome(hits=stage_hits(stages[-1], documents), timings_ms={})
+
+    return reuse
 
 
 def lineage(store: Store, trace: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -227,21 +305,24 @@ def session_adaptation(
     )
 
 
+def copied_stage(stage: Mapping[str, Any]) -> StageRun:
+    """A persisted stage as a new run of this trace, marked ``copied_from`` its original."""
+    return StageRun(
+        stage=stage["stage"],
+        inputs=copy.deepcopy(stage["inputs"]),
+        outputs=copy.deepcopy(stage["outputs"]),
+        targets=copy.deepcopy(stage["targets"]),
+        model_id=stage.get("model_id"),
+        params={**stage.get("params", {}), "copied_from": stage["stage_run_id"]},
+        latency_ms=float(stage.get("latency_ms") or 0.0),
+    )
+
+
 def copy_stages(trace: Trace, parent: Mapping[str, Any], names: Sequence[str]) -> None:
     """Append the parent's stages named ``names`` (in the parent's order) to ``trace``."""
     for stage in parent.get("stages", []):
         if stage["stage"] in names:
-            trace.stages.append(
-                StageRun(
-                    stage=stage["stage"],
-                    inputs=copy.deepcopy(stage["inputs"]),
-                    outputs=copy.deepcopy(stage["outputs"]),
-                    targets=copy.deepcopy(stage["targets"]),
-                    model_id=stage.get("model_id"),
-                    params={**stage.get("params", {}), "copied_from": stage["stage_run_id"]},
-                    latency_ms=float(stage.get("latency_ms") or 0.0),
-                )
-            )
+            trace.stages.append(copied_stage(stage))
 
 
 def retrieved_lists(parent: Mapping[str, Any]) -> dict[str, list[Hit]]:
@@ -275,8 +356,13 @@ def fused_list(parent: Mapping[str, Any], documents: Mapping[str, Hit]) -> list[
     stages = [s for s in parent.get("stages", []) if s["stage"] == "fusion"]
     if not stages:
         raise _invalid("trace has no fusion stage to re-rank", "from_stage")
+    return stage_hits(stages[-1], documents)
+
+
+def stage_hits(stage: Mapping[str, Any], documents: Mapping[str, Hit]) -> list[Hit]:
+    """A persisted stage's ranked hits with their texts from the retrieve stages."""
     hits = []
-    for row in stages[-1]["outputs"].get("hits", []):
+    for row in stage["outputs"].get("hits", []):
         doc = documents.get(row["doc_id"])
         if doc is None:
             raise _invalid(
@@ -362,12 +448,22 @@ async def rerun_answer(
     from_stage: str,
     adaptation: FeedbackAdaptation,
     k: int,
+    subquery_edits: Sequence[Mapping[str, Any]] | None = None,
 ) -> RoundsOutcome:
-    """Rerun an ``/answer`` trace into ``trace``: the loop with adapted searches
-    (``retrieve``), or one answer over the parent's documents (``generate``)."""
+    """Rerun an ``/answer`` trace into ``trace``: the loop over edited sub-queries
+    (``decompose``), the loop with adapted searches (``retrieve``), or one answer over the
+    parent's documents (``generate``)."""
     request = parent.get("request") or {}
     question = str(request["question"])
-    if from_stage == "retrieve":
+    if from_stage in ("decompose", "retrieve"):
+        parent_subqueries = first_subqueries(parent)
+        given = None
+        if subquery_edits is not None:
+            given = edit_subqueries(parent_subqueries, subquery_edits)
+        elif from_stage == "retrieve" and parent_subqueries:
+            given = Decomposition(parent_subqueries)  # upstream of retrieve: copied, not redone
+        # Feedback moves the query or the list, and another k another depth: search again.
+        same_search = adaptation.empty and k == int(request.get("k", 10))
         adapted = copy.copy(pipeline)
         adapted.search = pipeline.search.adapted(adaptation)
         return await adapted.run_rounds(
@@ -376,6 +472,9 @@ async def rerun_answer(
             collection=str(request.get("collection", "wiki")),
             k=k,
             max_rounds=parent_max_rounds(parent),
+            subqueries=request.get("subqueries"),
+            given=given,
+            reuse=reuse_retrieval(parent) if from_stage == "decompose" and same_search else None,
         )
     copy_stages(trace, parent, _UPSTREAM["answer"][from_stage])
     generates = [s for s in parent.get("stages", []) if s["stage"] == "generate"]

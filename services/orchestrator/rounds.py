@@ -18,6 +18,7 @@ from services.orchestrator.decompose import (
     choose_subqueries,
     fuse_subquery_lists,
     sq_id,
+    sq_number,
 )
 from services.orchestrator.prompts import (
     DECOMPOSE_MAX_NEW_TOKENS,
@@ -50,6 +51,10 @@ from shared.errors import ErrorCode, LodestarError
 from shared.models import Generation
 from shared.schemas import Hit
 from shared.store import StageRun, Trace
+
+#: A rerun's hook into retrieval: the parent's result for a sub-query it can reuse (its stages
+#: copied into the trace), or ``None`` to retrieve it again.
+ReuseRetrieval = Callable[[Trace, SubQuery], SearchOutcome | None]
 
 
 class ChatGenerator(Protocol):
@@ -379,6 +384,8 @@ class AnswerPipeline:
         temperature: float = 0.0,
         subqueries: int | None = None,
         selection: AnswerSelection = AnswerSelection.auto,
+        given: Decomposition | None = None,
+        reuse: ReuseRetrieval | None = None,
     ) -> RoundsOutcome:
         """The multi-round loop without streaming: its final outcome."""
         async for event in self.rounds(
@@ -391,6 +398,8 @@ class AnswerPipeline:
             temperature=temperature,
             subqueries=subqueries,
             selection=selection,
+            given=given,
+            reuse=reuse,
         ):
             if isinstance(event, RoundsFinished):
                 return event.outcome
@@ -430,14 +439,20 @@ class AnswerPipeline:
         subqueries: Sequence[SubQuery],
         collection: str,
         depth: int,
+        reuse: ReuseRetrieval | None = None,
     ) -> SearchOutcome:
         """Retrieve for each sub-query through ``SearchPipeline`` (its ``retrieve`` and
-        ``fusion`` stages tagged with the sub-query id), then, for more than one, RRF over the
-        sub-queries' lists (a ``fusion`` stage with ``params.over = "subqueries"``)."""
+        ``fusion`` stages tagged with the sub-query id) unless ``reuse`` has its result, then,
+        for more than one, RRF over the sub-queries' lists (a ``fusion`` stage with
+        ``params.over = "subqueries"``)."""
         lists: list[tuple[str, list[Hit]]] = []
         timings: dict[str, float] = {}
         degraded: list[str] = []
         for sq in subqueries:
+            reused = reuse(trace, sq) if reuse is not None else None
+            if reused is not None:
+                lists.append((sq.sq_id, reused.hits))
+                continue
             first_stage = len(trace.stages)
             searched = await self.search.run(
                 trace,
@@ -483,6 +498,8 @@ class AnswerPipeline:
         stream: bool = False,
         subqueries: int | None = None,
         selection: AnswerSelection = AnswerSelection.auto,
+        given: Decomposition | None = None,
+        reuse: ReuseRetrieval | None = None,
     ) -> AsyncIterator[LoopEvent]:
         """The multi-round loop as events: per round ``RoundStarted`` (query and new hits),
         ``AnswerPiece``s when ``stream``, ``RoundFinished``; then one ``RoundsFinished``.
@@ -491,7 +508,8 @@ class AnswerPipeline:
         ``CRITIC_MAX_ROUNDS``) while a critic answers; when none does (untrained, down, not
         configured) the loop stops after ``NO_CRITIC_ROUNDS`` round(s), the measured-best fixed
         setting, with ``stop_reason`` ``no_critic``. ``subqueries`` ``None`` is
-        ``default_subqueries``."""
+        ``default_subqueries``. A rerun passes ``given`` (round 1's sub-queries, edited: no
+        decomposer call) and ``reuse`` (the parent's retrieval for unchanged sub-queries)."""
         started = time.perf_counter()
         model_id = self.generator_factory().model_id
         planned = max_rounds is None
@@ -507,16 +525,32 @@ class AnswerPipeline:
             degraded.append("critic")
             critic_failed = True
         stop_reason = "max_rounds"
-        decomposition = await self.decompose(trace, question, n_subqueries)
+        if given is None:
+            decomposition = await self.decompose(trace, question, n_subqueries)
+        else:
+            decomposition = given
+            trace.stages.append(
+                StageRun(
+                    stage="decompose",
+                    inputs={"question": question},
+                    outputs={"subqueries": [sq.output() for sq in given.subqueries]},
+                    targets=[sq.target() for sq in given.subqueries],
+                    params={"round": 1, "subqueries": len(given.subqueries), "given": True},
+                )
+            )
         round_subqueries = decomposition.subqueries
-        next_sq = len(round_subqueries) + 1
+        next_sq = max(sq_number(sq.sq_id) for sq in round_subqueries) + 1
         for round_number in range(1, cap + 1):
             timings: dict[str, float] = {}
             queries.extend(sq.text for sq in round_subqueries)
             query = "; ".join(sq.text for sq in round_subqueries)
             # Ask for enough to fill k after dropping what earlier rounds already returned.
             searched = await self.search_round(
-                trace, round_subqueries, collection, min(k + len(seen), FUSION_DEPTH)
+                trace,
+                round_subqueries,
+                collection,
+                min(k + len(seen), FUSION_DEPTH),
+                reuse if round_number == 1 else None,
             )
             timings["retrieve"] = sum(
                 v for name, v in searched.timings_ms.items() if name in ("retrieve", "fusion")

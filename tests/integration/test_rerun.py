@@ -263,6 +263,47 @@ def test_answer_rerun_from_generate_answers_again_without_retrieving(stack: Stac
     assert generate["inputs"]["doc_ids"][0] == read[-1]
 
 
+def test_answer_rerun_with_edited_subqueries_searches_only_the_new_ones(stack: Stack) -> None:
+    first = post(stack, "/answer", {"question": "Who painted the Mona Lisa?", "max_rounds": 1})
+    assert first.status_code == 200, first.text
+    parent = first.json()
+    original = trace_of(stack, parent["trace_id"])
+    (decompose,) = stages(original, "decompose")
+    assert [sq["sq_id"] for sq in decompose["outputs"]["subqueries"]] == ["sq1"]
+    searches = index_calls(stack, "/search")
+    edits = [{"action": "add", "text": "Leonardo da Vinci painter", "order": 0}]
+    response = rerun(
+        stack, parent["trace_id"], {"from_stage": "decompose", "overrides": {"subqueries": edits}}
+    )
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    # sq1 is unchanged: its retrieval is the parent's, copied; only the added sq2 is searched.
+    assert index_calls(stack, "/search") == searches + 1
+    child = trace_of(stack, answer["trace_id"])
+    (edited,) = stages(child, "decompose")
+    assert [(sq["sq_id"], sq["origin"]) for sq in edited["outputs"]["subqueries"]] == [
+        ("sq2", "user"),
+        ("sq1", "question"),
+    ]
+    retrieved = {
+        s["params"]["sq_id"]: s["params"].get("copied_from") for s in stages(child, "retrieve")
+    }
+    assert retrieved["sq1"] is not None and retrieved["sq2"] is None
+    (over,) = [s for s in stages(child, "fusion") if s["params"].get("over") == "subqueries"]
+    assert over["inputs"]["subqueries"] == ["sq2", "sq1"]
+    assert "Leonardo da Vinci" in answer["rounds"][0]["hit_ids"]
+    # Edits that cannot stand are typed 422s naming the field.
+    for bad in (
+        [{"action": "edit", "sq_id": "sq1", "text": "   "}],
+        [{"action": "delete", "sq_id": "sq1"}],
+        [{"action": "reorder", "sq_id": "sq9", "order": 0}],
+    ):
+        body = {"from_stage": "decompose", "overrides": {"subqueries": bad}}
+        refused = rerun(stack, parent["trace_id"], body)
+        assert refused.status_code == 422, (bad, refused.text)
+        assert refused.json()["error"]["field"] == "overrides.subqueries"
+
+
 def test_bad_rerun_input_gets_a_typed_4xx(stack: Stack) -> None:
     parent = post(stack, "/search", {"query": "photosynthesis", "k": 3}).json()
     trace_id = parent["trace_id"]

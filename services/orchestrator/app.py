@@ -6,6 +6,7 @@ from fastapi import FastAPI
 
 from services.orchestrator import feedback_api
 from services.orchestrator.api import router
+from services.orchestrator.debug import router as debug_router
 from services.orchestrator.rounds import AnswerPipeline
 from services.orchestrator.search import SearchPipeline
 from shared.app import Readiness, create_app
@@ -68,4 +69,5 @@ def build_app(settings: Settings) -> FastAPI:
     app.state.answer = answer
     app.state.celery = make_celery(settings)
     feedback_api.install(app, generator)  # shadow agents, feedback metrics
+    app.include_router(debug_router)  # /debug pages: their own key check (header or cookie)
     return app

@@ -271,3 +271,27 @@ def test_a_multi_round_answer_trace_and_its_rerun(client: TestClient) -> None:
     child_page = client.get(f"/debug/traces/{child['trace_id']}")
     assert child_page.status_code == 200
     assert_cards_and_controls(child_page.text, child)
+
+
+def test_the_shadow_agent_runs_from_the_page_and_its_labels_stay_apart(
+    client: TestClient,
+) -> None:
+    page = client.post("/debug/ask", data={"mode": "search", "query": "Isaac Newton gravity"})
+    trace_id = trace_id_of(page)
+    shadow = client.post(
+        f"/debug/traces/{trace_id}/shadow",
+        data={"agent": "llm", "top_k": "1", "profile": "a physics student"},
+    )
+    assert shadow.status_code == 200, shadow.text
+    labels = [f for f in json_trace(client, trace_id)["feedback"] if f["source"] == "shadow"]
+    assert len(labels) == 1 and labels[0]["agent_id"].startswith("shadow-llm:"), labels
+    table = re.search(r'<table class="shadow-feedback">(.*?)</table>', shadow.text, re.S)
+    assert table
+    row = re.findall(r"<td>(.*?)</td>", table.group(1), re.S)
+    assert row[0] == labels[0]["agent_id"]
+    assert row[1] == f"{labels[0]['confidence']:.2f}"
+    assert labels[0]["action"] in row[3]
+    # Users' feedback is listed apart and has none of it; no target block shows it either.
+    users = re.search(r'<ul class="user-feedback">(.*?)</ul>', shadow.text, re.S)
+    assert users and "none yet" in users.group(1)
+    assert 'class="fb fb-' not in shadow.text

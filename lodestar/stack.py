@@ -18,7 +18,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.settings import Settings
+from shared.settings import DEFAULT_PORTS, Settings
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,14 @@ STACK: tuple[ProcessSpec, ...] = (
     ProcessSpec("dsi", "services.dsi", port_service="dsi"),
     # Ready with no FM-index built (the LM loads in seconds): such a collection answers 404.
     ProcessSpec("fmindex", "services.fmindex", port_service="fmindex"),
-    ProcessSpec("orchestrator", "services.orchestrator", port_service="orchestrator"),
+    # OpenAI-compatible generation with batching; /answer's generation goes through it.
+    ProcessSpec("generator", "services.generator", port_service="generator"),
+    ProcessSpec(
+        "orchestrator",
+        "services.orchestrator",
+        port_service="orchestrator",
+        env=(("LODESTAR_GENERATOR_URL", f"http://127.0.0.1:{DEFAULT_PORTS['generator']}"),),
+    ),
     ProcessSpec("worker-cpu", "services.worker", ("--queues", "cpu")),
 )
 

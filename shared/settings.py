@@ -15,7 +15,16 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-SERVICE_NAMES = ("orchestrator", "index", "fmindex", "dsi", "reranker", "rewriter", "critic")
+SERVICE_NAMES = (
+    "orchestrator",
+    "index",
+    "fmindex",
+    "dsi",
+    "reranker",
+    "rewriter",
+    "critic",
+    "generator",
+)
 
 #: The port each service listens on unless ``LODESTAR_<NAME>_PORT`` says otherwise.
 DEFAULT_PORTS: dict[str, int] = {
@@ -26,6 +35,7 @@ DEFAULT_PORTS: dict[str, int] = {
     "reranker": 8004,
     "rewriter": 8005,
     "critic": 8006,
+    "generator": 8007,
 }
 
 
@@ -64,6 +74,7 @@ class Settings(BaseSettings):
     reranker_port: int = DEFAULT_PORTS["reranker"]
     rewriter_port: int = DEFAULT_PORTS["rewriter"]
     critic_port: int = DEFAULT_PORTS["critic"]
+    generator_port: int = DEFAULT_PORTS["generator"]
     index_url: str = f"http://127.0.0.1:{DEFAULT_PORTS['index']}"
     """Base URL the orchestrator uses to reach the index service."""
     reranker_url: str = f"http://127.0.0.1:{DEFAULT_PORTS['reranker']}"
@@ -74,6 +85,15 @@ class Settings(BaseSettings):
     """Base URL of the DSI++ service (the orchestrator's ``dsi`` retriever)."""
     critic_url: str = f"http://127.0.0.1:{DEFAULT_PORTS['critic']}"
     """Base URL of the SIM-RAG critic service (multi-round ``/answer``)."""
+    generator_url: str = ""
+    """Base URL of an OpenAI-compatible chat server (the ``generator`` service, or ``vllm serve``;
+    without ``/v1``) that ``/answer`` generation goes through. Empty runs the same model inside the
+    calling process: no extra process, but one generation at a time and no batching."""
+    generator_model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    """Model name sent to ``generator_url`` (``vllm serve`` serves the name it was started with)."""
+    generator_timeout_s: float = 120.0
+    """Timeout of one generation call (capped by the request deadline); a slow or down generator
+    makes ``/answer`` answer 424 ``dependency_failed`` (docs/generator.md)."""
 
     # --- security and limits ------------------------------------------------------------------
     api_key_hashes: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -187,6 +207,21 @@ class Settings(BaseSettings):
 
     answer_max_new_tokens: int = 64
     """Longest generated answer; SmolLM2 on two cores writes ~20-30 tokens/s."""
+
+    generator_batch_window_ms: Annotated[float, Field(ge=0, le=1000)] = 20.0
+    """How long the generator service waits after a request for others to batch with it (and
+    after each that joins, up to four windows): longer batches more concurrent requests, and adds
+    that much latency to a lone one (20 ms is ~2% of a 32-token answer on two cores). 8 ms
+    batched 4 simultaneous requests only in pairs on the loaded 2-core machine."""
+    generator_max_batch: Annotated[int, Field(ge=1, le=256)] = 8
+    """Most requests in one batched ``generate``; a step's cost grows with it on the CPU."""
+    generator_batch_tokens: Annotated[int, Field(ge=64)] = 16384
+    """Token budget of one batch: rows x (longest prompt + most new tokens), the padded size
+    the KV cache holds. Bounds memory; a request that alone exceeds it runs alone."""
+    generator_max_tokens: Annotated[int, Field(ge=1)] = 1024
+    """Largest ``max_tokens`` a chat completion may ask for (422 beyond)."""
+    generator_max_prompt_tokens: Annotated[int, Field(ge=16)] = 6144
+    """Longest chat prompt in tokens (413 beyond); SmolLM2 was trained on 8k-token contexts."""
 
     shadow_agent: Literal["auto", "llm", "cross-encoder", "both"] = "auto"
     """The shadow user agent (``services.orchestrator.shadow``) when a request names none:

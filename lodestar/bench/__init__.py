@@ -9,6 +9,7 @@ def register(sub: Any) -> None:
     """Adds the ``bench`` group; each benchmark module registers its subcommand on it."""
     from lodestar.bench.cross_encoder import register as register_cross_encoder
     from lodestar.bench.fmindex import register as register_fmindex
+    from lodestar.bench.generate import register as register_generate
     from lodestar.bench.index import register as register_index
     from lodestar.bench.ingest import register as register_ingest
     from lodestar.bench.rerank import register as register_rerank
@@ -22,5 +23,6 @@ def register(sub: Any) -> None:
         register_rerank,
         register_fmindex,
         register_cross_encoder,
+        register_generate,
     ):
         register_benchmark(group)

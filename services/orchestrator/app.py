@@ -12,6 +12,7 @@ from services.orchestrator.search import SearchPipeline
 from shared.app import Readiness, create_app
 from shared.clients import CriticClient, IndexClient, RerankerClient, RetrieverClient
 from shared.jobs import make_celery
+from shared.llm import RemoteGenerator, chat_generator
 from shared.models import Generator, get_generator
 from shared.settings import Settings
 from shared.store import Store, database_url
@@ -34,7 +35,12 @@ def build_app(settings: Settings) -> FastAPI:
         external=external,
     )
 
-    def generator() -> Generator:
+    def generator() -> Generator | RemoteGenerator:
+        # Over the OpenAI protocol when LODESTAR_GENERATOR_URL is set, else in this process.
+        return chat_generator(settings)
+
+    def local_generator() -> Generator:
+        # The shadow LLM agent reads yes/no probabilities, which the protocol does not carry.
         return get_generator(settings)
 
     # The SIM-RAG critic decides when /answer stops searching; down or untrained, the loop runs
@@ -45,8 +51,12 @@ def build_app(settings: Settings) -> FastAPI:
     )
 
     def warm_up(readiness: Readiness) -> None:
-        model = generator()
-        readiness.set_ready(generator=model.model_id, store=store.engine.dialect.name)
+        model = generator()  # loads the model when in-process; a remote one is asked per call
+        readiness.set_ready(
+            generator=model.model_id,
+            generator_url=settings.generator_url or "in-process",
+            store=store.engine.dialect.name,
+        )
 
     async def shutdown() -> None:
         await index.aclose()
@@ -68,6 +78,6 @@ def build_app(settings: Settings) -> FastAPI:
     app.state.search = search
     app.state.answer = answer
     app.state.celery = make_celery(settings)
-    feedback_api.install(app, generator)  # shadow agents, feedback metrics
+    feedback_api.install(app, local_generator)  # shadow agents, feedback metrics
     app.include_router(debug_router)  # /debug pages: their own key check (header or cookie)
     return app

@@ -91,7 +91,9 @@ class GeneratorLike(Protocol):
     """What the engine needs from ``shared.models.Generator``."""
 
     model_id: str
-    tokenizer: Any
+
+    @property
+    def tokenizer(self) -> Any: ...  # read-only: shared.llm.RemoteGenerator loads it lazily
 
     def generate(
         self, messages: Sequence[dict[str, str]], *, max_new_tokens: int, temperature: float
@@ -601,11 +603,12 @@ class RewriterEngine:
     def from_settings(
         cls, settings: Settings, config: RewriterConfig | None = None
     ) -> RewriterEngine:
-        from shared.models import get_generator
+        from shared.llm import chat_generator
 
         return cls(
             cache_root(settings),
-            lambda: get_generator(settings),
+            # Over the OpenAI protocol when LODESTAR_GENERATOR_URL is set (text is all CAR needs).
+            lambda: chat_generator(settings),
             config=config or RewriterConfig.from_env(),
         )
 

@@ -1,0 +1,175 @@
+"""``/answer`` generation over the OpenAI protocol, with the generator as its own process:
+the orchestrator's ``AnswerPipeline`` on ``shared.llm.RemoteGenerator`` answers exactly as on the
+in-process generator (plain and streamed rounds, follow-up query writing included); a real
+orchestrator process with ``LODESTAR_GENERATOR_URL`` sends its generation there; and with the
+generator down ``/answer`` is a clear 424 naming ``generator``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from services.index.engine import IndexEngine, InProcessIndex
+from services.orchestrator.rounds import AnswerPipeline, ChatGenerator, RoundsFinished
+from services.orchestrator.search import SearchPipeline
+from shared.clients import DependencyError
+from shared.llm import RemoteGenerator, chat_generator
+from shared.models import Generation, get_generator
+from shared.store import Trace
+from tests.conftest import Process, free_port, make_settings, spawn, stack_env, wait_ready
+
+pytestmark = pytest.mark.slow
+
+QUESTION = "Who painted the Mona Lisa?"
+
+
+@dataclass
+class Processes:
+    generator_url: str
+    orchestrator_url: str
+    generator: Process
+    others: list[Process]
+
+
+@pytest.fixture(scope="module")
+def processes(
+    built_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Processes]:
+    logs = tmp_path_factory.mktemp("answer-logs")
+    generator_port, index_port, orchestrator_port = free_port(), free_port(), free_port()
+    env = stack_env(
+        built_data_dir,
+        LODESTAR_GENERATOR_PORT=str(generator_port),
+        LODESTAR_INDEX_PORT=str(index_port),
+        LODESTAR_ORCHESTRATOR_PORT=str(orchestrator_port),
+        LODESTAR_INDEX_URL=f"http://127.0.0.1:{index_port}",
+        LODESTAR_GENERATOR_URL=f"http://127.0.0.1:{generator_port}",
+        LODESTAR_CRITIC_URL=f"http://127.0.0.1:{free_port()}",  # no critic: one round
+        LODESTAR_ANSWER_MAX_NEW_TOKENS="16",
+        LODESTAR_REQUEST_TIMEOUT_S="300",
+        OMP_NUM_THREADS="1",
+    )
+    generator = spawn("generator", ["-m", "services.generator"], env, logs)
+    index = spawn("index", ["-m", "services.index"], env, logs)
+    orchestrator = spawn("orchestrator", ["-m", "services.orchestrator"], env, logs)
+    running = Processes(
+        f"http://127.0.0.1:{generator_port}",
+        f"http://127.0.0.1:{orchestrator_port}",
+        generator,
+        [index, orchestrator],
+    )
+    try:
+        wait_ready(running.generator_url, generator)
+        wait_ready(f"http://127.0.0.1:{index_port}", index)
+        wait_ready(running.orchestrator_url, orchestrator)
+        yield running
+    finally:
+        for process in (generator, index, orchestrator):
+            process.stop()
+
+
+def pipeline(data_dir: Path, generator: ChatGenerator) -> AnswerPipeline:
+    settings = make_settings(data_dir)
+    search = SearchPipeline(InProcessIndex(IndexEngine.from_settings(settings)))
+    return AnswerPipeline(search, lambda: generator, max_new_tokens=16, critic=None)
+
+
+def batches(url: str) -> float:
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith("generator_batch_size_count "):
+            return float(line.split()[1])
+    return 0.0
+
+
+async def test_the_answer_pipeline_answers_the_same_over_the_protocol(
+    processes: Processes, built_data_dir: Path
+) -> None:
+    settings = make_settings(built_data_dir, generator_url=processes.generator_url)
+    remote = chat_generator(settings)
+    assert isinstance(remote, RemoteGenerator)
+    local = get_generator(make_settings(built_data_dir))
+    outcomes = []
+    for generator in (local, remote):
+        trace = Trace(kind="answer", request={"max_rounds": 2})
+        # Two rounds without a critic: answer, write a follow-up query, answer again.
+        outcomes.append(
+            await pipeline(built_data_dir, generator).run_rounds(
+                trace, question=QUESTION, collection="wiki", k=3, max_rounds=2
+            )
+        )
+    in_process, over_http = outcomes
+    assert [r.raw for r in over_http.rounds] == [r.raw for r in in_process.rounds]
+    assert [r.query for r in over_http.rounds] == [r.query for r in in_process.rounds]
+    assert over_http.answer == in_process.answer
+    for mine, theirs in zip(over_http.rounds, in_process.rounds, strict=True):
+        assert mine.generation.new_tokens == theirs.generation.new_tokens
+        assert mine.generation.prompt_tokens == theirs.generation.prompt_tokens
+    # Streamed over SSE: pieces add up to the same first-round answer.
+    events = [
+        event
+        async for event in pipeline(built_data_dir, remote).rounds(
+            Trace(kind="answer", request={}),
+            question=QUESTION,
+            collection="wiki",
+            k=3,
+            max_rounds=1,
+            stream=True,
+        )
+    ]
+    finished = events[-1]
+    assert isinstance(finished, RoundsFinished)
+    assert finished.outcome.rounds[0].raw == in_process.rounds[0].raw
+    streamed = finished.outcome.rounds[0].generation
+    assert isinstance(streamed, Generation)
+    assert streamed.new_tokens == in_process.rounds[0].generation.new_tokens
+
+
+def test_the_orchestrator_process_generates_through_the_generator_service(
+    processes: Processes,
+) -> None:
+    ready = httpx.get(f"{processes.orchestrator_url}/readyz", timeout=10).json()
+    assert ready["generator_url"] == processes.generator_url
+    before = batches(processes.generator_url)
+    response = httpx.post(
+        f"{processes.orchestrator_url}/answer",
+        json={"question": QUESTION, "collection": "wiki", "k": 3, "max_rounds": 1},
+        timeout=300,
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["answer"] and "Mona Lisa" in body["rounds"][0]["hit_ids"]
+    assert "generator" not in body["degraded"]
+    assert batches(processes.generator_url) == before + 1
+
+
+async def test_with_the_generator_down_answer_is_a_clear_424(
+    processes: Processes, built_data_dir: Path
+) -> None:
+    processes.generator.kill()
+    response = httpx.post(
+        f"{processes.orchestrator_url}/answer",
+        json={"question": QUESTION, "collection": "wiki", "k": 3, "max_rounds": 1},
+        timeout=300,
+    )
+    assert response.status_code == 424
+    error = response.json()["error"]
+    assert error["code"] == "dependency_failed"
+    assert error["message"].startswith("generator: unreachable")
+    # The pipeline itself raises the error that names the service (what `degraded` would use).
+    remote = RemoteGenerator(make_settings(built_data_dir, generator_url=processes.generator_url))
+    with pytest.raises(DependencyError) as caught:
+        await pipeline(built_data_dir, remote).run_rounds(
+            Trace(kind="answer", request={}), question=QUESTION, collection="wiki", k=3
+        )
+    assert caught.value.service == "generator" and caught.value.status == 424
+    # Search needs no generator and keeps working.
+    search = httpx.post(
+        f"{processes.orchestrator_url}/search",
+        json={"query": QUESTION, "collection": "wiki", "k": 3},
+        timeout=60,
+    )
+    assert search.status_code == 200

@@ -20,7 +20,15 @@ from shared.clients import DependencyError
 from shared.llm import RemoteGenerator, chat_generator
 from shared.models import Generation, get_generator
 from shared.store import Trace
-from tests.conftest import Process, free_port, make_settings, spawn, stack_env, wait_ready
+from tests.conftest import (
+    Process,
+    free_port,
+    make_settings,
+    read_sse,
+    spawn,
+    stack_env,
+    wait_ready,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -159,6 +167,17 @@ async def test_with_the_generator_down_answer_is_a_clear_424(
     error = response.json()["error"]
     assert error["code"] == "dependency_failed"
     assert error["message"].startswith("generator: unreachable")
+    # Streamed, the round's retrieval arrives, then an error event with the same body.
+    with httpx.stream(
+        "POST",
+        f"{processes.orchestrator_url}/answer",
+        json={"question": QUESTION, "collection": "wiki", "k": 3, "max_rounds": 1, "stream": True},
+        timeout=300,
+    ) as streamed:
+        events = read_sse(streamed)
+    assert [name for name, _ in events] == ["round", "error"]
+    assert events[-1][1]["error"]["code"] == "dependency_failed"
+    assert events[-1][1]["error"]["message"].startswith("generator: unreachable")
     # The pipeline itself raises the error that names the service (what `degraded` would use).
     remote = RemoteGenerator(make_settings(built_data_dir, generator_url=processes.generator_url))
     with pytest.raises(DependencyError) as caught:

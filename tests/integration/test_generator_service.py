@@ -1,7 +1,8 @@
 """The generator service as a real process over loopback, driven by the official ``openai``
 client as a third-party client would: a plain completion with usage, a stream of
 ``chat.completion.chunk`` events ending ``data: [DONE]``, OpenAI-shaped 4xx errors, a client
-that disconnects mid-stream (the server stops that generation), 429 at the concurrency limit.
+that disconnects mid-stream (the server stops that generation), 429 at the concurrency limit,
+the propagated deadline, and how ``shared.llm.RemoteGenerator`` maps the server's errors.
 ``test_generator_answer`` holds ``shared.llm.RemoteGenerator`` to the in-process generator."""
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ import httpx
 import openai
 import pytest
 
+from shared.clients import DependencyError
+from shared.errors import ErrorCode, LodestarError
+from shared.llm import RemoteGenerator
 from shared.models import LLM_ID
-from tests.conftest import Process, free_port, spawn, stack_env, wait_ready
+from tests.conftest import Process, free_port, make_settings, spawn, stack_env, wait_ready
 
 pytestmark = pytest.mark.slow
 
@@ -216,3 +220,47 @@ def test_requests_past_the_concurrency_limit_get_429_at_once(service: Service) -
         r.json()["choices"][0]["message"]["content"] for r in responses if r.status_code == 200
     }
     assert len(texts) == 1
+
+
+def test_the_request_deadline_stops_a_generation(service: Service) -> None:
+    batches = metric(service, "generator_batch_size_count")
+    tokens = metric(service, "generator_completion_tokens_total")
+    started = time.monotonic()
+    response = httpx.post(
+        f"{service.url}/v1/chat/completions",
+        json={
+            "model": LLM_ID,
+            "messages": [{"role": "user", "content": "Write a long story about a fox."}],
+            "max_tokens": 200,
+            "temperature": 0,
+        },
+        # What an upstream Lodestar service propagates: answer within 1.5 s or not at all.
+        headers={"x-lodestar-deadline": f"{time.time() + 1.5:.3f}"},
+        timeout=120,
+    )
+    assert response.status_code == 504
+    assert response.json()["error"]["code"] == "timeout"
+    assert time.monotonic() - started < 10
+    deadline = time.monotonic() + 60
+    while metric(service, "generator_batch_size_count") == batches:
+        assert time.monotonic() < deadline, "the generation never ended"
+        time.sleep(0.2)
+    assert metric(service, "generator_completion_tokens_total") - tokens < 200
+
+
+def test_the_platform_client_keeps_input_errors_apart_from_a_failing_generator(
+    service: Service, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    settings = make_settings(tmp_path_factory.mktemp("client"), generator_url=service.url)
+    remote = RemoteGenerator(settings)
+    messages = [{"role": "user", "content": "hi"}]
+    with pytest.raises(LodestarError) as caught:
+        remote.generate(messages, max_new_tokens=100_000)
+    assert not isinstance(caught.value, DependencyError)
+    assert caught.value.code is ErrorCode.validation and caught.value.status == 422
+    wrong_model = RemoteGenerator(settings, model="gpt-4o")
+    with pytest.raises(DependencyError) as failed:
+        wrong_model.generate(messages, max_new_tokens=4)
+    assert failed.value.service == "generator" and "404" in failed.value.message
+    remote.close()
+    wrong_model.close()

@@ -180,3 +180,17 @@ def test_sampling_runs_alone_and_repeats_for_a_seed(engine: BatchingEngine) -> N
     second = engine.generate_blocking(prompt, params)
     assert first.batch_size == second.batch_size == 1
     assert first.text == second.text
+
+
+def test_lodestar_up_starts_the_generator_and_points_the_orchestrator_at_it() -> None:
+    from lodestar.stack import STACK
+    from shared.settings import Settings
+
+    names = [spec.name for spec in STACK]
+    assert names.index("generator") < names.index("orchestrator")
+    orchestrator = next(spec for spec in STACK if spec.name == "orchestrator")
+    url = dict(orchestrator.env)["LODESTAR_GENERATOR_URL"]
+    settings = Settings()
+    assert url == f"http://127.0.0.1:{settings.port_of('generator')}"
+    # Outside the stack the default stays in-process, so nothing else needs the extra process.
+    assert settings.generator_url == ""

@@ -5,7 +5,9 @@ the screenshots of docs/debug.md (``docs/img/debug-*.png``)."""
 
 from __future__ import annotations
 
+import os
 import re
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,12 +17,14 @@ import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from services.orchestrator.rerun import RERUN_STAGES
-from tests.conftest import ROOT, Stack
+from tests.conftest import Stack
 
 pytestmark = pytest.mark.slow
 
 CHROMIUM = Path("/usr/bin/chromium")
-IMAGES = ROOT / "docs" / "img"
+#: Where the screenshots go: a temporary folder, so a test run leaves the checkout clean;
+#: ``LODESTAR_SCREENSHOTS=docs/img`` regenerates the ones the docs show.
+IMAGES = Path(os.environ.get("LODESTAR_SCREENSHOTS") or tempfile.mkdtemp(prefix="debug-shots-"))
 #: Playwright's own browser download does not work on these machines: Debian's Chromium,
 #: without the background services that would try the network.
 CHROMIUM_ARGS = [

@@ -310,7 +310,7 @@ class _Metrics:
 # --- auth --------------------------------------------------------------------------------------
 
 
-def _api_key_dependency(settings: Settings) -> Callable[[Request], None]:
+def api_key_dependency(settings: Settings) -> Callable[[Request], None]:
     accepted = [bytes.fromhex(h) for h in settings.api_key_hashes]
 
     def check_api_key(request: Request) -> None:
@@ -400,7 +400,7 @@ def create_app(
     def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    auth = Depends(_api_key_dependency(settings))
+    auth = Depends(api_key_dependency(settings))
     for router in routers:
         app.include_router(router, dependencies=[auth])
 

@@ -31,7 +31,7 @@ from sqlalchemy import select
 from services.orchestrator import api, feedback_api
 from services.orchestrator.debug import view
 from services.orchestrator.rerun import trace_documents
-from shared.app import _api_key_dependency, require_ready
+from shared.app import api_key_dependency, require_ready
 from shared.errors import ErrorCode, LodestarError, invalid
 from shared.store import Store, traces
 
@@ -113,7 +113,7 @@ def key_page(request: Request, message: str | None) -> HTMLResponse:
 def check_key(request: Request) -> None:
     """The API's own check (``shared.app``: SHA-256 digests, constant-time) applied to the key
     from the ``Authorization``/``X-API-Key`` headers or, for a browser, the cookie."""
-    check = _api_key_dependency(request.app.state.settings)
+    check = api_key_dependency(request.app.state.settings)
     key = request.cookies.get(KEY_COOKIE)
     if key and not request.headers.get("authorization") and not request.headers.get("x-api-key"):
         # Present the cookie's key as the header the API reads, so there is one check.
@@ -145,7 +145,7 @@ async def give_key(request: Request) -> Response:
     target = form.one("next") or "/debug"
     if not target.startswith("/debug"):
         target = "/debug"  # never redirect off the debug pages (an open redirect otherwise)
-    check = _api_key_dependency(request.app.state.settings)
+    check = api_key_dependency(request.app.state.settings)
     check(Request({"type": "http", "headers": [(b"x-api-key", key.encode())]}))
     response = RedirectResponse(target, status_code=303)
     response.set_cookie(KEY_COOKIE, key, httponly=True, samesite="strict", path="/debug")

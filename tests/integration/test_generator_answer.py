@@ -1,7 +1,8 @@
 """``/answer`` generation over the OpenAI protocol, with the generator as its own process:
 the orchestrator's ``AnswerPipeline`` on ``shared.llm.RemoteGenerator`` answers exactly as on the
 in-process generator (plain and streamed rounds, follow-up query writing included); a real
-orchestrator process with ``LODESTAR_GENERATOR_URL`` sends its generation there; and with the
+orchestrator process with ``LODESTAR_GENERATOR_URL`` sends its generation there; the CAR
+rewriter rewrites the same over the protocol as in-process; and with the
 generator down ``/answer`` is a clear 424 naming ``generator``."""
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import pytest
 from services.index.engine import IndexEngine, InProcessIndex
 from services.orchestrator.rounds import AnswerPipeline, ChatGenerator, RoundsFinished
 from services.orchestrator.search import SearchPipeline
+from services.rewriter.engine import PairDocument, RewriterConfig, RewriterEngine
 from shared.clients import DependencyError
 from shared.llm import RemoteGenerator, chat_generator
 from shared.models import Generation, get_generator
@@ -152,6 +154,31 @@ def test_the_orchestrator_process_generates_through_the_generator_service(
     assert body["answer"] and "Mona Lisa" in body["rounds"][0]["hit_ids"]
     assert "generator" not in body["degraded"]
     assert batches(processes.generator_url) == before + 1
+
+
+def test_the_car_rewriter_rewrites_the_same_over_the_protocol(
+    processes: Processes, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    config = RewriterConfig(max_new_tokens=16, context_tokens=96)
+    document = PairDocument("jaguar", "Jaguar", "The jaguar is a large cat of the Americas.")
+    rewrites = []
+    for url in (processes.generator_url, ""):
+        # Separate data directories: separate caches, so both really generate.
+        settings = make_settings(tmp_path_factory.mktemp("car"), generator_url=url)
+        engine = RewriterEngine.from_settings(settings, config)
+        result = engine.rewrite("jaguar speed", document, "context", qid="q1")
+        assert not result.cached and engine.llm_calls == 1
+        rewrites.append(result.record)
+    over_http, in_process = rewrites
+    assert isinstance(
+        RewriterEngine.from_settings(
+            make_settings(tmp_path_factory.mktemp("car"), generator_url=processes.generator_url)
+        ).generator,
+        RemoteGenerator,
+    )
+    assert not in_process.fell_back and not over_http.fell_back  # a real rewrite, not the query
+    assert over_http.rewritten_query == in_process.rewritten_query
+    assert over_http.model == in_process.model
 
 
 async def test_with_the_generator_down_answer_is_a_clear_424(

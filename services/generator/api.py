@@ -14,6 +14,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import suppress
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
@@ -130,7 +131,10 @@ class _Relay:
         self.events: asyncio.Queue[Event] = asyncio.Queue()
 
     def emit(self, event: Event) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        # Called on the engine thread; a loop already closed (server shutting down) must not
+        # raise there, where it would abort the whole batch.
+        with suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
 def _failed() -> LodestarError:

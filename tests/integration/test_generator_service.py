@@ -189,6 +189,26 @@ def test_a_client_that_disconnects_mid_stream_stops_its_generation(
     assert 3 <= generated < budget / 2
 
 
+def test_a_client_that_gives_up_on_a_plain_completion_stops_its_generation(
+    service: Service,
+) -> None:
+    batches = metric(service, "generator_batch_size_count")
+    tokens = metric(service, "generator_completion_tokens_total")
+    body = {
+        "model": LLM_ID,
+        "messages": [{"role": "user", "content": "Write a long story about a fox and a crow."}],
+        "max_tokens": 96,  # the stream test shows this prompt writes all 96 when let
+        "temperature": 0,
+    }
+    with pytest.raises(httpx.ReadTimeout):  # the client hangs up after 1.5 s
+        httpx.post(f"{service.url}/v1/chat/completions", json=body, timeout=1.5)
+    deadline = time.monotonic() + 60
+    while metric(service, "generator_batch_size_count") == batches:
+        assert time.monotonic() < deadline, "the generation never ended"
+        time.sleep(0.2)
+    assert metric(service, "generator_completion_tokens_total") - tokens < 96
+
+
 def test_requests_past_the_concurrency_limit_get_429_at_once(service: Service) -> None:
     body = {
         "model": LLM_ID,

@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install up down status test test-fast lint typecheck check clean
+.PHONY: install up down status test test-fast eval-check lint typecheck check clean
 
 install: $(STAMP)
 
@@ -28,6 +28,10 @@ status:
 test: install
 	$(BIN)/pytest --durations=40
 
+# benchmarks/expected.yaml's ci rows re-measured on real data (SciFact, NQ-open oracle).
+eval-check: install
+	$(BIN)/pytest -m eval --durations=5
+
 test-fast: install
 	$(BIN)/pytest -m "not slow"
 
@@ -38,7 +42,7 @@ lint: install
 typecheck: install
 	$(BIN)/mypy shared services lodestar
 
-check: lint typecheck test
+check: lint typecheck test eval-check
 
 clean:
 	rm -rf $(VENV) var/run var/logs .pytest_cache .mypy_cache .ruff_cache

@@ -20,7 +20,7 @@ from lodestar.evaluation.expected import (
 )
 from shared.settings import get_settings
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.eval]
 
 
 def test_ci_rows_of_the_expected_figures_pass(tmp_path: Path) -> None:

@@ -27,18 +27,25 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
         "max_length": args.max_length,
     }
     if args.queue:
-        from shared.jobs import TASK_CROSS_ENCODER_TRAIN, make_celery
+        from shared.errors import LodestarError
+        from shared.jobs import TASK_CROSS_ENCODER_TRAIN, make_celery, route_queue
 
-        job = make_celery(settings).send_task(
+        celery = make_celery(settings)
+        try:
+            queue = route_queue(celery, args.queue)
+        except LodestarError as exc:
+            print(exc.message)
+            return 2
+        job = celery.send_task(
             TASK_CROSS_ENCODER_TRAIN,
             kwargs={
                 "condition": args.condition,
                 "train_queries": args.train_queries,
                 "config": config,
             },
-            queue=args.queue,
+            queue=queue,
         )
-        print(f"queued {TASK_CROSS_ENCODER_TRAIN} as job {job.id} on queue {args.queue!r}")
+        print(f"queued {TASK_CROSS_ENCODER_TRAIN} as job {job.id} on queue {queue!r}")
         return 0
     from lodestar.evaluation.common import progress_bar
     from services.worker.cross_encoder_job import train_and_publish
@@ -76,7 +83,11 @@ def register(sub: Any) -> None:
     train.add_argument("--batch-size", type=int, default=8)
     train.add_argument("--loss", choices=("pointwise", "listwise"), default="pointwise")
     train.add_argument("--max-length", type=int, default=160)
-    train.add_argument("--queue", choices=("cpu", "gpu"), help="run as a Celery job on this queue")
+    train.add_argument(
+        "--queue",
+        choices=("auto", "cpu", "gpu"),
+        help="run as a Celery job on this queue (auto: gpu when a GPU worker is registered)",
+    )
     train.set_defaults(handler=cmd_train)
     commands.add_parser("status", help="the published cross-encoder").set_defaults(
         handler=cmd_status

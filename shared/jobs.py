@@ -8,15 +8,21 @@ no job; every task is written to be idempotent for that reason.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from celery import Celery
 from celery.result import AsyncResult
 from kombu import Queue  # type: ignore[attr-defined]
 
+from shared.errors import ErrorCode, LodestarError
 from shared.settings import Settings
 
 QUEUES = ("cpu", "gpu")
+#: What a training job asks for: a queue by name, or ``auto`` (``gpu`` when a worker consumes
+#: it, else ``cpu``; see ``route_queue``).
+QueueChoice = Literal["auto", "cpu", "gpu"]
+#: How long ``route_queue`` waits for the workers to say which queues they consume.
+INSPECT_TIMEOUT_S = 1.0
 
 #: Celery task names, shared by the enqueuing services and the worker that defines them.
 TASK_INDEX_DOCUMENTS = "lodestar.index_documents"
@@ -92,14 +98,58 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
+def consuming_workers(app: Celery, queue: str, timeout_s: float = INSPECT_TIMEOUT_S) -> list[str]:
+    """The workers that answer a broadcast within ``timeout_s`` and consume ``queue``. The
+    SQLite broker has no broadcast: there, nobody answers (``[]``)."""
+    try:
+        replies = app.control.inspect(timeout=timeout_s).active_queues() or {}
+    except Exception:  # a transport without remote control, or the broker unreachable
+        return []
+    return sorted(
+        worker
+        for worker, queues in replies.items()
+        if any(q.get("name") == queue for q in queues or [])
+    )
+
+
+def route_queue(app: Celery, requested: str = "auto") -> str:
+    """The queue a training job goes to. ``cpu``: cpu. ``auto``: ``gpu`` when a worker consumes
+    it, else ``cpu``. ``gpu`` with no worker consuming it: a 503 that says so, instead of a job
+    that would wait for a worker that never comes."""
+    if requested not in ("auto", *QUEUES):
+        raise LodestarError(
+            ErrorCode.validation,
+            f"unknown queue {requested!r}; known: auto, cpu, gpu",
+            field="queue",
+        )
+    if requested == "cpu":
+        return "cpu"
+    if consuming_workers(app, "gpu"):
+        return "gpu"
+    if requested == "gpu":
+        raise LodestarError(
+            ErrorCode.unavailable,
+            "no worker consumes the gpu queue (start one on a CUDA machine: "
+            "python -m services.worker --queues gpu), or send the job with queue 'auto' or 'cpu'",
+            field="queue",
+        )
+    return "cpu"
+
+
 def job_status(app: Celery, job_id: str) -> dict[str, Any]:
     result = AsyncResult(job_id, app=app)
     state = result.state
     info = result.info
     status: dict[str, Any] = {"job_id": job_id, "state": _STATES.get(state, state.lower())}
     if state == "PROGRESS" and isinstance(info, dict):
+        info = dict(info)
+        if "placement" in info:
+            status["placement"] = info.pop("placement")
         status["progress"] = info
     elif state == "SUCCESS":
+        if isinstance(info, dict) and "placement" in info:
+            info = dict(info)
+            status["placement"] = info.pop("placement")
         status["result"] = info
         status["progress"] = {"done": 1, "total": 1, "stage": "done"}
     elif state == "FAILURE":

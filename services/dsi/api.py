@@ -24,7 +24,7 @@ from pydantic import BaseModel, Field
 from services.dsi.engine import DsiEngine, StepOptions, check_collection
 from shared.app import check_k, check_text, from_state, require_ready
 from shared.errors import ErrorCode, LodestarError
-from shared.jobs import TASK_DSI_INDEX_STEP, job_status
+from shared.jobs import TASK_DSI_INDEX_STEP, QueueChoice, job_status, route_queue
 from shared.schemas import Document, Hit, IndexSearchRequest, IndexSearchResponse, SourceRank
 from shared.settings import Settings
 
@@ -72,8 +72,9 @@ class DsiIndexRequest(BaseModel):
     queries: list[TrainingQuery] = Field(default_factory=list)
     """Real (doc, query) pairs: used by the first step only (retrieval task, query generator)."""
     options: StepOptionsIn = Field(default_factory=lambda: StepOptionsIn())
-    queue: Literal["cpu", "gpu"] = "cpu"
-    """``gpu`` sends the step to a GPU worker (``--queues gpu``), where torch runs on CUDA."""
+    queue: QueueChoice = "auto"
+    """``auto``: a GPU worker's queue when one is registered (torch then trains on CUDA), else
+    ``cpu``; ``gpu`` with no GPU worker is a 503 (``shared.jobs.route_queue``)."""
 
 
 @router.post("/search", response_model=IndexSearchResponse)
@@ -129,16 +130,17 @@ async def index_batch(
     if len(set(ids)) != len(ids):
         raise LodestarError(ErrorCode.validation, "a document id appears twice", field="documents")
     options = body.options.to_options()
+    queue = await run_in_threadpool(route_queue, celery, body.queue)
     job_id = uuid.uuid4().hex
     batch = await run_in_threadpool(_stage_batch, settings.data_dir, job_id, body)
     celery.send_task(
         TASK_DSI_INDEX_STEP,
         args=[name, str(batch), asdict(options)],
         task_id=job_id,
-        queue=body.queue,
+        queue=queue,
     )
     return JSONResponse(
-        {"job_id": job_id, "status_url": f"/jobs/{job_id}", "collection": name},
+        {"job_id": job_id, "status_url": f"/jobs/{job_id}", "collection": name, "queue": queue},
         status_code=202,
     )
 

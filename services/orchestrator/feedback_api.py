@@ -33,7 +33,7 @@ from services.orchestrator import feedback_export, shadow
 from shared.app import from_state, require_ready
 from shared.clients import IndexClient
 from shared.errors import ErrorCode, LodestarError
-from shared.jobs import TASK_OFFLINE_UPDATE
+from shared.jobs import TASK_OFFLINE_UPDATE, QueueChoice, route_queue
 from shared.settings import Settings
 from shared.store import FeedbackIn, Store, new_id
 
@@ -110,6 +110,8 @@ class OfflineUpdateRequest(BaseModel):
     source: Literal["user", "shadow"] | None = None
     """Train on one source's feedback only (default: both, shadow weighted lower)."""
     train: TrainOverrides = TrainOverrides()
+    queue: QueueChoice = "auto"
+    """``auto``: ``gpu`` when a GPU worker is registered, else ``cpu`` (``route_queue``)."""
 
 
 # --- engine wiring -----------------------------------------------------------------------------
@@ -376,12 +378,20 @@ async def offline_update(
             f"at least min_examples={body.min_examples}",
             field="min_examples",
         )
+    queue = await run_in_threadpool(route_queue, celery, body.queue)
     job_id = new_id()
-    params = body.model_dump()
+    params = body.model_dump(exclude={"queue"})
     params["train"] = {k: v for k, v in params["train"].items() if v is not None}
-    await run_in_threadpool(store.record_job, job_id, TASK_OFFLINE_UPDATE, params)
-    celery.send_task(TASK_OFFLINE_UPDATE, kwargs=params, task_id=job_id, queue="cpu")
+    await run_in_threadpool(
+        store.record_job, job_id, TASK_OFFLINE_UPDATE, {**params, "queue": queue}
+    )
+    celery.send_task(TASK_OFFLINE_UPDATE, kwargs=params, task_id=job_id, queue=queue)
     return JSONResponse(
-        {"job_id": job_id, "status_url": f"/jobs/{job_id}", "positive_labels": positives},
+        {
+            "job_id": job_id,
+            "status_url": f"/jobs/{job_id}",
+            "positive_labels": positives,
+            "queue": queue,
+        },
         status_code=202,
     )

@@ -24,7 +24,7 @@ from services.rewriter.engine import (
 from services.rewriter.jobs import incoming_dir
 from shared.app import check_text, from_state, require_ready
 from shared.errors import ErrorCode, LodestarError
-from shared.jobs import TASK_REWRITE_BATCH, job_status
+from shared.jobs import TASK_REWRITE_BATCH, QueueChoice, job_status, route_queue
 from shared.settings import Settings
 
 EngineDep = Annotated[RewriterEngine, Depends(from_state("engine"))]
@@ -89,7 +89,8 @@ class RewriteJobRequest(BaseModel):
     forbidden_doc_ids: list[str] = Field(default_factory=list, max_length=1_000_000)
     """Test-judged documents: a pair using one is refused (for a dataset split, the documents
     judged in its other splits are always forbidden)."""
-    queue: Literal["cpu", "gpu"] = "cpu"
+    queue: QueueChoice = "auto"
+    """``auto``: ``gpu`` when a GPU worker is registered, else ``cpu`` (``route_queue``)."""
 
 
 def _check_document(document: DocumentIn) -> None:
@@ -180,6 +181,7 @@ async def rewrite_job(
                 ErrorCode.validation, "a context-mode pair has an empty document", field="pairs"
             )
         staged = await run_in_threadpool(_stage_pairs, incoming_dir(settings), job_id, body.pairs)
+    queue = await run_in_threadpool(route_queue, celery, body.queue)
     celery.send_task(
         TASK_REWRITE_BATCH,
         kwargs={
@@ -192,10 +194,11 @@ async def rewrite_job(
             "forbidden_doc_ids": body.forbidden_doc_ids,
         },
         task_id=job_id,
-        queue=body.queue,
+        queue=queue,
     )
     return JSONResponse(
-        {"job_id": job_id, "status_url": f"/jobs/{job_id}", "mode": body.mode}, status_code=202
+        {"job_id": job_id, "status_url": f"/jobs/{job_id}", "mode": body.mode, "queue": queue},
+        status_code=202,
     )
 
 

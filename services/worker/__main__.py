@@ -17,7 +17,12 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown queue(s): {', '.join(sorted(unknown))}")
 
-    from services.worker.tasks import app
+    from services.worker.tasks import app, settings
+    from shared.models import resolve_device
+
+    if "gpu" in args.queues.split(",") and resolve_device(settings.device) != "cuda":
+        # Jobs routed to gpu will run here on the CPU; each job's placement says so.
+        print("warning: consuming the gpu queue without a CUDA device: gpu jobs run on the CPU")
 
     app.worker_main(
         [

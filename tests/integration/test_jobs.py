@@ -122,3 +122,45 @@ async def test_the_orchestrator_queues_a_merge_when_a_write_reports_one_due(tmp_
     assert store.get_job(due.merge_job)["params"] == {"collection": "capes"}
     assert job_status(app, due.merge_job)["state"] == "queued"
     store.close()
+
+
+@pytest.mark.redis
+def test_training_jobs_route_to_a_registered_gpu_worker_and_say_where_they_ran(
+    tmp_path: Path, redis_url: str
+) -> None:
+    from shared.errors import ErrorCode, LodestarError
+    from shared.jobs import consuming_workers, route_queue
+
+    data_dir = tmp_path / "data"
+    settings = make_settings(data_dir, broker_url=redis_url)
+    app = make_celery(settings)
+    # No worker consumes gpu: auto falls back to cpu, and asking for gpu says why it cannot.
+    assert route_queue(app, "auto") == "cpu" and route_queue(app, "cpu") == "cpu"
+    with pytest.raises(LodestarError) as refused:
+        route_queue(app, "gpu")
+    assert refused.value.code is ErrorCode.unavailable and "gpu queue" in refused.value.message
+    with pytest.raises(LodestarError):
+        route_queue(app, "tpu")
+
+    env = stack_env(data_dir, LODESTAR_BROKER_URL=redis_url)
+    worker = spawn("worker", ["-m", "services.worker", "--queues", "cpu,gpu"], env, tmp_path)
+    try:
+        deadline = time.monotonic() + 180
+        while not consuming_workers(app, "gpu") and time.monotonic() < deadline:
+            assert worker.popen.poll() is None, worker.log.read_text()[-2000:]
+            time.sleep(1)
+        (name,) = consuming_workers(app, "gpu")
+        assert name.startswith("lodestar-cpu-gpu@")
+        queue = route_queue(app, "auto")
+        assert queue == "gpu" and route_queue(app, "gpu") == "gpu"
+        batch = data_dir / "incoming" / "batch.jsonl"
+        batch.parent.mkdir(parents=True)
+        batch.write_text(json.dumps({"id": "d1", "title": "Cape", "text": "A cape."}) + "\n")
+        job = app.send_task(TASK_INDEX_DOCUMENTS, args=["capes", str(batch)], queue=queue)
+        status = _wait(app, job.id, worker)
+    finally:
+        worker.stop()
+    # The job says where it ran; this machine has no CUDA, so a gpu-queue job ran on the CPU.
+    assert status["placement"] == {"queue": "gpu", "host": name, "device": "cpu"}
+    assert "placement" not in status["result"] and status["result"]["documents"] == 1
+    assert "gpu jobs run on the CPU" in worker.log.read_text()

@@ -246,15 +246,10 @@ class RagContext:
     def answer_pipeline(self) -> Any:
         """The orchestrator's ``AnswerPipeline`` over ``InProcessIndex``, wired as the app does."""
         if self._answer_pipeline is None:
-            from services.index.engine import InProcessIndex
-            from services.orchestrator.rounds import AnswerPipeline
-            from services.orchestrator.search import SearchPipeline
+            from services.orchestrator.pipeline import answer_pipeline, in_process_search
 
-            settings = self.settings
-            search = SearchPipeline(InProcessIndex(self.engine), rrf_k=settings.rrf_k)
-            self._answer_pipeline = AnswerPipeline(
-                search, lambda: self.reasoner, max_new_tokens=settings.answer_max_new_tokens
-            )
+            search = in_process_search(self.settings, self.engine)
+            self._answer_pipeline = answer_pipeline(self.settings, search, lambda: self.reasoner)
         return self._answer_pipeline
 
     @property
@@ -262,17 +257,11 @@ class RagContext:
         """An ``AnswerPipeline`` for the multi-round methods: replaying reasoner, in-process
         critic (loaded on its first judgement, so the baselines need no trained critic)."""
         if self._loop_pipeline is None:
-            from services.index.engine import InProcessIndex
-            from services.orchestrator.rounds import AnswerPipeline
-            from services.orchestrator.search import SearchPipeline
+            from services.orchestrator.pipeline import answer_pipeline, in_process_search
 
-            settings = self.settings
-            search = SearchPipeline(InProcessIndex(self.engine), rrf_k=settings.rrf_k)
-            self._loop_pipeline = AnswerPipeline(
-                search,
-                lambda: self.reasoner,
-                max_new_tokens=settings.answer_max_new_tokens,
-                critic=InProcessCritic(settings),
+            search = in_process_search(self.settings, self.engine)
+            self._loop_pipeline = answer_pipeline(
+                self.settings, search, lambda: self.reasoner, critic=InProcessCritic(self.settings)
             )
         return self._loop_pipeline
 

@@ -20,11 +20,12 @@ evaluate an order the system never returned.
 from __future__ import annotations
 
 import asyncio
+import copy
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from lodestar.evaluation.common import (
     RESULTS_DIR,
@@ -41,6 +42,9 @@ from lodestar.evaluation.common import (
 )
 from shared.datasets import BeirDataset, load_scifact
 from shared.settings import Settings
+
+if TYPE_CHECKING:
+    from services.orchestrator.search import SearchPipeline
 
 #: Documents retrieved per query (Recall@100 needs 100).
 DEPTH = 100
@@ -111,19 +115,26 @@ class InProcessBackend:
     name = "in-process"
 
     def __init__(self, settings: Settings) -> None:
-        from services.index.engine import IndexEngine, InProcessIndex
-        from services.orchestrator.search import SearchPipeline
-        from services.reranker.engine import InProcessReranker, rerank_engine_from_settings
+        from services.index.engine import IndexEngine
+        from services.orchestrator.pipeline import in_process_search
 
         # Configured exactly as the services configure them (ANN backend, candidates, token
         # budgets, rerank depth); the reranker's models load on first use only.
+        self.settings = settings
         self.engine = IndexEngine.from_settings(settings)
-        self.pipeline = SearchPipeline(
-            InProcessIndex(self.engine),
-            rrf_k=settings.rrf_k,
-            reranker=InProcessReranker(rerank_engine_from_settings(settings)),
-            rerank_depth=settings.rerank_depth,
-        )
+        self.pipeline = in_process_search(settings, self.engine, rerank=True)
+        self._fm_pipeline: SearchPipeline | None = None
+
+    def with_fm(self) -> InProcessBackend:
+        """This backend with the fmindex engine loaded here as the ``fm`` retriever (once: the
+        generator loads on the first fm search)."""
+        if self._fm_pipeline is None:
+            from services.orchestrator.pipeline import in_process_search
+
+            self._fm_pipeline = in_process_search(self.settings, self.engine, fm=True)
+        clone = copy.copy(self)
+        clone.pipeline = self._fm_pipeline
+        return clone
 
     async def search(
         self,
@@ -290,18 +301,14 @@ SYSTEMS: dict[str, RetrievalSystem] = {
 def fm_system(name: str, description: str, retrievers: Sequence[str]) -> RetrievalSystem:
     """SEAL (``fm``), alone or fused: with a stack, the orchestrator's ``/search`` (which asks
     the fmindex service); in process, the same ``SearchPipeline`` with the fmindex engine loaded
-    here as its ``fm`` retriever (``services.fmindex.inprocess``). Needs the FM-index of the
+    here as its ``fm`` retriever (``InProcessBackend.with_fm``). Needs the FM-index of the
     evaluation collection (``python -m services.fmindex.jobs build --dataset scifact
     --collection eval-scifact``). Slow: every query decodes with the LM (beam 15 by default)."""
     chosen = tuple(retrievers)
 
     async def search(backend: SearchBackend, query: str, collection: str, k: int) -> SearchResult:
         if isinstance(backend, InProcessBackend):
-            from services.fmindex.inprocess import search_with_fm
-
-            return await search_with_fm(
-                backend, query=query, collection=collection, k=k, retrievers=chosen
-            )
+            backend = backend.with_fm()
         return await backend.search(query=query, collection=collection, k=k, retrievers=chosen)
 
     return RetrievalSystem(name, description, search)

@@ -307,11 +307,11 @@ class Searcher:
 
     def __init__(self, settings: Settings, collection: str) -> None:
         from services.index.engine import IndexEngine, InProcessIndex
-        from services.orchestrator.search import SearchPipeline
+        from services.orchestrator.pipeline import search_pipeline
 
         self.engine = IndexEngine.from_settings(settings)
         self.index = CachedEmbedIndex(InProcessIndex(self.engine))
-        self.pipeline = SearchPipeline(self.index, rrf_k=settings.rrf_k)
+        self.pipeline = search_pipeline(settings, self.index)
         self.collection = collection
         self.loop = asyncio.new_event_loop()
         self._first: dict[str, list[Hit]] = {}

@@ -161,9 +161,8 @@ def run_self_practice(
     them; returns the manifest. Idempotent: a rerun publishes a new version of the same kind.
     With ``time_budget_s``, questions not started by then are left out (the manifest counts the
     questions practised)."""
-    from services.index.engine import IndexEngine, InProcessIndex
-    from services.orchestrator.rounds import AnswerPipeline
-    from services.orchestrator.search import SearchPipeline
+    from services.index.engine import IndexEngine
+    from services.orchestrator.pipeline import answer_pipeline, in_process_search
     from shared.models import get_generator
 
     questions, corpus = load_practice_dataset(dataset)
@@ -172,9 +171,11 @@ def run_self_practice(
         raise ValueError(f"{dataset} has no questions at offset {offset}")
     engine = IndexEngine.from_settings(settings)
     collection_version = ensure_practice_collection(engine, dataset, corpus)
-    search = SearchPipeline(InProcessIndex(engine), rrf_k=settings.rrf_k)
-    pipeline = AnswerPipeline(
-        search, lambda: get_generator(settings), max_new_tokens=max_new_tokens
+    pipeline = answer_pipeline(
+        settings,
+        in_process_search(settings, engine),
+        lambda: get_generator(settings),
+        max_new_tokens=max_new_tokens,
     )
     family = practice_family(settings)
     started = time.perf_counter()

@@ -7,8 +7,7 @@ from fastapi import FastAPI
 from services.orchestrator import feedback_api
 from services.orchestrator.api import router
 from services.orchestrator.debug import router as debug_router
-from services.orchestrator.rounds import AnswerPipeline
-from services.orchestrator.search import SearchPipeline
+from services.orchestrator.pipeline import answer_pipeline, search_pipeline
 from shared.app import Readiness, create_app
 from shared.clients import CriticClient, IndexClient, RerankerClient, RetrieverClient
 from shared.jobs import make_celery
@@ -27,13 +26,7 @@ def build_app(settings: Settings) -> FastAPI:
         "fm": RetrieverClient("fmindex", settings.fmindex_url, settings),
         "dsi": RetrieverClient("dsi", settings.dsi_url, settings),
     }
-    search = SearchPipeline(
-        index,
-        rrf_k=settings.rrf_k,
-        reranker=reranker,
-        rerank_depth=settings.rerank_depth,
-        external=external,
-    )
+    search = search_pipeline(settings, index, reranker=reranker, external=external)
 
     def generator() -> Generator | RemoteGenerator:
         # Over the OpenAI protocol when LODESTAR_GENERATOR_URL is set, else in this process.
@@ -46,9 +39,7 @@ def build_app(settings: Settings) -> FastAPI:
     # The SIM-RAG critic decides when /answer stops searching; down or untrained, the loop runs
     # to max_rounds and reports it in `degraded`.
     critic = CriticClient(settings)
-    answer = AnswerPipeline(
-        search, generator, max_new_tokens=settings.answer_max_new_tokens, critic=critic
-    )
+    answer = answer_pipeline(settings, search, generator, critic=critic)
 
     def warm_up(readiness: Readiness) -> None:
         model = generator()  # loads the model when in-process; a remote one is asked per call

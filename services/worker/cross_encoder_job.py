@@ -50,8 +50,8 @@ def train_and_publish(
 
     ``corpus_limit`` (tests, smoke runs) searches a slice instead of the whole corpus: its first
     documents plus those judged for the sampled train queries, in a collection of its own."""
-    from services.index.engine import IndexEngine, InProcessIndex
-    from services.orchestrator.search import SearchPipeline
+    from services.index.engine import IndexEngine
+    from services.orchestrator.pipeline import in_process_search
     from services.rewriter.engine import PairDocument, RewritePair, RewriterEngine
     from shared.datasets import load_scifact
     from shared.store import Trace
@@ -75,7 +75,7 @@ def train_and_publish(
     engine = IndexEngine.from_settings(settings)
     if not engine.exists(collection):
         engine.upsert(collection, documents, progress=progress)
-    pipeline = SearchPipeline(InProcessIndex(engine), rrf_k=settings.rrf_k)
+    pipeline = in_process_search(settings, engine)
 
     def search(query: str, k: int, retrievers: tuple[str, ...]) -> tuple[list[str], list[float]]:
         trace = Trace(kind="search", request={})

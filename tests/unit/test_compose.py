@@ -49,8 +49,18 @@ COMPOSE_DOC: dict[str, Any] = load_yaml(COMPOSE)
 SERVICES: dict[str, dict[str, Any]] = COMPOSE_DOC["services"]
 GPU_SERVICES: dict[str, dict[str, Any]] = load_yaml(COMPOSE_GPU)["services"]
 K8S_FILES = sorted(K8S.rglob("*.yaml"))
+#: Strategic-merge patches an overlay applies (partial documents: checked apart).
+K8S_PATCHES = {
+    (kustomization.parent / patch["path"]).resolve()
+    for kustomization in K8S.rglob("kustomization.yaml")
+    for patch in load_yaml(kustomization).get("patches", [])
+}
 K8S_DOCS: list[dict[str, Any]] = [
-    doc for path in K8S_FILES for doc in yaml.safe_load_all(path.read_text()) if doc
+    doc
+    for path in K8S_FILES
+    if path.resolve() not in K8S_PATCHES
+    for doc in yaml.safe_load_all(path.read_text())
+    if doc
 ]
 
 
@@ -341,7 +351,8 @@ def test_docker_compose_config_accepts_the_files() -> None:
 
 def test_kustomizations_list_every_manifest() -> None:
     for kustomization in K8S.rglob("kustomization.yaml"):
-        resources = load_yaml(kustomization)["resources"]
+        config = load_yaml(kustomization)
+        resources = config["resources"] + [p["path"] for p in config.get("patches", [])]
         for resource in resources:
             assert (kustomization.parent / resource).exists(), f"{kustomization}: {resource}"
         listed = {(kustomization.parent / r).resolve() for r in resources}
@@ -429,3 +440,17 @@ def test_k8s_index_url_names_the_index_service() -> None:
             assert parts.port == index_port
             ports = [p["port"] for p in services[parts.hostname]["spec"]["ports"]]
             assert index_port in ports
+
+
+def test_gpu_overlay_runs_vllm_as_the_generator_on_an_nvidia_gpu() -> None:
+    (patch_path,) = [p for p in K8S_PATCHES if p.name == "generator-vllm.yaml"]
+    patch = load_yaml(patch_path)
+    (base,) = [d for d in k8s_kind("Deployment") if d["metadata"]["name"] == "generator"]
+    (container,) = patch["spec"]["template"]["spec"]["containers"]
+    assert container["name"] == base["spec"]["template"]["spec"]["containers"][0]["name"]
+    assert container["command"][:2] == ["/opt/vllm/bin/vllm", "serve"]
+    assert container["command"][container["command"].index("--port") + 1] == "8007"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    compose = GPU_SERVICES["generator"]
+    assert compose["command"][:2] == ["/opt/vllm/bin/vllm", "serve"]
+    assert compose["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"

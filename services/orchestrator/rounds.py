@@ -96,12 +96,24 @@ def generation_stage(
     citations: Sequence[Hit],
     citation_rule: str,
     max_new_tokens: int,
+    *,
+    answer: str | None = None,
+    rationale: str | None = None,
+    temperature: float = 0.0,
+    round_params: dict[str, Any] | None = None,
 ) -> StageRun:
+    """A ``generate`` stage: the answer (in a multi-round loop the reasoner's parsed ``answer``
+    and ``rationale``, and ``round_params`` saying which round and query) and its citations."""
+    outputs: dict[str, Any] = {
+        "answer": clean_answer(generation.text) if answer is None else answer
+    }
+    if rationale is not None:
+        outputs["rationale"] = rationale
     return StageRun(
         stage="generate",
         inputs={"question": question, "doc_ids": [h.doc_id for h in hits]},
         outputs={
-            "answer": clean_answer(generation.text),
+            **outputs,
             "raw": generation.text,
             "citations": [h.doc_id for h in citations],
             "citation_rule": citation_rule,
@@ -111,7 +123,11 @@ def generation_stage(
         targets=[{"type": "answer", "id": "answer"}]
         + [{"type": "citation", "id": h.doc_id} for h in citations],
         model_id=model_id,
-        params={"max_new_tokens": max_new_tokens, "temperature": 0.0},
+        params={
+            **(round_params or {}),
+            "max_new_tokens": max_new_tokens,
+            "temperature": temperature,
+        },
         latency_ms=generation.seconds * 1000,
     )
 
@@ -593,29 +609,22 @@ class AnswerPipeline:
             all_hits = [hit for c in contexts for hit in c.hits]
             citations, rule = choose_citations(generation.text, all_hits)
             trace.stages.append(
-                StageRun(
-                    stage="generate",
-                    inputs={"question": question, "doc_ids": [h.doc_id for h in all_hits]},
-                    outputs={
-                        "answer": answer,
-                        "rationale": rationale,
-                        "raw": generation.text,
-                        "citations": [h.doc_id for h in citations],
-                        "citation_rule": rule,
-                        "prompt_tokens": generation.prompt_tokens,
-                        "new_tokens": generation.new_tokens,
-                    },
-                    targets=[{"type": "answer", "id": "answer"}]
-                    + [{"type": "citation", "id": h.doc_id} for h in citations],
-                    model_id=model_id,
-                    params={
+                generation_stage(
+                    model_id,
+                    question,
+                    all_hits,
+                    generation,
+                    citations,
+                    rule,
+                    self.max_new_tokens,
+                    answer=answer,
+                    rationale=rationale,
+                    temperature=temperature,
+                    round_params={
                         "round": round_number,
                         "query": query,
                         "subqueries": [sq.sq_id for sq in round_subqueries],
-                        "max_new_tokens": self.max_new_tokens,
-                        "temperature": temperature,
                     },
-                    latency_ms=timings["generate"],
                 )
             )
             record = RoundRecord(

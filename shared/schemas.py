@@ -3,38 +3,28 @@
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 from pydantic import BaseModel, Field, field_validator
 
-COLLECTION_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
-_COLLECTION_NAME_RE = re.compile(COLLECTION_NAME_PATTERN)
-DOC_ID_MAX_CHARS = 256
+# The naming rule lives in shared.ids; re-exported here for the modules that import it from here.
+from shared.ids import COLLECTION_NAME_PATTERN as COLLECTION_NAME_PATTERN
+from shared.ids import DOC_ID_MAX_CHARS as DOC_ID_MAX_CHARS
+from shared.ids import CollectionName, DocId
+from shared.ids import is_valid_collection_name as is_valid_collection_name
+
 #: Bounds of the index's optional query overrides (a dense vector, weighted BM25 terms).
 QUERY_VECTOR_MAX_DIM = 4096
 BM25_TERMS_MAX = 256
 
 
-def is_valid_collection_name(name: str) -> bool:
-    """Collection names become directory names: lowercase slugs only, never a path."""
-    return bool(_COLLECTION_NAME_RE.match(name))
-
-
 class Document(BaseModel):
     """A document as users upsert it; the index splits it into passages."""
 
-    id: str = Field(min_length=1, max_length=DOC_ID_MAX_CHARS)
+    id: DocId
     title: str = ""
     text: str
     metadata: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("id")
-    @classmethod
-    def _id_has_no_control_characters(cls, value: str) -> str:
-        if any(ch in value for ch in "\n\r\t\x00"):
-            raise ValueError("document id must not contain control characters")
-        return value
 
 
 class Passage(BaseModel):
@@ -75,7 +65,7 @@ class QAExample(BaseModel):
 
 
 class IndexSearchRequest(BaseModel):
-    collection: str = "wiki"
+    collection: CollectionName = "wiki"
     query: str
     k: int = 10
     retrievers: list[str] = Field(default_factory=lambda: ["dense", "bm25"], min_length=1)

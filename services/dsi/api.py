@@ -24,6 +24,7 @@ from pydantic import BaseModel, Field
 from services.dsi.engine import DsiEngine, StepOptions, check_collection
 from shared.app import check_k, check_text, from_state, require_ready
 from shared.errors import ErrorCode, LodestarError
+from shared.ids import CollectionPath, DocId
 from shared.jobs import TASK_DSI_INDEX_STEP, QueueChoice, job_status, route_queue
 from shared.schemas import Document, Hit, IndexSearchRequest, IndexSearchResponse, SourceRank
 from shared.settings import Settings
@@ -38,7 +39,7 @@ RETRIEVER = "dsi"
 
 
 class TrainingQuery(BaseModel):
-    doc_id: str = Field(min_length=1, max_length=512)
+    doc_id: DocId
     query: str = Field(min_length=1, max_length=2000)
 
 
@@ -112,7 +113,7 @@ async def list_collections(engine: EngineDep) -> list[dict[str, Any]]:
 
 
 @router.get("/collections/{name}/dsi")
-async def get_collection(name: str, engine: EngineDep) -> dict[str, Any]:
+async def get_collection(name: CollectionPath, engine: EngineDep) -> dict[str, Any]:
     family = engine.family(name)
     if family.current_version() is None:
         raise LodestarError(ErrorCode.not_found, f"collection {name!r} has no DSI model yet")
@@ -122,7 +123,11 @@ async def get_collection(name: str, engine: EngineDep) -> dict[str, Any]:
 
 @router.post("/collections/{name}/dsi/index")
 async def index_batch(
-    name: str, body: DsiIndexRequest, settings: SettingsDep, engine: EngineDep, celery: CeleryDep
+    name: CollectionPath,
+    body: DsiIndexRequest,
+    settings: SettingsDep,
+    engine: EngineDep,
+    celery: CeleryDep,
 ) -> JSONResponse:
     """Stage the batch where a worker can read it and enqueue one continual step."""
     engine.family(name)  # validates the name before any work

@@ -10,21 +10,26 @@ that only know ``Hit`` ignore the extra field.
 
 from __future__ import annotations
 
+import logging
+import uuid
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from services.fmindex.engine import FmEngine, FmSearchOutcome, with_overrides
 from services.fmindex.scoring import Match
 from shared.app import check_k, check_text, from_state, require_ready
+from shared.datasets import DATASETS
 from shared.errors import ErrorCode, LodestarError, invalid, not_found
-from shared.schemas import Hit, IndexSearchRequest, IndexSearchResponse, SourceRank
+from shared.ids import CollectionPath, StagedName, stage_jsonl, staged_file, staging_dir
+from shared.schemas import Document, Hit, IndexSearchRequest, IndexSearchResponse, SourceRank
 from shared.settings import Settings
 
 RETRIEVER = "fm"
+logger = logging.getLogger(__name__)
 
 EngineDep = Annotated[FmEngine, Depends(from_state("engine"))]
 SettingsDep = Annotated[Settings, Depends(from_state("settings"))]
@@ -72,10 +77,22 @@ class FmSearchResponse(IndexSearchResponse):
 
 
 class BuildRequest(BaseModel):
-    dataset: str | None = None
+    """Exactly one source. The worker reads files, so a caller never names a path: a dataset by
+    name, the documents themselves, or a file already in the staging folder."""
+
+    dataset: Annotated[str, Field(json_schema_extra={"enum": sorted(DATASETS)})] | None = None
     """A named dataset whose corpus to index (``scifact``, ``wiki``, ...)."""
-    jsonl: str | None = None
-    """Or a JSONL file of ``{id, title, text}`` rows readable by the worker."""
+    documents: list[Document] | None = Field(default=None, min_length=1)
+    """Or the documents themselves (bounded by the request-size limit)."""
+    jsonl: StagedName | None = None
+    """Or the name of a JSONL file of ``{id, title, text}`` rows in ``<data_dir>/incoming``."""
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, value: str | None) -> str | None:
+        if value is not None and value not in DATASETS:
+            raise ValueError(f"unknown dataset; known: {', '.join(sorted(DATASETS))}")
+        return value
 
 
 def _matched(engine: FmEngine, match: Match) -> MatchedNgram:
@@ -145,7 +162,7 @@ async def list_collections(engine: EngineDep) -> list[dict[str, Any]]:
 
 
 @router.get("/collections/{name}")
-async def get_collection(name: str, engine: EngineDep) -> dict[str, Any]:
+async def get_collection(name: CollectionPath, engine: EngineDep) -> dict[str, Any]:
     return await _info(engine, name)
 
 
@@ -164,25 +181,35 @@ async def _info(engine: FmEngine, name: str) -> dict[str, Any]:
 
 @router.post("/collections/{name}/build", status_code=202)
 async def build_collection(
-    name: str, body: BuildRequest, request_settings: SettingsDep
+    name: CollectionPath, body: BuildRequest, request_settings: SettingsDep
 ) -> JSONResponse:
     """Enqueue an FM-index build on the cpu queue (202 + job id); searches keep serving the
     current version until the new one is published."""
     from shared.jobs import TASK_FMINDEX_BUILD, make_celery
-    from shared.schemas import is_valid_collection_name
 
-    if not is_valid_collection_name(name):
-        raise invalid("collection names are lowercase slugs", field="name")
-    if not (body.dataset or body.jsonl) or (body.dataset and body.jsonl):
-        raise invalid("give exactly one of dataset or jsonl", field="dataset")
+    given = [body.dataset is not None, body.documents is not None, body.jsonl is not None]
+    if sum(given) != 1:
+        raise invalid("give exactly one of dataset, documents or jsonl", field="dataset")
+    data_dir = request_settings.data_dir
+    jsonl = None
+    if body.jsonl is not None:
+        jsonl = str(await run_in_threadpool(staged_file, data_dir, body.jsonl))
+    elif body.documents is not None:
+        ids = [doc.id for doc in body.documents]
+        if len(set(ids)) != len(ids):
+            raise invalid("a document id appears twice", field="documents")
+        rows = [doc.model_dump() for doc in body.documents]
+        name_ = f"fmindex-{uuid.uuid4().hex}.jsonl"
+        jsonl = str(await run_in_threadpool(stage_jsonl, staging_dir(data_dir), name_, rows))
     celery = make_celery(request_settings)
     try:
-        result = celery.send_task(
-            TASK_FMINDEX_BUILD, args=[name, body.dataset, body.jsonl], queue="cpu"
-        )
+        result = celery.send_task(TASK_FMINDEX_BUILD, args=[name, body.dataset, jsonl], queue="cpu")
     except Exception as exc:  # the broker is down: say so instead of a 500
+        logger.warning("cannot enqueue an fm-index build", exc_info=exc)
         raise LodestarError(
-            ErrorCode.unavailable, f"cannot enqueue the build: {exc}", retry_after_s=30
+            ErrorCode.unavailable,
+            "cannot enqueue the build: the job broker is unreachable",
+            retry_after_s=30,
         ) from exc
     return JSONResponse({"job_id": result.id, "collection": name}, status_code=202)
 

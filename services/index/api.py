@@ -17,8 +17,8 @@ from services.index.engine import (
     search_response,
 )
 from shared.app import check_k, check_text, from_state, require_ready
+from shared.ids import CollectionPath, DocId, DocIdPath
 from shared.schemas import (
-    DOC_ID_MAX_CHARS,
     CollectionInfo,
     Document,
     EmbedRequest,
@@ -95,32 +95,34 @@ async def list_collections(engine: EngineDep) -> list[CollectionInfo]:
 
 
 @router.get("/collections/{name}", response_model=CollectionInfo)
-async def get_collection(name: str, engine: EngineDep) -> CollectionInfo:
+async def get_collection(name: CollectionPath, engine: EngineDep) -> CollectionInfo:
     return _info(await run_in_threadpool(engine.snapshot, name))
 
 
 @router.put("/collections/{name}/documents", response_model=WriteResponse)
-async def upsert_documents(name: str, body: UpsertRequest, engine: EngineDep) -> WriteResponse:
+async def upsert_documents(
+    name: CollectionPath, body: UpsertRequest, engine: EngineDep
+) -> WriteResponse:
     engine.family(name)  # validates the name before any work
     result = await run_in_threadpool(engine.upsert, name, body.documents)
     return _write_response(result)
 
 
 @router.delete("/collections/{name}/documents/{doc_id:path}", response_model=WriteResponse)
-async def delete_document(name: str, doc_id: str, engine: EngineDep) -> WriteResponse:
+async def delete_document(
+    name: CollectionPath, doc_id: DocIdPath, engine: EngineDep
+) -> WriteResponse:
     result = await run_in_threadpool(engine.delete, name, doc_id)
     return _write_response(result)
 
 
 class LookupRequest(BaseModel):
-    ids: list[Annotated[str, Field(min_length=1, max_length=DOC_ID_MAX_CHARS)]] = Field(
-        min_length=1
-    )
+    ids: list[DocId] = Field(min_length=1)
 
 
 @router.post("/collections/{name}/documents/lookup", response_model=list[Document])
 async def lookup_documents(
-    name: str, body: LookupRequest, engine: EngineDep, settings: SettingsDep
+    name: CollectionPath, body: LookupRequest, engine: EngineDep, settings: SettingsDep
 ) -> list[Document]:
     """The stored documents with these ids (unknown ids are left out), e.g. for judging the
     documents a trace ranked; at most ``max_k`` ids per request."""

@@ -46,15 +46,9 @@ from services.orchestrator.search import INDEX_RETRIEVERS, SearchOutcome, Search
 from shared.app import check_k, check_text, from_state, require_ready
 from shared.clients import IndexClient
 from shared.errors import LodestarError, invalid
+from shared.ids import CollectionName, CollectionPath, DocId, DocIdPath, stage_jsonl, staging_dir
 from shared.jobs import TASK_INDEX_DOCUMENTS, TASK_MERGE_COLLECTION, job_status
-from shared.schemas import (
-    DOC_ID_MAX_CHARS,
-    CollectionInfo,
-    Document,
-    Hit,
-    WriteResponse,
-    is_valid_collection_name,
-)
+from shared.schemas import CollectionInfo, Document, Hit, WriteResponse
 from shared.settings import Settings
 from shared.store import FeedbackIn, Store, Trace, new_id
 
@@ -62,12 +56,11 @@ from shared.store import FeedbackIn, Store, Trace, new_id
 
 
 SessionId = Annotated[str, Field(min_length=1, max_length=64)]
-DocId = Annotated[str, Field(min_length=1, max_length=DOC_ID_MAX_CHARS)]
 
 
 class SearchRequest(BaseModel):
     query: str
-    collection: str = "wiki"
+    collection: CollectionName = "wiki"
     k: int = 10
     retrievers: list[str] = Field(default_factory=lambda: list(INDEX_RETRIEVERS), min_length=1)
     fusion: Literal["rrf"] = "rrf"
@@ -94,7 +87,7 @@ class SearchResponse(BaseModel):
 
 class AnswerRequest(BaseModel):
     question: str
-    collection: str = "wiki"
+    collection: CollectionName = "wiki"
     k: int = 3
     max_rounds: int | None = Field(None, ge=1, le=8)
     """Retrieval rounds at most (SIM-RAG): the critic may stop the loop earlier. Default: the
@@ -242,13 +235,6 @@ router = APIRouter()
 ready = [Depends(require_ready)]
 
 
-def validate_collection(name: str) -> None:
-    if not is_valid_collection_name(name):
-        raise invalid(
-            "collection names are 1-64 characters of a-z, 0-9, '_' and '-'", field="collection"
-        )
-
-
 # --- search and answer -------------------------------------------------------------------------
 
 
@@ -262,7 +248,6 @@ async def search(
 ) -> SearchResponse:
     query = check_text(body.query, "query", settings)
     check_k(body.k, settings)
-    validate_collection(body.collection)
     started = time.perf_counter()
     trace = Trace(kind="search", request=body.model_dump(), session_id=body.session_id)
     adaptation = await _session_adaptation(store, body.session_id, query, metrics)
@@ -324,7 +309,6 @@ async def answer(
     rationale, ask the critic; every round is in ``rounds`` and in the trace."""
     question = check_text(body.question, "question", settings)
     check_k(body.k, settings)
-    validate_collection(body.collection)
     trace = Trace(kind="answer", request=body.model_dump(), session_id=body.session_id)
     adaptation = await _session_adaptation(store, body.session_id, question, metrics)
     if adaptation is not None:
@@ -525,14 +509,13 @@ async def list_collections(index: IndexDep) -> list[CollectionInfo]:
 
 
 @router.get("/collections/{name}", response_model=CollectionInfo)
-async def get_collection(name: str, index: IndexDep) -> CollectionInfo:
-    validate_collection(name)
+async def get_collection(name: CollectionPath, index: IndexDep) -> CollectionInfo:
     return await index.collection(name)
 
 
 @router.put("/collections/{name}/documents")
 async def upsert_documents(
-    name: str,
+    name: CollectionPath,
     body: UpsertDocumentsRequest,
     settings: SettingsDep,
     store: StoreDep,
@@ -540,7 +523,6 @@ async def upsert_documents(
     celery: CeleryDep,
 ) -> Response:
     """Small batches are indexed inside the request; large ones become a job (202 + job id)."""
-    validate_collection(name)
     ids = [doc.id for doc in body.documents]
     if len(set(ids)) != len(ids):
         raise invalid("a document id appears twice in one batch", field="documents")
@@ -560,15 +542,8 @@ async def upsert_documents(
 
 def _stage_batch(data_dir: Path, job_id: str, documents: list[Document]) -> Path:
     """Write the batch where the worker can read it (the shared data directory)."""
-    incoming = (data_dir / "incoming").resolve()
-    incoming.mkdir(parents=True, exist_ok=True)
-    path = incoming / f"{job_id}.jsonl"
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        for doc in documents:
-            handle.write(json.dumps(doc.model_dump(), ensure_ascii=False) + "\n")
-    tmp.rename(path)
-    return path
+    rows = [doc.model_dump() for doc in documents]
+    return stage_jsonl(staging_dir(data_dir), f"{job_id}.jsonl", rows)
 
 
 async def schedule_merge_if_due(
@@ -588,9 +563,8 @@ async def schedule_merge_if_due(
 
 @router.delete("/collections/{name}/documents/{doc_id:path}")
 async def delete_document(
-    name: str, doc_id: str, index: IndexDep, store: StoreDep, celery: CeleryDep
+    name: CollectionPath, doc_id: DocIdPath, index: IndexDep, store: StoreDep, celery: CeleryDep
 ) -> dict[str, Any]:
-    validate_collection(name)
     result = await schedule_merge_if_due(await index.delete(name, doc_id), store, celery)
     return result.model_dump()
 

@@ -3,7 +3,6 @@ a worker job, 202 + job id), ``GET /jobs/{id}`` and ``GET /cache`` (what the cac
 
 from __future__ import annotations
 
-import json
 import uuid
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -24,6 +23,7 @@ from services.rewriter.engine import (
 from services.rewriter.jobs import incoming_dir
 from shared.app import check_text, from_state, require_ready
 from shared.errors import ErrorCode, LodestarError
+from shared.ids import DocId, stage_jsonl
 from shared.jobs import TASK_REWRITE_BATCH, QueueChoice, job_status, route_queue
 from shared.settings import Settings
 
@@ -53,7 +53,7 @@ class RewriteRequest(BaseModel):
     """The relevant document; required in ``context`` mode, ignored in ``query-only``."""
     mode: ModeIn = "context"
     qid: str | None = Field(default=None, min_length=1, max_length=256)
-    doc_id: str | None = Field(default=None, min_length=1, max_length=256)
+    doc_id: DocId | None = None
     """Ids to key the cache and the record by; content hashes when absent."""
 
 
@@ -72,7 +72,7 @@ class RewriteResponse(BaseModel):
 class PairIn(BaseModel):
     qid: str = Field(min_length=1, max_length=256)
     query: str = Field(min_length=1, max_length=2000)
-    doc_id: str = Field(min_length=1, max_length=256)
+    doc_id: DocId
     title: str = Field(default="", max_length=MAX_TITLE_CHARS)
     text: str = Field(default="", max_length=MAX_DOCUMENT_CHARS)
 
@@ -210,11 +210,6 @@ async def get_job(job_id: str, celery: CeleryDep) -> dict[str, Any]:
 
 def _stage_pairs(directory: Path, job_id: str, pairs: list[PairIn]) -> str:
     """Write the pairs where a worker reads them; returns the file *name* (never a path)."""
-    directory.mkdir(parents=True, exist_ok=True)
     name = f"{job_id}.jsonl"
-    tmp = directory / f"{name}.tmp"
-    with tmp.open("w", encoding="utf-8") as handle:
-        for pair in pairs:
-            handle.write(json.dumps(pair.model_dump(), ensure_ascii=False) + "\n")
-    tmp.rename(directory / name)
+    stage_jsonl(directory, name, (pair.model_dump() for pair in pairs))
     return name

@@ -34,14 +34,27 @@ from prometheus_client import (
     generate_latest,
 )
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from shared.errors import HTTP_STATUS, ErrorCode, LodestarError
+from shared.errors import HTTP_STATUS, ErrorCode, LodestarError, error_responses, public_message
 from shared.settings import Settings, hash_api_key
 
 DEADLINE_HEADER = "x-lodestar-deadline"
 REQUEST_ID_HEADER = "x-request-id"
+SCOPE_REQUEST_ID = "lodestar.request_id"
 UNGUARDED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+#: What any guarded route may answer besides its own errors: the middleware's 413/429/504, auth,
+#: validation, readiness and the last-resort 500. Routers add the codes their handlers raise.
+COMMON_ERRORS = (
+    ErrorCode.validation,
+    ErrorCode.unauthorized,
+    ErrorCode.too_large,
+    ErrorCode.overloaded,
+    ErrorCode.unavailable,
+    ErrorCode.timeout,
+    ErrorCode.internal,
+)
 
 #: Absolute time (``time.time()``) by which the current request must be answered.
 request_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
@@ -65,7 +78,10 @@ def remaining_seconds(default: float) -> float:
 
 @dataclass
 class Readiness:
-    """What ``/readyz`` reports. Warm-up runs in a thread so ``/healthz`` answers meanwhile."""
+    """What ``/readyz`` reports. Warm-up runs in a thread so ``/healthz`` answers meanwhile.
+
+    ``reason`` is read by callers: a human sentence, never exception text (the log has that).
+    """
 
     ready: bool = False
     reason: str = "starting"
@@ -152,6 +168,9 @@ class GuardMiddleware:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         rid = headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex[:16]
         rid_token = request_id.set(rid)
+        # The 500 handler runs outside this middleware (Starlette's outermost layer), after the
+        # context variable is reset: the scope carries the id to it.
+        scope[SCOPE_REQUEST_ID] = rid
         started = time.perf_counter()
         status_holder = {"status": 500}
 
@@ -362,9 +381,9 @@ def create_app(
             def run_warm_up() -> None:
                 try:
                     warm_up(readiness)
-                except Exception as exc:  # readiness reports it; the process stays up for /healthz
+                except Exception:  # readiness reports it; the process stays up for /healthz
                     logger.exception("warm-up failed")
-                    readiness.set_failed(f"warm-up failed: {exc}")
+                    readiness.set_failed("warm-up failed; the service log has the cause")
                     return
                 # What warm-up loaded (models, index snapshots: ~500k objects) lives as long as the
                 # process; without this every full collection walks it, and one such pass
@@ -391,10 +410,10 @@ def create_app(
     @app.get("/readyz", include_in_schema=False)
     def readyz() -> JSONResponse:
         status = 200 if readiness.ready else 503
-        return JSONResponse(
-            {"ready": readiness.ready, "reason": readiness.reason, **readiness.details},
-            status_code=status,
-        )
+        code = "ready" if readiness.ready else ErrorCode.unavailable.value
+        details = {k: _public(v) for k, v in readiness.details.items()}
+        body = {"ready": readiness.ready, "code": code, "reason": public_message(readiness.reason)}
+        return JSONResponse({**body, **details}, status_code=status)
 
     @app.get("/metrics", include_in_schema=False)
     def prometheus_metrics() -> Response:
@@ -402,18 +421,49 @@ def create_app(
 
     auth = Depends(api_key_dependency(settings))
     for router in routers:
-        app.include_router(router, dependencies=[auth])
+        app.include_router(router, dependencies=[auth], responses=error_responses(*COMMON_ERRORS))
 
     _install_error_handlers(app)
     app.add_middleware(GuardMiddleware, service=service, settings=settings, metrics=metrics)
     return app
 
 
+def _public(value: Any) -> Any:
+    """A readiness detail as callers may see it (paths replaced, see ``public_message``)."""
+    if isinstance(value, str):
+        return public_message(value)
+    if isinstance(value, list):
+        return [_public(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _public(v) for k, v in value.items()}
+    return value
+
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def _allowed_methods(app: FastAPI, scope: Scope) -> list[str]:
+    """Every method some route serves at this path. Starlette's own ``Allow`` names only the
+    first route that matched the path, and one path is often served by several routes; asking
+    each top-level route (included routers delegate) keeps this off the routers' internals."""
+    return [
+        method
+        for method in _METHODS
+        if any(
+            route.matches({**scope, "method": method})[0] is Match.FULL
+            for route in app.router.routes
+        )
+    ]
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(LodestarError)
     async def lodestar_error(_: Request, exc: LodestarError) -> JSONResponse:
         headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s else None
-        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+        body = exc.body()
+        if body["error"]["message"] != exc.message:  # the log keeps what the caller may not see
+            logger.info("error message redacted", extra={"fields": {"message": exc.message}})
+        return JSONResponse(body, status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -429,20 +479,25 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error.body(), status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: ErrorCode.not_found, 405: ErrorCode.validation}.get(exc.status_code)
-        if code is None:
-            code = next(
-                (c for c, s in HTTP_STATUS.items() if s == exc.status_code), ErrorCode.internal
-            )
-        error = LodestarError(code, str(exc.detail))
-        return JSONResponse(error.body(), status_code=exc.status_code)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = next((c for c, s in HTTP_STATUS.items() if s == exc.status_code), ErrorCode.internal)
+        headers = dict(exc.headers or {})
+        message = str(exc.detail)
+        if exc.status_code == 405:
+            allowed = _allowed_methods(request.app, request.scope) or headers.get("Allow", "")
+            allow = allowed if isinstance(allowed, str) else ", ".join(allowed)
+            headers["Allow"] = allow
+            message = f"{request.method} is not allowed here; allowed: {allow}"
+        error = LodestarError(code, message)
+        return JSONResponse(error.body(), status_code=exc.status_code, headers=headers or None)
 
     @app.exception_handler(Exception)
-    async def unexpected_error(_: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unhandled error", exc_info=exc)
-        error = LodestarError(ErrorCode.internal, "internal error; see the service log")
-        return JSONResponse(error.body(), status_code=500)
+    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        rid = str(request.scope.get(SCOPE_REQUEST_ID, "-"))
+        logger.exception("unhandled error", exc_info=exc, extra={"fields": {"request_id": rid}})
+        message = f"internal error; the service log has it under request id {rid}"
+        error = LodestarError(ErrorCode.internal, message)
+        return JSONResponse(error.body(), status_code=500, headers={"X-Request-ID": rid})
 
 
 def get_readiness(request: Request) -> Readiness:

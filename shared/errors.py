@@ -2,15 +2,23 @@
 
 Each code has one fixed HTTP status, so clients can branch on ``error.code`` and never parse text.
 The body is always ``{"error": {"code", "message", "field"?}}``; never a stack trace.
-DESIGN.md's set is extended by three codes a real service needs: ``unauthorized`` (API keys),
-``timeout`` (the per-request deadline) and ``internal`` (a bug: logged with its trace, answered
-without it).
+DESIGN.md's set is extended by the codes a real service needs: ``unauthorized`` (API keys),
+``timeout`` (the per-request deadline), ``method_not_allowed`` (405, with ``Allow``) and
+``internal`` (a bug: logged with its trace, answered without it).
+
+Messages are for people and never say where files live: :func:`public_message` replaces
+absolute filesystem paths before a message leaves the process (the log keeps the original).
 """
 
 from __future__ import annotations
 
+import os
+import re
 from enum import StrEnum
+from functools import cache
 from typing import Any
+
+from pydantic import BaseModel
 
 
 class ErrorCode(StrEnum):
@@ -23,6 +31,7 @@ class ErrorCode(StrEnum):
     unavailable = "unavailable"
     dependency_failed = "dependency_failed"
     unauthorized = "unauthorized"
+    method_not_allowed = "method_not_allowed"
     timeout = "timeout"
     internal = "internal"
 
@@ -37,6 +46,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.unavailable: 503,
     ErrorCode.dependency_failed: 424,
     ErrorCode.unauthorized: 401,
+    ErrorCode.method_not_allowed: 405,
     ErrorCode.timeout: 504,
     ErrorCode.internal: 500,
 }
@@ -64,7 +74,7 @@ class LodestarError(Exception):
         return HTTP_STATUS[self.code]
 
     def body(self) -> dict[str, Any]:
-        error: dict[str, Any] = {"code": self.code.value, "message": self.message}
+        error: dict[str, Any] = {"code": self.code.value, "message": public_message(self.message)}
         if self.field is not None:
             error["field"] = self.field
         return {"error": error}
@@ -76,3 +86,74 @@ def not_found(what: str, name: str, *, field: str | None = None) -> LodestarErro
 
 def invalid(message: str, *, field: str | None = None) -> LodestarError:
     return LodestarError(ErrorCode.validation, message, field=field)
+
+
+# --- what a message may say --------------------------------------------------------------------
+
+
+@cache
+def _path_pattern() -> re.Pattern[str]:
+    """Absolute paths that start at a directory of this machine's filesystem root.
+
+    Anchoring on the real top-level directories (``/home``, ``/tmp``, ``/work``, ...) tells a
+    file path from a route a message names on purpose (``POST /collections/{name}/...``).
+    """
+    try:
+        roots = sorted(e.name for e in os.scandir("/") if e.is_dir(follow_symlinks=False))
+    except OSError:
+        roots = []
+    names = "|".join(re.escape(name) for name in roots) or r"(?!)"
+    return re.compile(rf"(?<![\w/.~-])/(?:{names})(?:/[^\s'\"`,;:()\[\]{{}}]*)?")
+
+
+def public_message(message: str) -> str:
+    """``message`` with absolute filesystem paths replaced by ``<path>``."""
+    return _path_pattern().sub("<path>", message)
+
+
+# --- the error schema, for OpenAPI -------------------------------------------------------------
+
+
+class ErrorDetail(BaseModel):
+    code: ErrorCode
+    """One of the closed set; each code always comes with the same HTTP status."""
+    message: str
+    """For people: what went wrong and what to change. No paths, no exception text."""
+    field: str | None = None
+    """The request field at fault (dotted), when there is one."""
+
+
+class ErrorBody(BaseModel):
+    """Every error a Lodestar service answers with."""
+
+    error: ErrorDetail
+
+
+_DESCRIPTIONS: dict[ErrorCode, str] = {
+    ErrorCode.validation: "The request breaks the schema or a rule of this endpoint",
+    ErrorCode.empty: "A required text is empty",
+    ErrorCode.too_large: "The body or a list in it is over its limit",
+    ErrorCode.overloaded: "At the concurrency limit; retry after Retry-After seconds",
+    ErrorCode.not_found: "The named resource does not exist",
+    ErrorCode.conflict: "The request conflicts with the resource's state",
+    ErrorCode.unavailable: "A model, index or broker is not loaded or reachable yet",
+    ErrorCode.dependency_failed: "A downstream service failed",
+    ErrorCode.unauthorized: "Missing or invalid API key",
+    ErrorCode.method_not_allowed: "The path exists; the method does not (see Allow)",
+    ErrorCode.timeout: "The request ran past its deadline",
+    ErrorCode.internal: "A bug; the service log has it under the request id",
+}
+
+
+def error_responses(*codes: ErrorCode) -> dict[int | str, dict[str, Any]]:
+    """A FastAPI ``responses=`` mapping documenting ``codes`` with the error schema."""
+    by_status: dict[int, list[ErrorCode]] = {}
+    for code in codes:
+        by_status.setdefault(HTTP_STATUS[code], []).append(code)
+    return {
+        status: {
+            "model": ErrorBody,
+            "description": "; ".join(f"`{c.value}`: {_DESCRIPTIONS[c]}" for c in group),
+        }
+        for status, group in sorted(by_status.items())
+    }

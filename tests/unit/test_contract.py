@@ -1,0 +1,107 @@
+"""The error contract every service shares (#18 items 1 and 4): 405 with ``Allow`` and its own
+code, error bodies and ``/readyz`` without paths or exception text, every route documenting the
+statuses it can answer with the error schema."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi import APIRouter
+from fastapi.testclient import TestClient
+
+from shared.app import create_app
+from shared.errors import ErrorCode, LodestarError, public_message
+from tests.conftest import make_settings
+
+
+def build(tmp_path: Path, **ready: Any) -> TestClient:
+    router = APIRouter()
+
+    @router.get("/things/{name}")
+    async def get_thing(name: str) -> dict[str, str]:
+        return {"name": name}
+
+    @router.delete("/things/{name}")
+    async def delete_thing(name: str) -> dict[str, str]:
+        return {"deleted": name}
+
+    @router.get("/read")
+    async def read() -> dict[str, str]:
+        # A file error an engine forgot to map: the handler must not echo its text.
+        return {"text": (tmp_path / "no" / "such.json").read_text()}
+
+    @router.get("/engine-error")
+    async def engine_error() -> None:
+        raise LodestarError(ErrorCode.not_found, f"no manifest at {tmp_path}/index/wiki/CURRENT")
+
+    def warm_up(readiness: Any) -> None:
+        readiness.set_ready(**ready)
+
+    return TestClient(create_app("demo", make_settings(tmp_path), [router], warm_up=warm_up))
+
+
+def test_405_names_every_allowed_method_and_has_its_own_code(tmp_path: Path) -> None:
+    with build(tmp_path) as client:
+        response = client.put("/things/a", json={})
+        assert response.status_code == 405
+        assert response.json()["error"]["code"] == "method_not_allowed"
+        # GET and DELETE are separate routes on one path: Allow must name both.
+        allowed = {m.strip() for m in response.headers["allow"].split(",")}
+        assert {"GET", "DELETE"} <= allowed and "PUT" not in allowed
+        assert client.get("/things/a").status_code == 200
+
+
+def test_unknown_path_is_404_not_405(tmp_path: Path) -> None:
+    with build(tmp_path) as client:
+        response = client.put("/nothing/here")
+        assert response.status_code == 404 and "allow" not in response.headers
+        assert response.json()["error"]["code"] == "not_found"
+
+
+def test_a_file_error_returns_no_path_and_no_exception_text(tmp_path: Path) -> None:
+    with TestClient(build(tmp_path).app, raise_server_exceptions=False) as client:
+        response = client.get("/read")
+        assert response.status_code == 500
+        error = response.json()["error"]
+        assert error["code"] == "internal"
+        assert "/" not in error["message"] and "FileNotFoundError" not in response.text
+        assert response.headers["x-request-id"] in error["message"]
+
+
+def test_engine_messages_lose_their_paths(tmp_path: Path) -> None:
+    with build(tmp_path) as client:
+        error = client.get("/engine-error").json()["error"]
+        assert error["code"] == "not_found"
+        assert str(tmp_path) not in error["message"] and "<path>" in error["message"]
+
+
+def test_readyz_has_a_code_and_no_paths(tmp_path: Path) -> None:
+    with build(tmp_path, index_dir=str(tmp_path / "index"), collections=["wiki"]) as client:
+        body = client.get("/readyz").json()
+        assert body["ready"] is True and body["code"] == "ready"
+        assert str(tmp_path) not in str(body) and body["collections"] == ["wiki"]
+
+
+@pytest.mark.parametrize(
+    "message,expected",
+    [
+        ("see POST /collections/wiki/dsi/index", "see POST /collections/wiki/dsi/index"),
+        ("file /tmp/x/y.json is corrupt", "file <path> is corrupt"),
+        ("'/usr/lib/python3/site.py', line 3", "'<path>', line 3"),
+        ("http://index:8001/tmp/search failed", "http://index:8001/tmp/search failed"),
+    ],
+)
+def test_public_message_keeps_routes_and_urls(message: str, expected: str) -> None:
+    assert public_message(message) == expected
+
+
+def test_every_route_documents_the_error_schema(tmp_path: Path) -> None:
+    schema = build(tmp_path).app.openapi()
+    operation = schema["paths"]["/things/{name}"]["get"]
+    for status in ("401", "413", "422", "429", "500", "503", "504"):
+        content = operation["responses"][status]["content"]["application/json"]["schema"]
+        assert content == {"$ref": "#/components/schemas/ErrorBody"}, status
+    codes = schema["components"]["schemas"]["ErrorCode"]["enum"]
+    assert "method_not_allowed" in codes and "HTTPValidationError" not in str(operation)

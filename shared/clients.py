@@ -30,6 +30,7 @@ from shared.schemas import (
     EmbedResponse,
     IndexSearchRequest,
     IndexSearchResponse,
+    QueryText,
     WriteResponse,
 )
 from shared.settings import Settings
@@ -194,6 +195,10 @@ class RetrieverClient(ServiceClient):
 
 #: Methods the reranker service serves (``cross-encoder`` answers 503 until one is published).
 RERANK_METHODS = ("icr", "rankgpt", "cosine", "cross-encoder")
+#: Stated in the OpenAPI document (the setting's default); the reranker enforces the setting (413).
+RERANK_MAX_DOCUMENTS_DEFAULT: int = Settings.model_fields["rerank_max_documents"].default
+#: The critic's context is everything retrieved over several rounds: more than one query's worth.
+JUDGE_MAX_CONTEXT_CHARS = 200_000
 
 
 class RerankDocumentIn(BaseModel):
@@ -222,8 +227,10 @@ class RerankOptions(BaseModel):
 
 
 class RerankRequest(BaseModel):
-    query: str
-    documents: list[RerankDocumentIn] = Field(min_length=1)
+    query: QueryText
+    documents: list[RerankDocumentIn] = Field(
+        min_length=1, json_schema_extra={"maxItems": RERANK_MAX_DOCUMENTS_DEFAULT}
+    )
     method: Literal["icr", "rankgpt", "cosine", "cross-encoder"] = "icr"
     options: RerankOptions = Field(default_factory=lambda: RerankOptions())
 
@@ -268,8 +275,8 @@ class RerankerClient(ServiceClient):
 class JudgeRequest(BaseModel):
     """One round of a multi-round answer, as the SIM-RAG critic reads it."""
 
-    question: str
-    context: str = ""
+    question: QueryText
+    context: str = Field(default="", json_schema_extra={"maxLength": JUDGE_MAX_CONTEXT_CHARS})
     """Everything retrieved so far, as the reasoner saw it (queries and documents)."""
     answer: str
     rationale: str = ""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -12,10 +12,25 @@ from shared.ids import COLLECTION_NAME_PATTERN as COLLECTION_NAME_PATTERN
 from shared.ids import DOC_ID_MAX_CHARS as DOC_ID_MAX_CHARS
 from shared.ids import CollectionName, DocId
 from shared.ids import is_valid_collection_name as is_valid_collection_name
+from shared.settings import Settings
 
 #: Bounds of the index's optional query overrides (a dense vector, weighted BM25 terms).
 QUERY_VECTOR_MAX_DIM = 4096
 BM25_TERMS_MAX = 256
+
+# The text and k limits are settings, checked by ``shared.app.check_text``/``check_k`` so that an
+# empty text stays a 400 ``empty`` (DESIGN.md) rather than a schema 422. The OpenAPI document
+# still states them (with the settings' defaults), so a generated client knows the rule.
+MAX_QUERY_CHARS_DEFAULT: int = Settings.model_fields["max_query_chars"].default
+MAX_K_DEFAULT: int = Settings.model_fields["max_k"].default
+QueryText = Annotated[
+    str,
+    Field(
+        json_schema_extra={"pattern": r"\S", "maxLength": MAX_QUERY_CHARS_DEFAULT},
+        description="Text with at least one non-space character (else 400 `empty`)",
+    ),
+]
+ResultCount = Annotated[int, Field(json_schema_extra={"minimum": 1, "maximum": MAX_K_DEFAULT})]
 
 
 class Document(BaseModel):
@@ -66,8 +81,8 @@ class QAExample(BaseModel):
 
 class IndexSearchRequest(BaseModel):
     collection: CollectionName = "wiki"
-    query: str
-    k: int = 10
+    query: QueryText
+    k: ResultCount = 10
     retrievers: list[str] = Field(default_factory=lambda: ["dense", "bm25"], min_length=1)
     """``dense`` (the collection's ANN + exact re-scoring, or flat), ``dense_exact`` (brute
     force, for comparisons) and ``bm25``."""

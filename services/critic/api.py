@@ -9,8 +9,8 @@ from fastapi.concurrency import run_in_threadpool
 
 from services.critic.engine import CriticEngine
 from shared.app import check_text, from_state, require_ready
-from shared.clients import JudgeRequest, JudgeResponse
-from shared.errors import ErrorCode, LodestarError
+from shared.clients import JUDGE_MAX_CONTEXT_CHARS, JudgeRequest, JudgeResponse
+from shared.errors import ErrorCode, LodestarError, error_responses
 from shared.settings import Settings
 
 EngineDep = Annotated[CriticEngine, Depends(from_state("engine"))]
@@ -18,17 +18,16 @@ SettingsDep = Annotated[Settings, Depends(from_state("settings"))]
 
 router = APIRouter(dependencies=[Depends(require_ready)])
 
-#: The context is everything retrieved over several rounds: allow more than one query's worth.
-MAX_CONTEXT_CHARS = 200_000
 
-
-@router.post("/judge", response_model=JudgeResponse)
+@router.post("/judge", response_model=JudgeResponse, responses=error_responses(ErrorCode.empty))
 async def judge(body: JudgeRequest, engine: EngineDep, settings: SettingsDep) -> JudgeResponse:
     """Accept or reject one round's answer. 503 ``unavailable`` until a critic is trained."""
     question = check_text(body.question, "question", settings)
-    if len(body.context) > MAX_CONTEXT_CHARS:
+    if len(body.context) > JUDGE_MAX_CONTEXT_CHARS:
         raise LodestarError(
-            ErrorCode.too_large, f"context over {MAX_CONTEXT_CHARS} characters", field="context"
+            ErrorCode.too_large,
+            f"context over {JUDGE_MAX_CONTEXT_CHARS} characters",
+            field="context",
         )
     verdict = await run_in_threadpool(
         engine.judge, question, body.context, body.answer, body.rationale

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from services.generator.engine import BatchingEngine, Delta, Done, Event, Job, SamplingParams
 from shared.app import from_state, request_deadline, require_ready
-from shared.errors import ErrorCode, LodestarError
+from shared.errors import ErrorCode, LodestarError, error_responses
 from shared.settings import Settings
 
 EngineDep = Annotated[BatchingEngine, Depends(from_state("engine"))]
@@ -162,7 +162,11 @@ async def list_models(engine: EngineDep) -> dict[str, Any]:
     }
 
 
-@router.post("/chat/completions", response_model=None)
+@router.post(
+    "/chat/completions",
+    response_model=None,
+    responses=error_responses(ErrorCode.not_found),
+)
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, engine: EngineDep, settings: SettingsDep
 ) -> dict[str, Any] | StreamingResponse:

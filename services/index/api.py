@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal, get_args
 
 from fastapi import APIRouter, Depends
 from fastapi.concurrency import run_in_threadpool
@@ -17,6 +17,7 @@ from services.index.engine import (
     search_response,
 )
 from shared.app import check_k, check_text, from_state, require_ready
+from shared.errors import ErrorCode, error_responses
 from shared.ids import CollectionPath, DocId, DocIdPath
 from shared.schemas import (
     CollectionInfo,
@@ -34,6 +35,22 @@ EngineDep = Annotated[IndexEngine, Depends(from_state("engine"))]
 SettingsDep = Annotated[Settings, Depends(from_state("settings"))]
 
 router = APIRouter(dependencies=[Depends(require_ready)])
+
+IndexRetriever = Literal["dense", "dense_exact", "bm25"]
+assert set(get_args(IndexRetriever)) == set(RETRIEVERS)  # the schema names what the engine serves
+
+
+def _default_retrievers() -> list[IndexRetriever]:
+    return ["dense", "bm25"]
+
+
+class SearchRequest(IndexSearchRequest):
+    """``IndexSearchRequest`` with the retrievers this service serves as an enum (the shared
+    model also carries ``fm`` and ``dsi`` requests to their services)."""
+
+    retrievers: list[IndexRetriever] = Field(  # type: ignore[assignment]
+        default_factory=_default_retrievers, min_length=1
+    )
 
 
 def _info(snapshot: Snapshot) -> CollectionInfo:
@@ -60,9 +77,13 @@ def _write_response(result: WriteResult) -> WriteResponse:
     )
 
 
-@router.post("/search", response_model=IndexSearchResponse)
+@router.post(
+    "/search",
+    response_model=IndexSearchResponse,
+    responses=error_responses(ErrorCode.empty, ErrorCode.not_found),
+)
 async def search(
-    body: IndexSearchRequest, engine: EngineDep, settings: SettingsDep
+    body: SearchRequest, engine: EngineDep, settings: SettingsDep
 ) -> IndexSearchResponse:
     query = check_text(body.query, "query", settings)
     check_k(body.k, settings)
@@ -80,7 +101,7 @@ async def search(
     return search_response(snapshot, results, timings)
 
 
-@router.post("/embed", response_model=EmbedResponse)
+@router.post("/embed", response_model=EmbedResponse, responses=error_responses(ErrorCode.empty))
 async def embed(body: EmbedRequest, engine: EngineDep, settings: SettingsDep) -> EmbedResponse:
     """The embedder's vectors for a query and passages, so a caller can move a dense query
     (Rocchio relevance feedback) and search with ``query_vector``."""
@@ -94,7 +115,11 @@ async def list_collections(engine: EngineDep) -> list[CollectionInfo]:
     return [_info(await run_in_threadpool(engine.snapshot, name)) for name in engine.names()]
 
 
-@router.get("/collections/{name}", response_model=CollectionInfo)
+@router.get(
+    "/collections/{name}",
+    response_model=CollectionInfo,
+    responses=error_responses(ErrorCode.not_found),
+)
 async def get_collection(name: CollectionPath, engine: EngineDep) -> CollectionInfo:
     return _info(await run_in_threadpool(engine.snapshot, name))
 
@@ -108,7 +133,11 @@ async def upsert_documents(
     return _write_response(result)
 
 
-@router.delete("/collections/{name}/documents/{doc_id:path}", response_model=WriteResponse)
+@router.delete(
+    "/collections/{name}/documents/{doc_id:path}",
+    response_model=WriteResponse,
+    responses=error_responses(ErrorCode.not_found),
+)
 async def delete_document(
     name: CollectionPath, doc_id: DocIdPath, engine: EngineDep
 ) -> WriteResponse:
@@ -120,7 +149,11 @@ class LookupRequest(BaseModel):
     ids: list[DocId] = Field(min_length=1)
 
 
-@router.post("/collections/{name}/documents/lookup", response_model=list[Document])
+@router.post(
+    "/collections/{name}/documents/lookup",
+    response_model=list[Document],
+    responses=error_responses(ErrorCode.not_found),
+)
 async def lookup_documents(
     name: CollectionPath, body: LookupRequest, engine: EngineDep, settings: SettingsDep
 ) -> list[Document]:

@@ -10,7 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 from services.reranker.engine import RerankDocument, RerankerEngine, rerank_response
 from shared.app import check_text, from_state, require_ready
 from shared.clients import RerankRequest, RerankResponse
-from shared.errors import ErrorCode, LodestarError, invalid
+from shared.errors import ErrorCode, LodestarError, error_responses, invalid
 from shared.settings import Settings
 
 EngineDep = Annotated[RerankerEngine, Depends(from_state("engine"))]
@@ -19,7 +19,7 @@ SettingsDep = Annotated[Settings, Depends(from_state("settings"))]
 router = APIRouter(dependencies=[Depends(require_ready)])
 
 
-@router.post("/rerank", response_model=RerankResponse)
+@router.post("/rerank", response_model=RerankResponse, responses=error_responses(ErrorCode.empty))
 async def rerank(body: RerankRequest, engine: EngineDep, settings: SettingsDep) -> RerankResponse:
     query = check_text(body.query, "query", settings)
     if len(body.documents) > settings.rerank_max_documents:

@@ -22,7 +22,7 @@ from services.rewriter.engine import (
 )
 from services.rewriter.jobs import incoming_dir
 from shared.app import check_text, from_state, require_ready
-from shared.errors import ErrorCode, LodestarError
+from shared.errors import ErrorCode, LodestarError, error_responses
 from shared.ids import DocId, stage_jsonl
 from shared.jobs import TASK_REWRITE_BATCH, QueueChoice, job_status, route_queue
 from shared.settings import Settings
@@ -108,7 +108,7 @@ def _check_document(document: DocumentIn) -> None:
         )
 
 
-@router.post("/rewrite", response_model=RewriteResponse)
+@router.post("/rewrite", response_model=RewriteResponse, responses=error_responses(ErrorCode.empty))
 async def rewrite(
     body: RewriteRequest, engine: EngineDep, settings: SettingsDep
 ) -> RewriteResponse:
@@ -158,7 +158,7 @@ async def cache_info(engine: EngineDep) -> dict[str, Any]:
     return {"model": engine.model_id, "llm_calls": engine.llm_calls, "caches": caches}
 
 
-@router.post("/jobs/rewrite")
+@router.post("/jobs/rewrite", status_code=202)
 async def rewrite_job(
     body: RewriteJobRequest, settings: SettingsDep, celery: CeleryDep
 ) -> JSONResponse:
@@ -202,7 +202,7 @@ async def rewrite_job(
     )
 
 
-@router.get("/jobs/{job_id}")
+@router.get("/jobs/{job_id}", responses=error_responses(ErrorCode.not_found))
 async def get_job(job_id: str, celery: CeleryDep) -> dict[str, Any]:
     status: dict[str, Any] = await run_in_threadpool(job_status, celery, job_id)
     return status

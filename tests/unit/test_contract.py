@@ -105,3 +105,46 @@ def test_every_route_documents_the_error_schema(tmp_path: Path) -> None:
         assert content == {"$ref": "#/components/schemas/ErrorBody"}, status
     codes = schema["components"]["schemas"]["ErrorCode"]["enum"]
     assert "method_not_allowed" in codes and "HTTPValidationError" not in str(operation)
+
+
+# --- every service's own document --------------------------------------------------------------
+
+SERVICE_ROUTERS = {
+    "index": ["services.index.api"],
+    "fmindex": ["services.fmindex.api"],
+    "dsi": ["services.dsi.api"],
+    "reranker": ["services.reranker.api"],
+    "rewriter": ["services.rewriter.api"],
+    "critic": ["services.critic.api"],
+    "generator": ["services.generator.api"],
+    "orchestrator": ["services.orchestrator.api", "services.orchestrator.feedback_api"],
+}
+
+
+@pytest.mark.parametrize("service", sorted(SERVICE_ROUTERS))
+def test_each_service_documents_its_errors_with_the_error_schema(
+    service: str, tmp_path: Path
+) -> None:
+    """Built from the services' real routers (no engines needed to render the document)."""
+    import importlib
+
+    routers = [importlib.import_module(m).router for m in SERVICE_ROUTERS[service]]
+    schema = create_app(service, make_settings(tmp_path), routers).openapi()
+    operations = [
+        (path, method, op)
+        for path, item in schema["paths"].items()
+        for method, op in item.items()
+        if method in ("get", "post", "put", "delete", "patch")
+    ]
+    assert operations
+    for path, method, op in operations:
+        responses = op["responses"]
+        for status in ("401", "413", "422", "429", "500", "503", "504"):
+            body = responses[status]["content"]["application/json"]["schema"]
+            assert body == {"$ref": "#/components/schemas/ErrorBody"}, (method, path, status)
+    assert "HTTPValidationError" not in schema.get("components", {}).get("schemas", {})
+    # Names in paths carry the one naming rule.
+    for path, _, op in operations:
+        for param in op.get("parameters", []):
+            if param["in"] == "path" and param["name"] == "name":
+                assert param["schema"]["pattern"] == "^[a-z0-9][a-z0-9_-]{0,63}$", path

@@ -148,3 +148,24 @@ def test_each_service_documents_its_errors_with_the_error_schema(
         for param in op.get("parameters", []):
             if param["in"] == "path" and param["name"] == "name":
                 assert param["schema"]["pattern"] == "^[a-z0-9][a-z0-9_-]{0,63}$", path
+
+
+@pytest.mark.parametrize(
+    "service,method,path,allowed",
+    [
+        ("critic", "PUT", "/judge", {"POST"}),
+        ("index", "POST", "/collections/wiki", {"GET"}),
+        ("orchestrator", "PATCH", "/collections/wiki/documents/d1", {"DELETE"}),
+    ],
+)
+def test_real_services_answer_405_with_allow(
+    service: str, method: str, path: str, allowed: set[str], tmp_path: Path
+) -> None:
+    import importlib
+
+    routers = [importlib.import_module(m).router for m in SERVICE_ROUTERS[service]]
+    with TestClient(create_app(service, make_settings(tmp_path), routers)) as client:
+        response = client.request(method, path)
+        assert response.status_code == 405, response.text
+        assert response.json()["error"]["code"] == "method_not_allowed"
+        assert {m.strip() for m in response.headers["allow"].split(",")} == allowed

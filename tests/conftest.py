@@ -33,6 +33,17 @@ POSTGRES_ADMIN_URL = os.environ.get(
 REDIS_URL = os.environ.get("LODESTAR_TEST_REDIS", "redis://127.0.0.1:6379/15")
 
 
+def _neighbour_db(url: str) -> str:
+    base, _, db = url.rpartition("/")
+    return f"{base}/{(int(db or 0) - 1) % 16}"
+
+
+#: The session-long ``live_stack``'s broker: a Redis db of its own. Its worker consumes ``cpu``
+#: for the whole session, so on the db the module stacks use (``REDIS_URL``) it would take their
+#: jobs and fail them against its own data directory; and their flushes would wipe its queues.
+LIVE_REDIS_URL = _neighbour_db(REDIS_URL)
+
+
 def make_settings(data_dir: Path, **overrides: object) -> Settings:
     return Settings(data_dir=data_dir, models_dir=MODELS_DIR, log_json=False, **overrides)  # type: ignore[arg-type]
 
@@ -208,7 +219,7 @@ def live_stack(built_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     """index + orchestrator + a Celery worker as real processes, Redis as the broker."""
     import redis
 
-    redis.Redis.from_url(REDIS_URL).flushdb()
+    redis.Redis.from_url(LIVE_REDIS_URL).flushdb()
     logs = tmp_path_factory.mktemp("logs")
     index_port, orchestrator_port = free_port(), free_port()
     env = stack_env(
@@ -216,7 +227,7 @@ def live_stack(built_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
         LODESTAR_INDEX_PORT=str(index_port),
         LODESTAR_ORCHESTRATOR_PORT=str(orchestrator_port),
         LODESTAR_INDEX_URL=f"http://127.0.0.1:{index_port}",
-        LODESTAR_BROKER_URL=REDIS_URL,
+        LODESTAR_BROKER_URL=LIVE_REDIS_URL,
         LODESTAR_INLINE_INGEST_MAX_DOCS="3",
         LODESTAR_ANSWER_MAX_NEW_TOKENS="24",
     )

@@ -147,21 +147,32 @@ def run_schemathesis(schema: Any) -> tuple[int, list[str]]:
     return requests, sorted(failures)
 
 
-def _check(schema: Any, service: str) -> None:
+def _check(schema: Any, service: str, known: frozenset[str] = frozenset()) -> None:
+    """No failure beyond ``known``: ``"<operation>: <check>"`` pairs listed in docs/api.md as
+    open (a ratchet: a new failure, or a known one on another operation or check, fails)."""
     requests, failures = run_schemathesis(schema)
     print(f"schemathesis {service}: {requests} requests, {len(failures)} failures")
     assert requests > 0
-    assert failures == [], "\n".join(failures)
+    new = [f for f in failures if ": ".join(f.split(": ")[:2]) not in known]
+    assert new == [], "\n".join(new)
 
 
-@pytest.mark.xfail(
-    reason="5-6 known failures (docs/api.md): DELETE /collections/{name}/documents/{doc_id:path} "
-    "also matches .../documents/lookup (Allow mismatch, undocumented status); query_vector "
-    "dimension and other cross-field rules answer 422 to schema-valid requests",
-    strict=False,
+#: The index's open findings (docs/api.md): DELETE .../documents/{doc_id:path} also matches
+#: .../documents/lookup (Allow, undocumented 400), and cross-field rules (query_vector dimension,
+#: duplicate ids) refuse schema-valid bodies. Seen 5-6 of them per run.
+INDEX_KNOWN = frozenset(
+    {
+        "POST /collections/{name}/documents/lookup: allow_header_conformance",
+        "POST /collections/{name}/documents/lookup: status_code_conformance",
+        "POST /embed: positive_data_acceptance",
+        "POST /search: positive_data_acceptance",
+        "PUT /collections/{name}/documents: positive_data_acceptance",
+    }
 )
+
+
 def test_index_contract(index_schema: Any) -> None:
-    _check(index_schema, "index")
+    _check(index_schema, "index", INDEX_KNOWN)
 
 
 def test_critic_contract(critic_schema: Any) -> None:

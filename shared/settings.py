@@ -145,6 +145,15 @@ class Settings(BaseSettings):
     embed_batch_size: int = 64
     """Passages embedded per forward pass; larger is faster until memory runs out."""
 
+    query_encoder: Literal["onnx", "onnx-int8", "torch"] = "onnx"
+    """How queries are embedded: `onnx` runs MiniLM exported once to `<models_dir>/minilm-onnx`
+    by ONNX Runtime (same vectors as fp32, ~3x cheaper per query on one thread); `torch` is
+    sentence-transformers fp32 (the reference, and the fallback if the export fails);
+    `onnx-int8` is dynamic int8, faster but not within 0.005 nDCG@10 (docs/search-performance.md)."""
+
+    query_encoder_threads: int = 1
+    """ONNX Runtime threads per query; one, because concurrent queries already use the cores."""
+
     passage_words: int = 256
     """Chunk size in whitespace words (CompactDS uses 256, title prepended)."""
 

@@ -97,11 +97,31 @@ class Settings(BaseSettings):
 
     # --- security and limits ------------------------------------------------------------------
     api_key_hashes: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    """Comma-separated SHA-256 digests of accepted API keys (`lodestar hash-key KEY`). Empty means
-    no authentication, which production refuses."""
+    """Comma-separated SHA-256 digests of accepted **admin** API keys (`lodestar hash-key KEY`):
+    every operation, writes, deletes, jobs and model updates included. Empty (and no read keys)
+    means no authentication, which production refuses. The service key's digest belongs here on
+    every service: the orchestrator writes to the index with it."""
+
+    read_api_key_hashes: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    """Comma-separated SHA-256 digests of **read-only** API keys: `/search`, `/answer`,
+    `/feedback`, `/traces` and every GET; writes, deletes and jobs answer 403 `forbidden`."""
 
     service_api_key: str | None = None
-    """The key this process presents to other Lodestar services when they require one."""
+    """The key this process presents to other Lodestar services when they require one (an admin
+    key; it is not rate-limited by the services that accept it)."""
+
+    rate_limit_per_s: Annotated[float, Field(ge=0)] = 0.0
+    """Requests per second each API key may make to one process (a token bucket); past it, 429
+    `overloaded` with Retry-After. 0 means no per-key limit. Per process: N replicas admit N
+    times as much. The concurrency limit (`max_concurrency`) applies either way."""
+
+    rate_limit_burst: Annotated[int, Field(ge=0)] = 0
+    """Requests a key may make at once before `rate_limit_per_s` paces it; 0 means
+    max(1, 2 x rate_limit_per_s). Larger absorbs bursts, smaller enforces the rate sooner."""
+
+    protect_docs: bool = False
+    """Also require a key (read-only suffices) for `/metrics`, `/docs`, `/redoc` and
+    `/openapi.json` when keys are configured; `/healthz` and `/readyz` stay open for probes."""
 
     max_body_bytes: int = 8 * 1024 * 1024
     """Largest request body accepted (413 beyond). Bounds memory per request."""
@@ -245,14 +265,14 @@ class Settings(BaseSettings):
     shadow_weight: Annotated[float, Field(gt=0, le=1)] = 0.5
     """Training weight of shadow feedback per unit of confidence (user feedback weighs 1)."""
 
-    @field_validator("api_key_hashes", mode="before")
+    @field_validator("api_key_hashes", "read_api_key_hashes", mode="before")
     @classmethod
     def _split_hashes(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip().lower() for part in value.split(",") if part.strip()]
         return value
 
-    @field_validator("api_key_hashes")
+    @field_validator("api_key_hashes", "read_api_key_hashes")
     @classmethod
     def _hashes_are_sha256(cls, value: list[str]) -> list[str]:
         for digest in value:
@@ -268,6 +288,15 @@ class Settings(BaseSettings):
             raise ValueError(
                 "LODESTAR_ENV=production requires LODESTAR_API_KEY_HASHES: "
                 "refusing to serve without authentication"
+            )
+        if (
+            self.env == "production"
+            and self.service_api_key
+            and hash_api_key(self.service_api_key) not in self.api_key_hashes
+        ):
+            raise ValueError(
+                "LODESTAR_SERVICE_API_KEY is not an admin key (its digest is not in "
+                "LODESTAR_API_KEY_HASHES): the other services would refuse this one's calls"
             )
         if self.max_k < 1 or self.max_concurrency < 1 or self.max_body_bytes < 1024:
             raise ValueError("max_k and max_concurrency must be >= 1, max_body_bytes >= 1024")

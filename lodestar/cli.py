@@ -39,8 +39,14 @@ def cmd_models_prepare(args: argparse.Namespace, settings: Settings) -> int:
 
     started = time.perf_counter()
     path = prepare_llm(settings, force=args.force)
-    get_embedder(settings).encode(["check"])
-    print(f"models ready in {time.perf_counter() - started:.1f} s: LLM at {path}; embedder loaded")
+    embedder = get_embedder(settings)
+    embedder.encode(["check"])
+    # The query path's ONNX export (shared/onnx_encoder.py), checked against its manifest.
+    backend = embedder.query_backend
+    print(
+        f"models ready in {time.perf_counter() - started:.1f} s: LLM at {path}; embedder loaded; "
+        f"query encoder {backend}"
+    )
     return 0
 
 

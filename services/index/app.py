@@ -14,10 +14,13 @@ def build_app(settings: Settings) -> FastAPI:
     engine = IndexEngine.from_settings(settings)
 
     def warm_up(readiness: Readiness) -> None:
+        # Start-up pays for what requests would otherwise pay once: the ONNX export (first
+        # start only, cached on disk), both encoders' lazy initialisation, the snapshots.
         engine.embedder.encode(["warm up"])
+        engine.embedder.encode_queries(["warm up"])
         for name in engine.names():
             engine.snapshot(name)
-        readiness.set_ready(collections=engine.names())
+        readiness.set_ready(collections=engine.names(), query_encoder=engine.embedder.query_backend)
 
     app = create_app("index", settings, [router], warm_up=warm_up)
     app.state.engine = engine

@@ -3,7 +3,8 @@
 It gives each service ``/healthz`` (process alive), ``/readyz`` (models and indexes loaded),
 ``/metrics`` (Prometheus), the closed error model of ``shared.errors``, a body-size limit, a
 concurrency limit that answers 429 at once, a per-request deadline (propagated to downstream calls
-through ``X-Lodestar-Deadline``), optional API-key auth, timing headers and structured logs.
+through ``X-Lodestar-Deadline``), optional API keys with read/admin roles and per-key rate limits
+(``shared.auth``), timing headers and structured logs.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import gc
-import hmac
 import json
 import logging
 import sys
@@ -37,8 +37,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from shared.errors import HTTP_STATUS, ErrorCode, LodestarError, error_responses, public_message
-from shared.settings import Settings, hash_api_key
+from shared.auth import Authorizer, KeyRing, Role, current_principal, required_role
+from shared.errors import (
+    ERROR_DESCRIPTIONS,
+    HTTP_STATUS,
+    ErrorCode,
+    LodestarError,
+    error_responses,
+    public_message,
+)
+from shared.settings import Settings
 
 DEADLINE_HEADER = "x-lodestar-deadline"
 REQUEST_ID_HEADER = "x-request-id"
@@ -152,12 +160,19 @@ class GuardMiddleware:
     """
 
     def __init__(
-        self, app: ASGIApp, *, service: str, settings: Settings, metrics: _Metrics
+        self,
+        app: ASGIApp,
+        *,
+        service: str,
+        settings: Settings,
+        metrics: _Metrics,
+        authorizer: Authorizer | None = None,
     ) -> None:
         self.app = app
         self.service = service
         self.settings = settings
         self.metrics = metrics
+        self.authorizer = authorizer or Authorizer(settings)
         self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -168,6 +183,8 @@ class GuardMiddleware:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         rid = headers.get(REQUEST_ID_HEADER) or uuid.uuid4().hex[:16]
         rid_token = request_id.set(rid)
+        # The route's auth dependency sets the caller; no caller leaks into the next request.
+        principal_token = current_principal.set(None)
         # The 500 handler runs outside this middleware (Starlette's outermost layer), after the
         # context variable is reset: the scope carries the id to it.
         scope[SCOPE_REQUEST_ID] = rid
@@ -187,6 +204,12 @@ class GuardMiddleware:
             await send(message)
 
         try:
+            if self.authorizer.guards_path(path):  # /metrics and /docs, when protect_docs is on
+                try:
+                    self.authorizer.keys.identify(headers)
+                except LodestarError as exc:
+                    await _send_error(send_with_headers, exc)
+                    return
             if path in UNGUARDED_PATHS:
                 await self.app(scope, receive, send_with_headers)
                 return
@@ -223,6 +246,7 @@ class GuardMiddleware:
                     }
                 },
             )
+            current_principal.reset(principal_token)
             request_id.reset(rid_token)
 
     async def _guarded(
@@ -330,28 +354,58 @@ class _Metrics:
 
 
 def api_key_dependency(settings: Settings) -> Callable[[Request], None]:
-    accepted = [bytes.fromhex(h) for h in settings.api_key_hashes]
+    """Authentication alone (any role): a check for routes outside ``create_app``'s routers
+    (the debug pages, which accept a read key). The routers get :func:`authorize_dependency`."""
+    keys = KeyRing(settings)
 
     def check_api_key(request: Request) -> None:
-        if not accepted:
-            return
-        header = request.headers.get("authorization", "")
-        key = (
-            header[7:]
-            if header.lower().startswith("bearer ")
-            else request.headers.get("x-api-key", "")
-        )
-        if not key:
-            raise LodestarError(ErrorCode.unauthorized, "missing API key (Authorization: Bearer …)")
-        digest = bytes.fromhex(hash_api_key(key))
-        # Compare against every stored digest without short-circuiting (constant time).
-        matched = False
-        for candidate in accepted:
-            matched |= hmac.compare_digest(digest, candidate)
-        if not matched:
-            raise LodestarError(ErrorCode.unauthorized, "invalid API key")
+        keys.identify(request.headers)
 
     return check_api_key
+
+
+def authorize_dependency(authorizer: Authorizer) -> Callable[[Request], Awaitable[None]]:
+    """The dependency on every router ``create_app`` includes: the key, its role for this
+    route (``shared.auth.required_role``), its rate limit. Async, so the caller it records is
+    seen by the handler (a sync dependency would run in a worker thread's context)."""
+
+    async def authorize(request: Request) -> None:
+        route = request.scope.get("route")
+        route_path = getattr(route, "path", request.url.path)
+        principal = authorizer.authorize(request.headers, request.method, route_path)
+        if principal is not None:
+            request.state.principal = principal
+            current_principal.set(principal)
+
+    return authorize
+
+
+def _document_roles(app: FastAPI) -> None:
+    """State each operation's role in the OpenAPI document (``x-lodestar-role``) and document 403
+    ``forbidden`` where a read key is refused. Done on the generated document (path templates
+    as published), so it holds however the routers were included."""
+    generate = app.openapi
+    forbidden = {
+        "description": f"`forbidden`: {ERROR_DESCRIPTIONS[ErrorCode.forbidden]}",
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+    }
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = generate()
+        for path, operations in schema.get("paths", {}).items():
+            for method, operation in operations.items():
+                if method.upper() not in _METHODS or not isinstance(operation, dict):
+                    continue
+                role = required_role(method, path)
+                operation["x-lodestar-role"] = role.value
+                responses = operation.setdefault("responses", {})
+                if role is Role.admin and "401" in responses:
+                    responses.setdefault(str(HTTP_STATUS[ErrorCode.forbidden]), forbidden)
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 # --- the factory -------------------------------------------------------------------------------
@@ -419,12 +473,20 @@ def create_app(
     def prometheus_metrics() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    auth = Depends(api_key_dependency(settings))
+    authorizer = Authorizer(settings)
+    auth = Depends(authorize_dependency(authorizer))
     for router in routers:
         app.include_router(router, dependencies=[auth], responses=error_responses(*COMMON_ERRORS))
+    _document_roles(app)
 
     _install_error_handlers(app)
-    app.add_middleware(GuardMiddleware, service=service, settings=settings, metrics=metrics)
+    app.add_middleware(
+        GuardMiddleware,
+        service=service,
+        settings=settings,
+        metrics=metrics,
+        authorizer=authorizer,
+    )
     return app
 
 

@@ -3,6 +3,7 @@
 Each code has one fixed HTTP status, so clients can branch on ``error.code`` and never parse text.
 The body is always ``{"error": {"code", "message", "field"?}}``; never a stack trace.
 DESIGN.md's set is extended by the codes a real service needs: ``unauthorized`` (API keys),
+``forbidden`` (a read-only key on an admin operation),
 ``timeout`` (the per-request deadline), ``method_not_allowed`` (405, with ``Allow``) and
 ``internal`` (a bug: logged with its trace, answered without it).
 
@@ -31,6 +32,7 @@ class ErrorCode(StrEnum):
     unavailable = "unavailable"
     dependency_failed = "dependency_failed"
     unauthorized = "unauthorized"
+    forbidden = "forbidden"
     method_not_allowed = "method_not_allowed"
     timeout = "timeout"
     internal = "internal"
@@ -46,6 +48,7 @@ HTTP_STATUS: dict[ErrorCode, int] = {
     ErrorCode.unavailable: 503,
     ErrorCode.dependency_failed: 424,
     ErrorCode.unauthorized: 401,
+    ErrorCode.forbidden: 403,
     ErrorCode.method_not_allowed: 405,
     ErrorCode.timeout: 504,
     ErrorCode.internal: 500,
@@ -129,7 +132,7 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
-_DESCRIPTIONS: dict[ErrorCode, str] = {
+ERROR_DESCRIPTIONS: dict[ErrorCode, str] = {
     ErrorCode.validation: "The request breaks the schema or a rule of this endpoint",
     ErrorCode.empty: "A required text is empty",
     ErrorCode.too_large: "The body or a list in it is over its limit",
@@ -139,6 +142,7 @@ _DESCRIPTIONS: dict[ErrorCode, str] = {
     ErrorCode.unavailable: "A model, index or broker is not loaded or reachable yet",
     ErrorCode.dependency_failed: "A downstream service failed",
     ErrorCode.unauthorized: "Missing or invalid API key",
+    ErrorCode.forbidden: "The API key is valid but read-only; this operation needs an admin key",
     ErrorCode.method_not_allowed: "The path exists; the method does not (see Allow)",
     ErrorCode.timeout: "The request ran past its deadline",
     ErrorCode.internal: "A bug; the service log has it under the request id",
@@ -153,7 +157,7 @@ def error_responses(*codes: ErrorCode) -> dict[int | str, dict[str, Any]]:
     return {
         status: {
             "model": ErrorBody,
-            "description": "; ".join(f"`{c.value}`: {_DESCRIPTIONS[c]}" for c in group),
+            "description": "; ".join(f"`{c.value}`: {ERROR_DESCRIPTIONS[c]}" for c in group),
         }
         for status, group in sorted(by_status.items())
     }

@@ -44,6 +44,7 @@ from services.orchestrator.rounds import (
 )
 from services.orchestrator.search import INDEX_RETRIEVERS, SearchOutcome, SearchPipeline
 from shared.app import check_k, check_text, from_state, require_ready
+from shared.auth import scoped_idempotency_key
 from shared.clients import IndexClient
 from shared.errors import LodestarError, invalid
 from shared.ids import CollectionName, CollectionPath, DocId, DocIdPath, stage_jsonl, staging_dir
@@ -407,7 +408,10 @@ def _round(timings: dict[str, float]) -> dict[str, float]:
 
 @router.post("/feedback", status_code=201, response_model=FeedbackResponse)
 async def post_feedback(body: FeedbackRequest, store: StoreDep) -> FeedbackResponse:
-    item = FeedbackIn(**body.model_dump())
+    # Idempotency keys are the caller's own: scoped to its API key (shared.auth).
+    item = FeedbackIn(
+        **{**body.model_dump(), "idempotency_key": scoped_idempotency_key(body.idempotency_key)}
+    )
     feedback_id, created = await run_in_threadpool(store.add_feedback, item)
     return FeedbackResponse(feedback_id=feedback_id, created=created)
 

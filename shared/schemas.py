@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, StringConstraints, field_validator
 
 # The naming rule lives in shared.ids; re-exported here for the modules that import it from here.
 from shared.ids import COLLECTION_NAME_PATTERN as COLLECTION_NAME_PATTERN
@@ -79,6 +79,12 @@ class QAExample(BaseModel):
 # --- the index service's wire format ---------------------------------------------------------
 
 
+#: A ``bm25_terms`` key: a word (the validator also refuses one of spaces only).
+BM25Term = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+#: A ``bm25_terms`` weight: finite and positive.
+BM25Weight = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
 class IndexSearchRequest(BaseModel):
     collection: CollectionName = "wiki"
     query: QueryText
@@ -97,8 +103,11 @@ class IndexSearchRequest(BaseModel):
     )
     """A dense query vector to search with instead of embedding ``query`` (e.g. a Rocchio
     vector); dense retrievers only, of the collection's embedding dimension (checked there)."""
-    bm25_terms: dict[str, float] | None = Field(
-        default=None, min_length=1, max_length=BM25_TERMS_MAX
+    bm25_terms: dict[BM25Term, BM25Weight] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=BM25_TERMS_MAX,
+        json_schema_extra={"propertyNames": {"minLength": 1, "maxLength": 64, "pattern": r"\S"}},
     )
     """A weighted BM25 query (term -> weight > 0, e.g. RM3 expansion interpolated with the
     query) scored as sum_t weight_t * BM25(t, d) instead of ``query``; bm25 only."""

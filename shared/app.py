@@ -545,6 +545,11 @@ def _install_error_handlers(app: FastAPI) -> None:
         code = next((c for c, s in HTTP_STATUS.items() if s == exc.status_code), ErrorCode.internal)
         headers = dict(exc.headers or {})
         message = str(exc.detail)
+        if exc.status_code == 400:
+            # FastAPI's own 400 is a body it could not parse (not JSON, not UTF-8): a validation
+            # error like any other malformed request, not `empty` (our handlers raise that).
+            error = LodestarError(ErrorCode.validation, "request body could not be parsed")
+            return JSONResponse(error.body(), status_code=422)
         if exc.status_code == 405:
             allowed = _allowed_methods(request.app, request.scope) or headers.get("Allow", "")
             allow = allowed if isinstance(allowed, str) else ", ".join(allowed)

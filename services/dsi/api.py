@@ -19,11 +19,11 @@ from celery import Celery
 from fastapi import APIRouter, Depends
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, BeforeValidator, Field
 
 from services.dsi.engine import DsiEngine, StepOptions, check_collection
 from shared.app import check_k, check_text, from_state, require_ready
-from shared.errors import ErrorCode, LodestarError
+from shared.errors import ErrorCode, LodestarError, error_responses
 from shared.ids import CollectionPath, DocId
 from shared.jobs import TASK_DSI_INDEX_STEP, QueueChoice, job_status, route_queue
 from shared.schemas import Document, Hit, IndexSearchRequest, IndexSearchResponse, SourceRank
@@ -38,6 +38,19 @@ router = APIRouter(dependencies=[Depends(require_ready)])
 RETRIEVER = "dsi"
 
 
+def _not_a_bool(value: Any) -> Any:
+    """JSON Schema's integer excludes booleans (pydantic would read ``false`` as 0); ``16.0``
+    is an integer to both."""
+    if isinstance(value, bool):
+        raise ValueError("expected an integer, not a boolean")
+    return value
+
+
+NOT_BOOL = BeforeValidator(_not_a_bool)
+#: An integer option: ``true``/``false`` refused.
+Int = Annotated[int, NOT_BOOL]
+
+
 class TrainingQuery(BaseModel):
     doc_id: DocId
     query: str = Field(min_length=1, max_length=2000)
@@ -48,16 +61,16 @@ class StepOptionsIn(BaseModel):
 
     method: Literal["naive", "sam", "genmem", "genmem+sam"] = "genmem+sam"
     docid: Literal["atomic", "naive", "semantic"] = "semantic"
-    epochs: Annotated[int, Field(ge=1, le=500)] | None = None
-    first_epochs: Annotated[int, Field(ge=1, le=500)] | None = None
-    qg_epochs: Annotated[int, Field(ge=1, le=500)] | None = None
+    epochs: Annotated[int, Field(ge=1, le=500), NOT_BOOL] | None = None
+    first_epochs: Annotated[int, Field(ge=1, le=500), NOT_BOOL] | None = None
+    qg_epochs: Annotated[int, Field(ge=1, le=500), NOT_BOOL] | None = None
     query_generator: Literal["t5", "lm"] | None = None
-    demonstrations: Annotated[int, Field(ge=1, le=8)] | None = None
+    demonstrations: Annotated[int, Field(ge=1, le=8), NOT_BOOL] | None = None
     sam_rho: Annotated[float, Field(gt=0, le=1)] | None = None
-    pseudo_per_doc: Annotated[int, Field(ge=0, le=20)] | None = None
-    d_model: Annotated[int, Field(ge=16, le=1024)] | None = None
-    layers: Annotated[int, Field(ge=1, le=12)] | None = None
-    seed: int | None = None
+    pseudo_per_doc: Annotated[int, Field(ge=0, le=20), NOT_BOOL] | None = None
+    d_model: Annotated[int, Field(ge=16, le=1024, multiple_of=4), NOT_BOOL] | None = None
+    layers: Annotated[int, Field(ge=1, le=12), NOT_BOOL] | None = None
+    seed: Int | None = None
 
     def to_options(self) -> StepOptions:
         values = {k: v for k, v in self.model_dump().items() if v is not None}
@@ -78,7 +91,21 @@ class DsiIndexRequest(BaseModel):
     ``cpu``; ``gpu`` with no GPU worker is a 503 (``shared.jobs.route_queue``)."""
 
 
-@router.post("/search", response_model=IndexSearchResponse)
+class DsiJobResponse(BaseModel):
+    """A queued continual-indexing step."""
+
+    job_id: str
+    status_url: str
+    """``GET`` it for the job's state and progress."""
+    collection: str
+    queue: str
+
+
+@router.post(
+    "/search",
+    response_model=IndexSearchResponse,
+    responses=error_responses(ErrorCode.empty, ErrorCode.not_found),
+)
 async def search(
     body: IndexSearchRequest, engine: EngineDep, settings: SettingsDep
 ) -> IndexSearchResponse:
@@ -112,7 +139,7 @@ async def list_collections(engine: EngineDep) -> list[dict[str, Any]]:
     return [await get_collection(name, engine) for name in engine.names()]
 
 
-@router.get("/collections/{name}/dsi")
+@router.get("/collections/{name}/dsi", responses=error_responses(ErrorCode.not_found))
 async def get_collection(name: CollectionPath, engine: EngineDep) -> dict[str, Any]:
     family = engine.family(name)
     if family.current_version() is None:
@@ -121,7 +148,12 @@ async def get_collection(name: CollectionPath, engine: EngineDep) -> dict[str, A
     return {k: v for k, v in manifest.items() if k != "files"}
 
 
-@router.post("/collections/{name}/dsi/index")
+@router.post(
+    "/collections/{name}/dsi/index",
+    status_code=202,
+    response_model=DsiJobResponse,
+    responses=error_responses(ErrorCode.not_found),
+)
 async def index_batch(
     name: CollectionPath,
     body: DsiIndexRequest,

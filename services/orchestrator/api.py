@@ -31,6 +31,7 @@ from services.orchestrator.rerun import (
     rerun_answer,
     rerun_search,
     session_adaptation,
+    stored_subquery_edits,
     trace_doc_ids,
 )
 from services.orchestrator.rounds import (
@@ -465,13 +466,18 @@ async def rerun_trace(
             sources=body.feedback_sources,
         )
     )
+    stored_edits = (
+        stored_subquery_edits(parent, body.feedback_sources)
+        if body.apply_feedback and overrides.subqueries is None
+        else None
+    )
     trace = new_trace(
         parent,
         {
             "k": k,
             "rerun": {
                 **body.model_dump(),
-                "adaptation": adaptation.describe(),
+                "adaptation": {**adaptation.describe(), "subquery_feedback": stored_edits},
             },
         },
     )
@@ -496,6 +502,7 @@ async def rerun_trace(
         adaptation=adaptation,
         k=k,
         subquery_edits=overrides.subqueries,
+        stored_edits=stored_edits,
     )
     timings = {**rounds.timings_ms, "total": (time.perf_counter() - started) * 1000}
     response = _answer_response(trace, rounds, timings, adaptation)

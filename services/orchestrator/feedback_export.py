@@ -235,6 +235,22 @@ def _position(value: Mapping[str, Any]) -> Any:
     return value.get("position", value.get("order"))
 
 
+def as_subquery_edit(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored sub-query feedback row in the form rerun overrides take (``action``, ``sq_id``,
+    ``text``, ``order``), so stored edits and explicit ones are applied by one rule."""
+    value = row.get("value")
+    if row["action"] == "reorder":
+        order = _position(value) if isinstance(value, Mapping) else value
+    else:
+        order = _position(value) if isinstance(value, Mapping) else None
+    return {
+        "action": row["action"],
+        "sq_id": None if row["action"] == "add" else str(row["target_id"]),
+        "text": _text_value(value),
+        "order": order if isinstance(order, int) and order >= 0 else None,
+    }
+
+
 def pref_pair(
     rows: Sequence[Mapping[str, Any]],
     trace: Mapping[str, Any],

@@ -31,6 +31,7 @@ from typing import Any
 
 from services.orchestrator.adapt import AdaptationWeights, FeedbackAdaptation
 from services.orchestrator.decompose import Decomposition, SubQuery, sq_id, sq_number
+from services.orchestrator.feedback_export import as_subquery_edit
 from services.orchestrator.prompts import build_answer_messages
 from services.orchestrator.rounds import AnswerPipeline, RoundRecord, RoundsOutcome
 from services.orchestrator.search import SearchOutcome, SearchPipeline
@@ -158,13 +159,24 @@ def first_subqueries(trace: Mapping[str, Any]) -> list[SubQuery]:
 
 
 def edit_subqueries(
-    parent: Sequence[SubQuery], edits: Sequence[Mapping[str, Any]]
+    parent: Sequence[SubQuery], edits: Sequence[Mapping[str, Any]], *, strict: bool = True
 ) -> Decomposition:
     """Round 1's sub-queries after ``edits``, applied in order: ``edit`` (new ``text`` for
     ``sq_id``), ``add`` (``text`` at position ``order``, default last, with a new id after every
     id the trace used), ``delete`` (``sq_id``), ``reorder`` (``sq_id`` moved to ``order``).
-    Ids stay stable, so feedback on a kept sub-query still names it. 422 for an unknown id, an
-    empty text, or no sub-query left."""
+    Ids stay stable, so feedback on a kept sub-query still names it. ``strict`` (explicit
+    overrides): 422 for an unknown id, an empty text, a repeated text or no sub-query left.
+    Not strict (stored feedback, given over time by several hands): an edit that cannot stand
+    is skipped, and edits that would leave nothing are ignored."""
+    if not strict:
+        kept: list[Mapping[str, Any]] = []
+        for edit in edits:
+            try:
+                edit_subqueries(parent, [*kept, edit])
+            except LodestarError:
+                continue
+            kept.append(edit)
+        return edit_subqueries(parent, kept) if kept else Decomposition(list(parent))
     field_name = "overrides.subqueries"
     current = list(parent)
     next_number = max((sq_number(sq.sq_id) for sq in parent), default=0) + 1
@@ -227,6 +239,26 @@ def reuse_retrieval(parent: Mapping[str, Any]) -> Callable[[Trace, SubQuery], Se
         return SearchOutcome(hits=stage_hits(stages[-1], documents), timings_ms={})
 
     return reuse
+
+
+def stored_subquery_edits(
+    trace: Mapping[str, Any], sources: Sequence[str] = ("user",)
+) -> list[dict[str, Any]]:
+    """The sub-query feedback stored on ``trace`` itself, oldest first, as rerun edits. Only the
+    trace's own: a rerun's decomposition already carries the edits its parent was given."""
+    return [
+        as_subquery_edit(row)
+        for row in feedback_rows([trace], sources)
+        if row.get("target_type") == "subquery"
+    ]
+
+
+def was_edited(trace: Mapping[str, Any]) -> bool:
+    """Whether ``trace`` is a rerun whose round-1 sub-queries came from edits (overrides or
+    stored feedback) rather than from decomposing the question."""
+    rerun = (trace.get("request") or {}).get("rerun") or {}
+    explicit = (rerun.get("overrides") or {}).get("subqueries")
+    return bool(explicit or (rerun.get("adaptation") or {}).get("subquery_feedback"))
 
 
 def lineage(store: Store, trace: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -449,10 +481,15 @@ async def rerun_answer(
     adaptation: FeedbackAdaptation,
     k: int,
     subquery_edits: Sequence[Mapping[str, Any]] | None = None,
+    stored_edits: Sequence[Mapping[str, Any]] | None = None,
 ) -> RoundsOutcome:
     """Rerun an ``/answer`` trace into ``trace``: the loop over edited sub-queries
     (``decompose``), the loop with adapted searches (``retrieve``), or one answer over the
-    parent's documents (``generate``)."""
+    parent's documents (``generate``). ``subquery_edits`` (the request's overrides) are held
+    to :func:`edit_subqueries`' strict rule; ``stored_edits`` (feedback, ``None`` when the rerun
+    does not apply it) apply only when the request names none, and any that cannot stand are
+    skipped. Applying feedback also keeps a decomposition that earlier edits made, rather than
+    decomposing the question afresh."""
     request = parent.get("request") or {}
     question = str(request["question"])
     if from_stage in ("decompose", "retrieve"):
@@ -460,6 +497,10 @@ async def rerun_answer(
         given = None
         if subquery_edits is not None:
             given = edit_subqueries(parent_subqueries, subquery_edits)
+        elif (
+            stored_edits is not None and parent_subqueries and (stored_edits or was_edited(parent))
+        ):
+            given = edit_subqueries(parent_subqueries, stored_edits, strict=False)
         elif from_stage == "retrieve" and parent_subqueries:
             given = Decomposition(parent_subqueries)  # upstream of retrieve: copied, not redone
         # Feedback moves the query or the list, and another k another depth: search again.

@@ -304,6 +304,51 @@ def test_answer_rerun_with_edited_subqueries_searches_only_the_new_ones(stack: S
         assert refused.json()["error"]["field"] == "overrides.subqueries"
 
 
+def test_stored_subquery_feedback_acts_on_a_rerun_that_applies_feedback(stack: Stack) -> None:
+    first = post(stack, "/answer", {"question": "Who painted the Mona Lisa?", "max_rounds": 1})
+    assert first.status_code == 200, first.text
+    parent = first.json()
+    on_sq1 = {
+        "trace_id": parent["trace_id"],
+        "stage": "decompose",
+        "target_type": "subquery",
+        "target_id": "sq1",
+    }
+    added = {"action": "add", "value": {"text": "Leonardo da Vinci painter", "position": 0}}
+    # The second edit would give sq1 the added one's text: it cannot stand, so it is skipped.
+    clash = {"action": "edit", "value": {"text": "leonardo da vinci painter"}}
+    for row in (added, clash):
+        assert post(stack, "/feedback", {**on_sq1, **row}).status_code == 201
+    ignored = rerun(stack, parent["trace_id"], {"from_stage": "decompose"})
+    assert ignored.status_code == 200, ignored.text
+    (kept,) = stages(trace_of(stack, ignored.json()["trace_id"]), "decompose")
+    assert [sq["sq_id"] for sq in kept["outputs"]["subqueries"]] == ["sq1"]
+
+    searches = index_calls(stack, "/search")
+    response = rerun(stack, parent["trace_id"], {"from_stage": "decompose", "apply_feedback": True})
+    assert response.status_code == 200, response.text
+    child = trace_of(stack, response.json()["trace_id"])
+    (edited,) = stages(child, "decompose")
+    assert [(sq["sq_id"], sq["text"]) for sq in edited["outputs"]["subqueries"]] == [
+        ("sq2", "Leonardo da Vinci painter"),
+        ("sq1", "Who painted the Mona Lisa?"),
+    ]
+    assert index_calls(stack, "/search") == searches + 1  # only the added sub-query is searched
+    applied = child["request"]["rerun"]["adaptation"]["subquery_feedback"]
+    assert [e["action"] for e in applied] == [
+        "add",
+        "edit",
+    ]  # as stored; the clash was skipped in applying
+    # The child's decomposition carries the edits: rerun it, they are kept (not decomposed
+    # afresh) and not applied twice, and both sub-queries reuse the child's retrieval.
+    searches = index_calls(stack, "/search")
+    again = rerun(stack, child["trace_id"], {"from_stage": "decompose", "apply_feedback": True})
+    assert again.status_code == 200, again.text
+    (same,) = stages(trace_of(stack, again.json()["trace_id"]), "decompose")
+    assert [sq["sq_id"] for sq in same["outputs"]["subqueries"]] == ["sq2", "sq1"]
+    assert index_calls(stack, "/search") == searches
+
+
 def test_bad_rerun_input_gets_a_typed_4xx(stack: Stack) -> None:
     parent = post(stack, "/search", {"query": "photosynthesis", "k": 3}).json()
     trace_id = parent["trace_id"]

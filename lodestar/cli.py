@@ -13,6 +13,7 @@ from lodestar.critic import register as register_critic
 from lodestar.evaluation.cli import register as register_eval
 from lodestar.experiments import register as register_experiments
 from lodestar.rerank import register as register_rerank
+from lodestar.workers import register as register_workers
 from shared.settings import Settings, get_settings, hash_api_key
 
 Handler = Callable[[argparse.Namespace, Settings], int]
@@ -175,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_experiments(sub)
     register_critic(sub)
     register_rerank(sub)
+    register_workers(sub)
     return parser
 
 

@@ -231,9 +231,9 @@ class RagContext:
 
     @property
     def generator(self) -> Any:
-        from shared.models import get_generator
+        from shared.llm import chat_generator
 
-        return get_generator(self.settings)
+        return chat_generator(self.settings)
 
     @property
     def reasoner(self) -> ReplayingGenerator:

@@ -418,14 +418,14 @@ def _lm_pseudo_queries(
     from tqdm import tqdm
 
     from services.dsi.continual import generate_pseudo_queries_lm
-    from shared.models import get_generator
+    from shared.llm import chat_generator
 
     torch.set_num_threads(config.threads)
     with tqdm(
         total=len(docs), desc=f"pseudo-queries {shard}", unit="doc", position=shard, leave=False
     ) as bar:
         return generate_pseudo_queries_lm(
-            get_generator(settings),
+            chat_generator(settings),
             docs,
             config.pseudo_per_doc,
             demonstrations,

@@ -163,7 +163,7 @@ def run_self_practice(
     questions practised)."""
     from services.index.engine import IndexEngine
     from services.orchestrator.pipeline import answer_pipeline, in_process_search
-    from shared.models import get_generator
+    from shared.llm import chat_generator
 
     questions, corpus = load_practice_dataset(dataset)
     chosen = questions[offset : offset + limit]
@@ -174,7 +174,7 @@ def run_self_practice(
     pipeline = answer_pipeline(
         settings,
         in_process_search(settings, engine),
-        lambda: get_generator(settings),
+        lambda: chat_generator(settings),
         max_new_tokens=max_new_tokens,
     )
     family = practice_family(settings)
@@ -191,7 +191,7 @@ def run_self_practice(
         "temperature": temperature,
         "k": k,
         "max_new_tokens": max_new_tokens,
-        "reasoner": get_generator(settings).model_id,
+        "reasoner": chat_generator(settings).model_id,
     }
     # Generate first (minutes), then hold the family lock only to publish: several practice
     # runs over different questions may go on at once.

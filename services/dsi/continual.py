@@ -18,6 +18,7 @@ from services.dsi.training import Example
 from shared.schemas import Document
 
 if TYPE_CHECKING:
+    from shared.llm import RemoteGenerator
     from shared.models import Generator
 
 
@@ -168,7 +169,7 @@ def _ask_for_query(passage: str, words: int) -> dict[str, str]:
 
 
 def generate_pseudo_queries_lm(
-    generator: Generator,
+    generator: Generator | RemoteGenerator,
     docs: Sequence[Document],
     per_doc: int,
     demonstrations: Sequence[tuple[str, str]],

@@ -122,7 +122,8 @@ class DsiEngine:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> DsiEngine:
-        from shared.models import get_embedder, get_generator, resolve_device
+        from shared.llm import chat_generator
+        from shared.models import get_embedder, resolve_device
 
         device = resolve_device(settings.device)
         if device == "cpu":
@@ -132,7 +133,7 @@ class DsiEngine:
             settings.data_dir,
             lambda: get_embedder(settings),
             device,
-            lambda: get_generator(settings),
+            lambda: chat_generator(settings),  # text only: over the protocol when configured
         )
 
     @property

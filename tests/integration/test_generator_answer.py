@@ -21,6 +21,7 @@ from services.rewriter.engine import PairDocument, RewriterConfig, RewriterEngin
 from shared.clients import DependencyError
 from shared.llm import RemoteGenerator, chat_generator
 from shared.models import Generation, get_generator
+from shared.schemas import Document
 from shared.store import Trace
 from tests.conftest import (
     Process,
@@ -179,6 +180,30 @@ def test_the_car_rewriter_rewrites_the_same_over_the_protocol(
     assert not in_process.fell_back and not over_http.fell_back  # a real rewrite, not the query
     assert over_http.rewritten_query == in_process.rewritten_query
     assert over_http.model == in_process.model
+
+
+def test_dsi_pseudo_queries_are_the_same_over_the_protocol(
+    processes: Processes, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # DSI++'s generative memory only needs text from the LM: its engine asks chat_generator.
+    from services.dsi.continual import generate_pseudo_queries_lm
+    from services.dsi.engine import DsiEngine
+
+    docs = [
+        Document(id="jaguar", title="Jaguar", text="The jaguar is a large cat of the Americas."),
+        Document(id="nile", title="Nile", text="The Nile is a river that flows through Egypt."),
+    ]
+    demonstrations = [("The Eiffel Tower is in Paris.", "where is the eiffel tower")]
+    remote = make_settings(tmp_path_factory.mktemp("dsi"), generator_url=processes.generator_url)
+    assert isinstance(DsiEngine.from_settings(remote)._llm(), RemoteGenerator)  # type: ignore[misc]
+    before = batches(processes.generator_url)
+    # Greedy (one query a document), so both ends must write the same text.
+    over_http, in_process = (
+        generate_pseudo_queries_lm(llm, docs, 1, demonstrations)
+        for llm in (chat_generator(remote), get_generator(remote))
+    )
+    assert over_http == in_process and all(over_http.values())
+    assert batches(processes.generator_url) >= before + len(docs)
 
 
 async def test_with_the_generator_down_answer_is_a_clear_424(

@@ -46,3 +46,17 @@ check: lint typecheck test eval-check
 
 clean:
 	rm -rf $(VENV) var/run var/logs .pytest_cache .mypy_cache .ruff_cache
+
+# Containers (deploy/README.md). `images`: the wheelhouse and converted models on the host, then
+# lodestar:cpu (and Redis/PostgreSQL on a local base where nothing can be pulled), no index
+# inside the build. `compose-test`: a real engine (deploy/engine.sh installs and starts one where
+# it can, as root), the images, then the stack up, smoke-tested through 127.0.0.1 and down -v;
+# skipped with its reason when no engine answers.
+.PHONY: images compose-test
+images: install
+	deploy/images.sh
+
+compose-test: install
+	deploy/engine.sh
+	if docker info >/dev/null 2>&1; then deploy/images.sh; fi
+	BOOTSTRAP_LIMIT=$${BOOTSTRAP_LIMIT:-300} $(BIN)/pytest -m docker -p no:cacheprovider --durations=20 tests/integration/test_compose_stack.py

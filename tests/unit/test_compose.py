@@ -1,6 +1,7 @@
 """Hold the deployment files to the code, without a Docker engine or a cluster.
 
-docker-compose.yml, deploy/compose.gpu.yml and deploy/k8s/ name environment variables, ports,
+docker-compose.yml, deploy/compose.gpu.yml, deploy/compose.hostnet.yml,
+deploy/compose.localbase.yml and deploy/k8s/ name environment variables, ports,
 modules, Dockerfiles and service hosts that must agree with ``shared.settings`` and with the
 repository. Each test here fails when one of them drifts.
 """
@@ -27,6 +28,10 @@ from shared.settings import DEFAULT_PORTS, Settings
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 COMPOSE_GPU = ROOT / "deploy" / "compose.gpu.yml"
+COMPOSE_HOSTNET = ROOT / "deploy" / "compose.hostnet.yml"
+COMPOSE_LOCALBASE = ROOT / "deploy" / "compose.localbase.yml"
+#: deploy/compose.hostnet.yml shifts every port by this much (Redis 16379, PostgreSQL 15432).
+HOSTNET_SHIFT = 10000
 K8S = ROOT / "deploy" / "k8s"
 DOCKERFILES = (ROOT / "deploy" / "Dockerfile.cpu", ROOT / "deploy" / "Dockerfile.gpu")
 
@@ -36,8 +41,16 @@ LODESTAR_VAR = re.compile(r"\bLODESTAR_[A-Z0-9_]+\b")
 INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?[-?]([^}]*))?\}")
 
 
+class ComposeLoader(yaml.SafeLoader):
+    """YAML with Compose's ``!reset`` tag (an override clearing a key of the base file)."""
+
+
+RESET = object()
+ComposeLoader.add_constructor("!reset", lambda loader, node: RESET)
+
+
 def load_yaml(path: Path) -> Any:
-    return yaml.safe_load(path.read_text())
+    return yaml.load(path.read_text(), Loader=ComposeLoader)  # a SafeLoader subclass
 
 
 def interpolate(value: str) -> str:
@@ -162,7 +175,9 @@ def test_compose_has_every_required_service() -> None:
 
 
 @pytest.mark.parametrize(
-    "path", [COMPOSE, COMPOSE_GPU, *K8S_FILES, *DOCKERFILES], ids=lambda p: p.name
+    "path",
+    [COMPOSE, COMPOSE_GPU, COMPOSE_HOSTNET, COMPOSE_LOCALBASE, *K8S_FILES, *DOCKERFILES],
+    ids=lambda p: p.name,
 )
 def test_every_lodestar_variable_is_a_settings_field(path: Path) -> None:
     unknown = set(LODESTAR_VAR.findall(path.read_text())) - SETTINGS_VARS
@@ -308,6 +323,126 @@ def test_gpu_worker_runs_the_gpu_queue_on_an_nvidia_device() -> None:
     assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
 
 
+# --- deploy/compose.hostnet.yml: host networking, ports shifted, nothing else changed ----------
+
+HOSTNET: dict[str, dict[str, Any]] = load_yaml(COMPOSE_HOSTNET)["services"]
+LOCALBASE: dict[str, dict[str, Any]] = load_yaml(COMPOSE_LOCALBASE)["services"]
+HOSTNET_PORTS = {name: port + HOSTNET_SHIFT for name, port in DEFAULT_PORTS.items()}
+
+
+def test_hostnet_puts_every_service_on_the_host_network() -> None:
+    assert set(HOSTNET) == set(SERVICES), "every service, none invented"
+    for name, service in HOSTNET.items():
+        assert service["network_mode"] == "host", name
+        assert "networks" not in service, name
+        if name in ("redis", "postgres"):
+            continue
+        for key in ("ports", "expose"):
+            if key in SERVICES[name]:
+                assert service.get(key) is RESET, (
+                    f"{name}: {key} must be !reset on the host network"
+                )
+    assert "networks" not in load_yaml(COMPOSE_HOSTNET)
+    assert "networks" not in COMPOSE_DOC, "a network of the base file would get a bridge"
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES))
+def test_hostnet_changes_only_addresses(name: str) -> None:
+    allowed = {"network_mode", "ports", "expose", "environment", "healthcheck", "hostname"}
+    if name == "redis":
+        allowed.add("command")
+    if name == "postgres":
+        allowed.add("command")
+    assert set(HOSTNET[name]) <= allowed, f"{name}: {set(HOSTNET[name]) - allowed}"
+    env = env_of(HOSTNET[name])
+    for key, value in env.items():
+        assert key.startswith("LODESTAR_") or key == "PGPORT", f"{name}: {key}"
+        assert key in env_of(SERVICES[name]) or key.endswith("_PORT") or key == "PGPORT", (
+            f"{name}: {key} is not in docker-compose.yml's environment"
+        )
+        if "://" in value:
+            assert urlsplit(value).hostname == "127.0.0.1", f"{name}: {key}={value}"
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES))
+def test_hostnet_environment_loads_into_settings(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = {**env_of(SERVICES[name]), **env_of(HOSTNET[name])}
+    if not any(key.startswith("LODESTAR_") for key in env):
+        return
+    settings = settings_from(env, monkeypatch)
+    assert settings.host == "127.0.0.1", "on the host network services bind loopback only"
+    for service, port in HOSTNET_PORTS.items():
+        assert settings.port_of(service) == port, service
+    urls = {
+        "index": settings.index_url,
+        "reranker": settings.reranker_url,
+        "critic": settings.critic_url,
+        "dsi": settings.dsi_url,
+        "fmindex": settings.fmindex_url,
+        "generator": settings.generator_url,
+    }
+    for service, url in urls.items():
+        assert (urlsplit(url).hostname, urlsplit(url).port) == ("127.0.0.1", HOSTNET_PORTS[service])
+    assert urlsplit(settings.broker_url).port == 6379 + HOSTNET_SHIFT
+    assert urlsplit(settings.result_backend).port == 6379 + HOSTNET_SHIFT
+    assert urlsplit(settings.database_url).port == 5432 + HOSTNET_SHIFT
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES))
+def test_hostnet_healthchecks_are_the_base_ones_on_the_shifted_port(name: str) -> None:
+    base = SERVICES[name].get("healthcheck", {}).get("test")
+    override = HOSTNET[name].get("healthcheck", {}).get("test")
+    svc = lodestar_service(command_of(SERVICES[name]))
+    if name == "redis":
+        assert override == ["CMD", "redis-cli", "-p", str(6379 + HOSTNET_SHIFT), "ping"]
+        assert f"--port {6379 + HOSTNET_SHIFT}" in " ".join(command_of(HOSTNET[name]))
+        assert command_of(HOSTNET[name])[: len(command_of(SERVICES[name]))] == command_of(
+            SERVICES[name]
+        ), "the base command, with port and bind added"
+    elif name == "postgres":
+        assert override is None, "pg_isready follows PGPORT: the base check unchanged"
+        assert env_of(HOSTNET[name])["PGPORT"] == str(5432 + HOSTNET_SHIFT)
+    elif svc is not None:
+        port = DEFAULT_PORTS[svc]
+        assert override == [
+            part.replace(f"127.0.0.1:{port}/", f"127.0.0.1:{port + HOSTNET_SHIFT}/")
+            for part in base
+        ]
+    else:
+        assert override is None, f"{name}: no port in its check, so no change"
+
+
+def test_hostnet_workers_have_their_own_host_names() -> None:
+    """On the host network a container would otherwise take the machine's name: the health
+    check pings lodestar-<queue>@<hostname>, so each worker needs a name of its own."""
+    names = [HOSTNET[n]["hostname"] for n in SERVICES if n.startswith("worker-")]
+    assert len(names) == len(set(names)) == 2
+
+
+def test_localbase_changes_only_images_and_builds() -> None:
+    assert set(LOCALBASE) <= set(SERVICES)
+    for name, service in LOCALBASE.items():
+        assert set(service) <= {"image", "build"}, name
+        build = service["build"]
+        assert (ROOT / build["context"] / build["dockerfile"]).is_file(), name
+        assert "lodestar/debian:bookworm" in build["args"]["BASE_IMAGE"]
+        if name not in ("redis", "postgres"):
+            assert "image" not in service, f"{name}: the same lodestar image as the base file"
+            assert build["dockerfile"] == SERVICES[name]["build"]["dockerfile"]
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfiles_take_a_base_image_and_run_unprivileged(path: Path) -> None:
+    text = path.read_text()
+    assert re.search(r"^ARG BASE_IMAGE=", text, re.M)
+    assert re.search(r"^FROM \$\{BASE_IMAGE\}", text, re.M)
+    users = re.findall(r"^USER (\S+)", text, re.M)
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    assert "--no-index" in text, "dependencies from the wheelhouse only"
+
+
 def test_dockerfile_torch_pin_matches_pyproject() -> None:
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     torch = next(d.split("==")[1] for d in deps if d.startswith("torch=="))
@@ -335,7 +470,13 @@ def test_docker_compose_config_accepts_the_files() -> None:
     cli = _compose_cli()
     if cli is None:
         pytest.skip("no Docker Compose v2 CLI installed: `docker compose config` not run")
-    for files in (["-f", str(COMPOSE)], ["-f", str(COMPOSE), "-f", str(COMPOSE_GPU)]):
+    combinations = (
+        ["-f", str(COMPOSE)],
+        ["-f", str(COMPOSE), "-f", str(COMPOSE_GPU)],
+        ["-f", str(COMPOSE), "-f", str(COMPOSE_HOSTNET)],
+        ["-f", str(COMPOSE), "-f", str(COMPOSE_HOSTNET), "-f", str(COMPOSE_LOCALBASE)],
+    )
+    for files in combinations:
         result = subprocess.run(
             [*cli, *files, "--profile", "gpu", "config", "--quiet"],
             cwd=ROOT,

@@ -6,7 +6,9 @@ from typing import Annotated, Literal, get_args
 
 from fastapi import APIRouter, Depends
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response
 from pydantic import BaseModel, Field
+from pydantic_core import to_json
 
 from services.index.engine import (
     RETRIEVERS,
@@ -14,7 +16,7 @@ from services.index.engine import (
     Snapshot,
     WriteResult,
     params_of,
-    search_response,
+    search_payload,
 )
 from shared.app import check_k, check_text, from_state, require_ready
 from shared.errors import ErrorCode, error_responses
@@ -51,6 +53,10 @@ class SearchRequest(IndexSearchRequest):
     retrievers: list[IndexRetriever] = Field(  # type: ignore[assignment]
         default_factory=_default_retrievers, min_length=1
     )
+    text_k: int | None = Field(default=None, ge=0)
+    """Text only for each list's first ``text_k`` hits (the rest: doc id, title, score, rank,
+    ``text: ""``), so a caller fusing ``k`` = 100 per retriever into a final 10 does not pay
+    for 200 passages on the wire; default: every hit's text (the response before this field)."""
 
 
 def _info(snapshot: Snapshot) -> CollectionInfo:
@@ -82,13 +88,14 @@ def _write_response(result: WriteResult) -> WriteResponse:
     response_model=IndexSearchResponse,
     responses=error_responses(ErrorCode.empty, ErrorCode.not_found),
 )
-async def search(
-    body: SearchRequest, engine: EngineDep, settings: SettingsDep
-) -> IndexSearchResponse:
+async def search(body: SearchRequest, engine: EngineDep, settings: SettingsDep) -> Response:
+    """Search, then one serialisation of plain objects (``search_payload``): the response is
+    ``IndexSearchResponse`` (documented above) without a model round trip per hit."""
     query = check_text(body.query, "query", settings)
     check_k(body.k, settings)
-    snapshot, results, timings = await run_in_threadpool(
-        lambda: engine.search(
+
+    def run() -> bytes:
+        snapshot, results, timings = engine.search(
             body.collection,
             query,
             body.k,
@@ -97,8 +104,9 @@ async def search(
             query_vector=body.query_vector,
             bm25_terms=body.bm25_terms,
         )
-    )
-    return search_response(snapshot, results, timings)
+        return to_json(search_payload(snapshot, results, timings, body.text_k))
+
+    return Response(content=await run_in_threadpool(run), media_type="application/json")
 
 
 @router.post("/embed", response_model=EmbedResponse, responses=error_responses(ErrorCode.empty))

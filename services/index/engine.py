@@ -52,11 +52,9 @@ from shared.schemas import (
     Document,
     EmbedRequest,
     EmbedResponse,
-    Hit,
     IndexSearchRequest,
     IndexSearchResponse,
     Passage,
-    SourceRank,
     is_valid_collection_name,
 )
 
@@ -113,6 +111,23 @@ def _bm25_tokenize(texts: Sequence[str], *, show_progress: bool = False) -> Any:
         stemmer=Stemmer.Stemmer("english"),
         show_progress=show_progress,
     )
+
+
+def _bm25_tokenize_strings(query: str) -> list[str]:
+    """One query's BM25 tokens (stemmed, stop words out), as ``_bm25_tokenize`` makes them."""
+    import bm25s
+
+    (tokens,) = bm25s.tokenize(
+        [query], stopwords="en", stemmer=_stemmer(), return_ids=False, show_progress=False
+    )
+    return [t for t in tokens if t]
+
+
+def _top_rows(scores: np.ndarray, depth: int) -> tuple[list[int], list[float]]:
+    """The ``depth`` best rows by score, ties by row (deterministic), best first."""
+    top = np.argpartition(-scores, depth - 1)[:depth]
+    top = top[np.lexsort((top, -scores[top]))]
+    return top.tolist(), scores[top].tolist()
 
 
 @dataclass(frozen=True)
@@ -279,13 +294,16 @@ class BM25Searcher:
         n_passages = self.live_rows.shape[0]
         if self.retriever is None or n_passages == 0:
             return []
-        tokens = _bm25_tokenize([query])
-        if not tokens.ids or not tokens.ids[0]:
+        tokens = _bm25_tokenize_strings(query)
+        token_ids = self.retriever.get_tokens_ids(tokens)
+        if not token_ids:
             return []  # every query word is a stop word or unknown: nothing can match
+        # Scores straight from the sparse matrix: ``BM25.retrieve`` computes the same ones but
+        # starts a thread pool per call (~2 ms a query here, more than the scoring itself).
+        scores = self.retriever.get_scores_from_ids(token_ids)
         # Over-fetch passages so that k distinct documents survive max-passage grouping.
         depth = min(n_passages, max(k * 4, k + 32))
-        indices, scores = self.retriever.retrieve(tokens, k=depth, show_progress=False, n_threads=1)
-        return self._by_document(indices[0].tolist(), scores[0].tolist(), k)
+        return self._by_document(*_top_rows(scores, depth), k)
 
     def search_weighted(self, terms: dict[str, float], k: int) -> list[ScoredDoc]:
         """A weighted query: score(p) = sum_t w_t * BM25(t, p) over the terms' stems (terms that
@@ -311,9 +329,7 @@ class BM25Searcher:
         for token_id, weight in weights.items():
             scores += weight * self.retriever.get_scores_from_ids([token_id])
         depth = min(n_passages, max(k * 4, k + 32))
-        top = np.argpartition(-scores, depth - 1)[:depth]
-        top = top[np.lexsort((top, -scores[top]))]
-        return self._by_document(top.tolist(), scores[top].tolist(), k)
+        return self._by_document(*_top_rows(scores, depth), k)
 
     def _by_document(self, live_indices: list[int], scores: list[float], k: int) -> list[ScoredDoc]:
         """Ranked passages (positions among live passages) to documents by their best one."""
@@ -895,30 +911,55 @@ def params_of(request: IndexSearchRequest) -> SearchParams:
     )
 
 
-def search_response(
-    snapshot: Snapshot, results: dict[str, list[ScoredDoc]], timings: dict[str, float]
-) -> IndexSearchResponse:
-    """Engine results in the wire format (one document-level hit list per retriever)."""
-    hits = {
-        retriever: [
-            Hit(
-                doc_id=snapshot.documents[scored.doc_index].id,
-                title=snapshot.documents[scored.doc_index].title,
-                text=snapshot.passages[scored.passage_index].text,
-                score=scored.score,
-                sources={retriever: SourceRank(rank=rank, score=scored.score)},
+def search_payload(
+    snapshot: Snapshot,
+    results: dict[str, list[ScoredDoc]],
+    timings: dict[str, float],
+    text_k: int | None = None,
+) -> dict[str, Any]:
+    """Engine results in the wire format as plain JSON-ready objects (one document-level hit
+    list per retriever), built from the hits' passage records alone (each carries its doc id
+    and title): the service serialises this once, with no model round trip. Hits ranked past
+    ``text_k`` in their list carry ``text: ""`` (ids, titles and scores only: what fusion
+    needs); ``None`` gives every hit its text."""
+    passages = snapshot.passages
+    raw = passages.raw if isinstance(passages, JsonlRecords) else None
+    hits: dict[str, list[dict[str, Any]]] = {}
+    for retriever, scored_docs in results.items():
+        rows = []
+        for rank, scored in enumerate(scored_docs, start=1):
+            record = (
+                raw(scored.passage_index)
+                if raw is not None
+                else passages[scored.passage_index].model_dump()
             )
-            for rank, scored in enumerate(scored_docs, start=1)
-        ]
-        for retriever, scored_docs in results.items()
+            rows.append(
+                {
+                    "doc_id": record["doc_id"],
+                    "title": record["title"],
+                    "text": record["text"] if text_k is None or rank <= text_k else "",
+                    "score": scored.score,
+                    "sources": {retriever: {"rank": rank, "score": scored.score}},
+                }
+            )
+        hits[retriever] = rows
+    return {
+        "collection": snapshot.name,
+        "version": snapshot.version,
+        "results": hits,
+        "timings_ms": {k: round(v, 2) for k, v in timings.items()},
+        "dense_backend": snapshot.dense.name if "dense" in results else None,
     }
-    return IndexSearchResponse(
-        collection=snapshot.name,
-        version=snapshot.version,
-        results=hits,
-        timings_ms={k: round(v, 2) for k, v in timings.items()},
-        dense_backend=snapshot.dense.name if "dense" in results else None,
-    )
+
+
+def search_response(
+    snapshot: Snapshot,
+    results: dict[str, list[ScoredDoc]],
+    timings: dict[str, float],
+    text_k: int | None = None,
+) -> IndexSearchResponse:
+    """``search_payload`` as the response model (in-process callers: evaluation, benchmarks)."""
+    return IndexSearchResponse.model_validate(search_payload(snapshot, results, timings, text_k))
 
 
 class InProcessIndex:

@@ -12,7 +12,7 @@ import json
 import mmap
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Generic, TypeVar, overload
+from typing import Any, Generic, TypeVar, overload
 
 import numpy as np
 from pydantic import BaseModel
@@ -68,6 +68,12 @@ class JsonlRecords(Sequence[RecordT], Generic[RecordT]):
         start, end = int(self._offsets[index]), int(self._offsets[index + 1])
         # Validated when written; constructing without re-validation is ~3x faster per hit.
         return self.model.model_construct(**json.loads(self._buffer[start:end]))
+
+    def raw(self, index: int) -> dict[str, Any]:
+        """Record ``index`` as the parsed JSON object (no model): for building responses."""
+        start, end = int(self._offsets[index]), int(self._offsets[index + 1])
+        row: dict[str, Any] = json.loads(self._buffer[start:end])
+        return row
 
     def __iter__(self) -> Iterator[RecordT]:
         for index in range(len(self)):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, StringConstraints, field_validator
+from pydantic import BaseModel, BeforeValidator, Field, StringConstraints, field_validator
 
 # The naming rule lives in shared.ids; re-exported here for the modules that import it from here.
 from shared.ids import COLLECTION_NAME_PATTERN as COLLECTION_NAME_PATTERN
@@ -30,7 +30,22 @@ QueryText = Annotated[
         description="Text with at least one non-space character (else 400 `empty`)",
     ),
 ]
-ResultCount = Annotated[int, Field(json_schema_extra={"minimum": 1, "maximum": MAX_K_DEFAULT})]
+
+
+def _not_a_bool(value: Any) -> Any:
+    """JSON Schema's integer and number exclude booleans; pydantic would read ``true`` as 1."""
+    if isinstance(value, bool):
+        raise ValueError("expected a number, not a boolean")
+    return value
+
+
+#: A validator for integer and number fields: ``true``/``false`` refused (``16.0`` is still an
+#: integer, as JSON Schema says). Put it after the field's constraints: pydantic writes
+#: constraints that follow a validator as unknown keywords (``ge``), which the schema ignores.
+NotBool = BeforeValidator(_not_a_bool)
+ResultCount = Annotated[
+    int, Field(json_schema_extra={"minimum": 1, "maximum": MAX_K_DEFAULT}), NotBool
+]
 
 
 class Document(BaseModel):
@@ -92,11 +107,11 @@ class IndexSearchRequest(BaseModel):
     retrievers: list[str] = Field(default_factory=lambda: ["dense", "bm25"], min_length=1)
     """``dense`` (the collection's ANN + exact re-scoring, or flat), ``dense_exact`` (brute
     force, for comparisons) and ``bm25``."""
-    candidates: int | None = None
+    candidates: Annotated[int, NotBool] | None = None
     """K, passages the ANN proposes for exact re-scoring (k <= K <= the server's limit)."""
-    nprobe: int | None = None
+    nprobe: Annotated[int, NotBool] | None = None
     """IVF lists visited (IVF-PQ collections); default: the collection's configuration."""
-    ef_search: int | None = None
+    ef_search: Annotated[int, NotBool] | None = None
     """HNSW search breadth (HNSW collections); default: the collection's configuration."""
     query_vector: list[float] | None = Field(
         default=None, min_length=1, max_length=QUERY_VECTOR_MAX_DIM

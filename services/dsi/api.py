@@ -19,14 +19,21 @@ from celery import Celery
 from fastapi import APIRouter, Depends
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, BeforeValidator, Field
+from pydantic import BaseModel, Field
 
 from services.dsi.engine import DsiEngine, StepOptions, check_collection
 from shared.app import check_k, check_text, from_state, require_ready
 from shared.errors import ErrorCode, LodestarError, error_responses
 from shared.ids import CollectionPath, DocId
 from shared.jobs import TASK_DSI_INDEX_STEP, QueueChoice, job_status, route_queue
-from shared.schemas import Document, Hit, IndexSearchRequest, IndexSearchResponse, SourceRank
+from shared.schemas import (
+    Document,
+    Hit,
+    IndexSearchRequest,
+    IndexSearchResponse,
+    NotBool,
+    SourceRank,
+)
 from shared.settings import Settings
 
 EngineDep = Annotated[DsiEngine, Depends(from_state("engine"))]
@@ -36,19 +43,6 @@ CeleryDep = Annotated[Celery, Depends(from_state("celery"))]
 router = APIRouter(dependencies=[Depends(require_ready)])
 
 RETRIEVER = "dsi"
-
-
-def _not_a_bool(value: Any) -> Any:
-    """JSON Schema's integer excludes booleans (pydantic would read ``false`` as 0); ``16.0``
-    is an integer to both."""
-    if isinstance(value, bool):
-        raise ValueError("expected an integer, not a boolean")
-    return value
-
-
-NOT_BOOL = BeforeValidator(_not_a_bool)
-#: An integer option: ``true``/``false`` refused.
-Int = Annotated[int, NOT_BOOL]
 
 
 class TrainingQuery(BaseModel):
@@ -61,16 +55,16 @@ class StepOptionsIn(BaseModel):
 
     method: Literal["naive", "sam", "genmem", "genmem+sam"] = "genmem+sam"
     docid: Literal["atomic", "naive", "semantic"] = "semantic"
-    epochs: Annotated[int, Field(ge=1, le=500), NOT_BOOL] | None = None
-    first_epochs: Annotated[int, Field(ge=1, le=500), NOT_BOOL] | None = None
-    qg_epochs: Annotated[int, Field(ge=1, le=500), NOT_BOOL] | None = None
+    epochs: Annotated[int, Field(ge=1, le=500), NotBool] | None = None
+    first_epochs: Annotated[int, Field(ge=1, le=500), NotBool] | None = None
+    qg_epochs: Annotated[int, Field(ge=1, le=500), NotBool] | None = None
     query_generator: Literal["t5", "lm"] | None = None
-    demonstrations: Annotated[int, Field(ge=1, le=8), NOT_BOOL] | None = None
+    demonstrations: Annotated[int, Field(ge=1, le=8), NotBool] | None = None
     sam_rho: Annotated[float, Field(gt=0, le=1)] | None = None
-    pseudo_per_doc: Annotated[int, Field(ge=0, le=20), NOT_BOOL] | None = None
-    d_model: Annotated[int, Field(ge=16, le=1024, multiple_of=4), NOT_BOOL] | None = None
-    layers: Annotated[int, Field(ge=1, le=12), NOT_BOOL] | None = None
-    seed: Int | None = None
+    pseudo_per_doc: Annotated[int, Field(ge=0, le=20), NotBool] | None = None
+    d_model: Annotated[int, Field(ge=16, le=1024, multiple_of=4), NotBool] | None = None
+    layers: Annotated[int, Field(ge=1, le=12), NotBool] | None = None
+    seed: Annotated[int, NotBool] | None = None
 
     def to_options(self) -> StepOptions:
         values = {k: v for k, v in self.model_dump().items() if v is not None}

@@ -17,6 +17,7 @@ from typing import Annotated, Any
 
 from fastapi import Path as PathParam
 from pydantic import Field
+from starlette.convertors import Convertor, register_url_convertor
 
 from shared.errors import invalid, not_found
 
@@ -28,6 +29,10 @@ DOC_ID_MAX_CHARS = 256
 DOC_ID_PATTERN = r"^[^\x00-\x1f\x7f]+$"
 #: A staged batch is a bare file name inside the staging folder: no separator, no leading dot.
 STAGED_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\.jsonl$"
+
+#: Job ids: the 32 hex digits of ``uuid4().hex``, or Celery's dashed UUID.
+JOB_ID_REGEX = r"[0-9a-f]{32}|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+JOB_ID_PATTERN = rf"^(?:{JOB_ID_REGEX})$"
 
 _COLLECTION_NAME_RE = re.compile(COLLECTION_NAME_PATTERN)
 _DOC_ID_RE = re.compile(DOC_ID_PATTERN)
@@ -129,3 +134,28 @@ def stage_jsonl(folder: Path, name: str, rows: Iterable[dict[str, Any]]) -> Path
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
     tmp.rename(path)
     return path
+
+
+# --- job ids in paths --------------------------------------------------------------------------
+
+
+class JobIdConvertor(Convertor[str]):
+    """``/jobs/{job_id:job_id}`` matches job ids only, so a sibling route such as
+    ``POST /jobs/offline-update`` is not also matched by ``GET /jobs/{job_id}`` (its ``Allow``
+    would name GET, and a GET there would answer a job lookup)."""
+
+    regex = JOB_ID_REGEX
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("job_id", JobIdConvertor())
+
+JobIdPath = Annotated[
+    str,
+    PathParam(pattern=JOB_ID_PATTERN, description="Job id, as the 202 that queued the job gave it"),
+]

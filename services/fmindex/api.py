@@ -17,15 +17,22 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
 from services.fmindex.engine import FmEngine, FmSearchOutcome, with_overrides
 from services.fmindex.scoring import Match
 from shared.app import check_k, check_text, from_state, require_ready
 from shared.datasets import DATASETS
-from shared.errors import ErrorCode, LodestarError, invalid, not_found
+from shared.errors import ErrorCode, LodestarError, error_responses, invalid, not_found
 from shared.ids import CollectionPath, StagedName, stage_jsonl, staged_file, staging_dir
-from shared.schemas import Document, Hit, IndexSearchRequest, IndexSearchResponse, SourceRank
+from shared.schemas import (
+    Document,
+    Hit,
+    IndexSearchRequest,
+    IndexSearchResponse,
+    NotBool,
+    SourceRank,
+)
 from shared.settings import Settings
 
 RETRIEVER = "fm"
@@ -40,15 +47,22 @@ router = APIRouter(dependencies=[Depends(require_ready)])
 class FmOptions(BaseModel):
     """Per-request decoding knobs; ``None`` keeps the service default."""
 
-    beam: Annotated[int, Field(ge=1, le=50)] | None = None
-    length: Annotated[int, Field(ge=1, le=20)] | None = None
-    decode_titles: bool | None = None
-    groups: Annotated[int, Field(ge=1, le=50)] | None = None
-    diversity_penalty: Annotated[float, Field(ge=0.0, le=10.0)] | None = None
+    beam: Annotated[int, Field(ge=1, le=50), NotBool] | None = None
+    length: Annotated[int, Field(ge=1, le=20), NotBool] | None = None
+    decode_titles: StrictBool | None = None
+    groups: Annotated[int, Field(ge=1, le=50), NotBool] | None = None
+    diversity_penalty: Annotated[float, Field(ge=0.0, le=10.0), NotBool] | None = None
+
+
+def _fm_only() -> list[Literal["fm"]]:
+    return ["fm"]
 
 
 class FmSearchRequest(IndexSearchRequest):
-    retrievers: list[str] = Field(default_factory=lambda: [RETRIEVER], min_length=1)
+    retrievers: list[Literal["fm"]] = Field(  # type: ignore[assignment]
+        default_factory=_fm_only, min_length=1
+    )
+    """This service serves the ``fm`` retriever only."""
     fm: FmOptions = Field(default_factory=FmOptions)
 
 
@@ -76,14 +90,30 @@ class FmSearchResponse(IndexSearchResponse):
     forward_passes: int
 
 
+def _one_source(name: str, schema: dict[str, Any]) -> dict[str, Any]:
+    others = {other: {"type": "null"} for other in ("dataset", "documents", "jsonl")}
+    return {"required": [name], "properties": {**others, name: schema}}
+
+
 class BuildRequest(BaseModel):
-    """Exactly one source. The worker reads files, so a caller never names a path: a dataset by
-    name, the documents themselves, or a file already in the staging folder."""
+    """Exactly one source (the schema's ``oneOf``). The worker reads files, so a caller never
+    names a path: a dataset by name, the documents themselves, or a file already in the staging
+    folder."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "oneOf": [
+                _one_source("dataset", {"type": "string"}),
+                _one_source("documents", {"type": "array"}),
+                _one_source("jsonl", {"type": "string"}),
+            ]
+        }
+    )
 
     dataset: Annotated[str, Field(json_schema_extra={"enum": sorted(DATASETS)})] | None = None
     """A named dataset whose corpus to index (``scifact``, ``wiki``, ...)."""
     documents: list[Document] | None = Field(default=None, min_length=1)
-    """Or the documents themselves (bounded by the request-size limit)."""
+    """Or the documents themselves (bounded by the request-size limit; ids unique)."""
     jsonl: StagedName | None = None
     """Or the name of a JSONL file of ``{id, title, text}`` rows in ``<data_dir>/incoming``."""
 
@@ -93,6 +123,12 @@ class BuildRequest(BaseModel):
         if value is not None and value not in DATASETS:
             raise ValueError(f"unknown dataset; known: {', '.join(sorted(DATASETS))}")
         return value
+
+
+class BuildResponse(BaseModel):
+    job_id: str
+    """``GET /jobs/{job_id}`` reports its state."""
+    collection: str
 
 
 def _matched(engine: FmEngine, match: Match) -> MatchedNgram:
@@ -131,7 +167,11 @@ def search_response(engine: FmEngine, outcome: FmSearchOutcome) -> FmSearchRespo
     )
 
 
-@router.post("/search", response_model=FmSearchResponse)
+@router.post(
+    "/search",
+    response_model=FmSearchResponse,
+    responses=error_responses(ErrorCode.empty, ErrorCode.not_found),
+)
 async def search(
     body: FmSearchRequest, engine: EngineDep, settings: SettingsDep
 ) -> FmSearchResponse:
@@ -161,7 +201,7 @@ async def list_collections(engine: EngineDep) -> list[dict[str, Any]]:
     return [await _info(engine, name) for name in await run_in_threadpool(engine.names)]
 
 
-@router.get("/collections/{name}")
+@router.get("/collections/{name}", responses=error_responses(ErrorCode.not_found))
 async def get_collection(name: CollectionPath, engine: EngineDep) -> dict[str, Any]:
     return await _info(engine, name)
 
@@ -179,7 +219,12 @@ async def _info(engine: FmEngine, name: str) -> dict[str, Any]:
     }
 
 
-@router.post("/collections/{name}/build", status_code=202)
+@router.post(
+    "/collections/{name}/build",
+    status_code=202,
+    response_model=BuildResponse,
+    responses=error_responses(ErrorCode.not_found),
+)
 async def build_collection(
     name: CollectionPath, body: BuildRequest, request_settings: SettingsDep
 ) -> JSONResponse:

@@ -17,7 +17,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette.sse import EventSourceResponse
 
 from services.orchestrator.adapt import FeedbackAdaptation, Judgement
@@ -43,16 +43,31 @@ from services.orchestrator.rounds import (
     RoundsOutcome,
     RoundStarted,
 )
-from services.orchestrator.search import INDEX_RETRIEVERS, SearchOutcome, SearchPipeline
+from services.orchestrator.search import SearchOutcome, SearchPipeline
 from shared.app import check_k, check_text, from_state, require_ready
 from shared.auth import scoped_idempotency_key
 from shared.clients import IndexClient
-from shared.errors import LodestarError, invalid
-from shared.ids import CollectionName, CollectionPath, DocId, DocIdPath, stage_jsonl, staging_dir
+from shared.errors import ErrorCode, LodestarError, error_responses, invalid
+from shared.ids import (
+    CollectionName,
+    CollectionPath,
+    DocId,
+    DocIdPath,
+    JobIdPath,
+    stage_jsonl,
+    staging_dir,
+)
 from shared.jobs import TASK_INDEX_DOCUMENTS, TASK_MERGE_COLLECTION, job_status
-from shared.schemas import CollectionInfo, Document, Hit, WriteResponse
+from shared.schemas import (
+    CollectionInfo,
+    Document,
+    Hit,
+    QueryText,
+    ResultCount,
+    WriteResponse,
+)
 from shared.settings import Settings
-from shared.store import FeedbackIn, Store, Trace, new_id
+from shared.store import ACTIONS, FeedbackIn, Store, Trace, new_id
 
 # --- request and response models ---------------------------------------------------------------
 
@@ -60,13 +75,25 @@ from shared.store import FeedbackIn, Store, Trace, new_id
 SessionId = Annotated[str, Field(min_length=1, max_length=64)]
 
 
+#: Retrievers ``/search`` fuses: the index's two, and the SEAL (fmindex) and DSI++ services'.
+RetrieverName = Literal["dense", "bm25", "fm", "dsi"]
+#: Re-rankers ``rerank`` may name (``shared.clients.RERANK_METHODS``).
+RerankerName = Literal["icr", "rankgpt", "cosine", "cross-encoder"]
+#: Stages a rerun may start from (which ones depends on the trace's kind, ``rerun.RERUN_STAGES``).
+RerunStage = Literal["retrieve", "fusion", "rerank", "decompose", "generate"]
+
+
+def _index_retrievers() -> list[RetrieverName]:
+    return ["dense", "bm25"]
+
+
 class SearchRequest(BaseModel):
-    query: str
+    query: QueryText
     collection: CollectionName = "wiki"
-    k: int = 10
-    retrievers: list[str] = Field(default_factory=lambda: list(INDEX_RETRIEVERS), min_length=1)
+    k: ResultCount = 10
+    retrievers: list[RetrieverName] = Field(default_factory=_index_retrievers, min_length=1)
     fusion: Literal["rrf"] = "rrf"
-    rerank: str | None = None
+    rerank: RerankerName | None = None
     session_id: SessionId | None = None
     """Stored on the trace. Feedback given earlier in the session applies to this search:
     pins and removals from the session's searches of the same query, relevance labels from any
@@ -88,9 +115,9 @@ class SearchResponse(BaseModel):
 
 
 class AnswerRequest(BaseModel):
-    question: str
+    question: QueryText
     collection: CollectionName = "wiki"
-    k: int = 3
+    k: ResultCount = 3
     max_rounds: int | None = Field(None, ge=1, le=8)
     """Retrieval rounds at most (SIM-RAG): the critic may stop the loop earlier. Default: the
     critic's loop (up to 4 rounds) while a critic answers, else 1 round (docs/answer.md)."""
@@ -172,7 +199,7 @@ class RerunOverrides(BaseModel):
 
 
 class RerunRequest(BaseModel):
-    from_stage: str = Field(min_length=1, max_length=32)
+    from_stage: RerunStage
     """``retrieve``, ``fusion`` or ``rerank`` for a search; ``decompose``, ``retrieve`` or
     ``generate`` for an answer. Stages before it are copied from the trace, it and the ones
     after run again."""
@@ -180,14 +207,35 @@ class RerunRequest(BaseModel):
     """Apply the feedback stored on the trace (and the traces it was rerun from)."""
     overrides: RerunOverrides | None = None
     """Applied on top of stored feedback (an override wins for the documents it names)."""
-    k: int | None = None
+    k: ResultCount | None = None
     """Results (search) or documents per round (answer); default: the trace's own ``k``."""
     feedback_sources: list[Literal["user", "shadow"]] = Field(default=["user"], min_length=1)
     """Whose stored feedback ``apply_feedback`` applies: users' by default; ``shadow`` agents'
     only when asked, so synthetic feedback never acts unannounced."""
 
 
+def _actions_by_target() -> dict[str, Any]:
+    """The schema's statement of which ``action`` fits which ``target_type`` (one ``oneOf``
+    branch per type, from the store's own table ``shared.store.ACTIONS``)."""
+    return {
+        "oneOf": [
+            {
+                "properties": {
+                    "target_type": {"const": target_type},
+                    "action": {"enum": sorted(actions)},
+                }
+            }
+            for target_type, actions in sorted(ACTIONS.items())
+        ]
+    }
+
+
 class FeedbackRequest(BaseModel):
+    """Feedback on one target of one stage of a trace; ``action`` depends on ``target_type``
+    (``subquery``: add, delete, edit, reorder; ``doc``: relevant, irrelevant, pin, remove; ...)."""
+
+    model_config = ConfigDict(json_schema_extra=_actions_by_target())
+
     trace_id: str = Field(min_length=1, max_length=64)
     stage: str = Field(min_length=1, max_length=32)
     target_type: Literal["subquery", "doc", "answer", "claim", "citation"]
@@ -204,6 +252,12 @@ class FeedbackRequest(BaseModel):
 class FeedbackResponse(BaseModel):
     feedback_id: str
     created: bool
+
+
+class JobAccepted(BaseModel):
+    job_id: str
+    status_url: str
+    """``GET`` it for the job's state and progress."""
 
 
 class UpsertDocumentsRequest(BaseModel):
@@ -240,7 +294,12 @@ ready = [Depends(require_ready)]
 # --- search and answer -------------------------------------------------------------------------
 
 
-@router.post("/search", response_model=SearchResponse, dependencies=ready)
+@router.post(
+    "/search",
+    response_model=SearchResponse,
+    dependencies=ready,
+    responses=error_responses(ErrorCode.empty, ErrorCode.not_found, ErrorCode.dependency_failed),
+)
 async def search(
     body: SearchRequest,
     settings: SettingsDep,
@@ -299,7 +358,12 @@ async def _finish_search(
     return response
 
 
-@router.post("/answer", response_model=AnswerResponse, dependencies=ready)
+@router.post(
+    "/answer",
+    response_model=AnswerResponse,
+    dependencies=ready,
+    responses=error_responses(ErrorCode.empty, ErrorCode.not_found, ErrorCode.dependency_failed),
+)
 async def answer(
     body: AnswerRequest,
     settings: SettingsDep,
@@ -407,7 +471,12 @@ def _round(timings: dict[str, float]) -> dict[str, float]:
 # --- feedback and traces -----------------------------------------------------------------------
 
 
-@router.post("/feedback", status_code=201, response_model=FeedbackResponse)
+@router.post(
+    "/feedback",
+    status_code=201,
+    response_model=FeedbackResponse,
+    responses=error_responses(ErrorCode.not_found),
+)
 async def post_feedback(body: FeedbackRequest, store: StoreDep) -> FeedbackResponse:
     # Idempotency keys are the caller's own: scoped to its API key (shared.auth).
     item = FeedbackIn(
@@ -417,7 +486,7 @@ async def post_feedback(body: FeedbackRequest, store: StoreDep) -> FeedbackRespo
     return FeedbackResponse(feedback_id=feedback_id, created=created)
 
 
-@router.get("/traces/{trace_id}")
+@router.get("/traces/{trace_id}", responses=error_responses(ErrorCode.not_found))
 async def get_trace(trace_id: str, store: StoreDep) -> dict[str, Any]:
     """The trace with its stages, feedback, ``parent_trace_id`` and ``children`` (reruns)."""
     trace: dict[str, Any] = await run_in_threadpool(store.get_trace, trace_id)
@@ -428,6 +497,7 @@ async def get_trace(trace_id: str, store: StoreDep) -> dict[str, Any]:
     "/traces/{trace_id}/rerun",
     response_model=SearchResponse | AnswerResponse,
     dependencies=ready,
+    responses=error_responses(ErrorCode.not_found),
 )
 async def rerun_trace(
     trace_id: str,
@@ -519,12 +589,23 @@ async def list_collections(index: IndexDep) -> list[CollectionInfo]:
     return await index.collections()
 
 
-@router.get("/collections/{name}", response_model=CollectionInfo)
+@router.get(
+    "/collections/{name}",
+    response_model=CollectionInfo,
+    responses=error_responses(ErrorCode.not_found),
+)
 async def get_collection(name: CollectionPath, index: IndexDep) -> CollectionInfo:
     return await index.collection(name)
 
 
-@router.put("/collections/{name}/documents")
+@router.put(
+    "/collections/{name}/documents",
+    responses={
+        200: {"model": WriteResponse, "description": "Indexed inside the request"},
+        202: {"model": JobAccepted, "description": "Queued as a job (a large batch)"},
+        **error_responses(ErrorCode.not_found, ErrorCode.dependency_failed),
+    },
+)
 async def upsert_documents(
     name: CollectionPath,
     body: UpsertDocumentsRequest,
@@ -572,7 +653,11 @@ async def schedule_merge_if_due(
     return result.model_copy(update={"merge_job": job_id})
 
 
-@router.delete("/collections/{name}/documents/{doc_id:path}")
+@router.delete(
+    "/collections/{name}/documents/{doc_id:path}",
+    response_model=WriteResponse,
+    responses=error_responses(ErrorCode.not_found, ErrorCode.dependency_failed),
+)
 async def delete_document(
     name: CollectionPath, doc_id: DocIdPath, index: IndexDep, store: StoreDep, celery: CeleryDep
 ) -> dict[str, Any]:
@@ -580,8 +665,8 @@ async def delete_document(
     return result.model_dump()
 
 
-@router.get("/jobs/{job_id}")
-async def get_job(job_id: str, store: StoreDep, celery: CeleryDep) -> dict[str, Any]:
+@router.get("/jobs/{job_id:job_id}", responses=error_responses(ErrorCode.not_found))
+async def get_job(job_id: JobIdPath, store: StoreDep, celery: CeleryDep) -> dict[str, Any]:
     job = await run_in_threadpool(store.get_job, job_id)
     status = await run_in_threadpool(job_status, celery, job_id)
     return {**status, "kind": job["kind"], "params": job["params"], "created_at": job["created_at"]}

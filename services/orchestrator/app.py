@@ -70,5 +70,7 @@ def build_app(settings: Settings) -> FastAPI:
     app.state.answer = answer
     app.state.celery = make_celery(settings)
     feedback_api.install(app, local_generator)  # shadow agents, feedback metrics
-    app.include_router(debug_router)  # /debug pages: their own key check (header or cookie)
+    # /debug pages: their own key check (header or cookie); HTML for people, not part of the API
+    # document (docs/debug.md describes them).
+    app.include_router(debug_router, include_in_schema=False)
     return app

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from typing import Annotated, Any, Literal
 
 from celery import Celery
-from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter
@@ -32,7 +32,7 @@ from pydantic import BaseModel, Field
 from services.orchestrator import feedback_export, shadow
 from shared.app import from_state, require_ready
 from shared.clients import IndexClient
-from shared.errors import ErrorCode, LodestarError
+from shared.errors import ErrorCode, LodestarError, error_responses
 from shared.jobs import TASK_OFFLINE_UPDATE, QueueChoice, route_queue
 from shared.settings import Settings
 from shared.store import FeedbackIn, Store, new_id
@@ -220,15 +220,24 @@ AgentsDep = Annotated[ShadowAgents, Depends(from_state("shadow_agents"))]
 router = APIRouter()
 
 
+UserIdPath = Annotated[str, Path(min_length=1, max_length=128)]
+
+
 @router.put("/users/{user_id}/profile", response_model=ProfileResponse)
-async def put_profile(user_id: str, body: ProfileRequest, store: StoreDep) -> ProfileResponse:
+async def put_profile(
+    user_id: UserIdPath, body: ProfileRequest, store: StoreDep
+) -> ProfileResponse:
     _check_user_id(user_id)
     row = await run_in_threadpool(store.set_user_profile, user_id, body.profile)
     return ProfileResponse(**row)
 
 
-@router.get("/users/{user_id}/profile", response_model=ProfileResponse)
-async def get_profile(user_id: str, store: StoreDep) -> ProfileResponse:
+@router.get(
+    "/users/{user_id}/profile",
+    response_model=ProfileResponse,
+    responses=error_responses(ErrorCode.not_found),
+)
+async def get_profile(user_id: UserIdPath, store: StoreDep) -> ProfileResponse:
     _check_user_id(user_id)
     return ProfileResponse(**await run_in_threadpool(store.get_user_profile, user_id))
 
@@ -239,7 +248,10 @@ def _check_user_id(user_id: str) -> None:
 
 
 @router.post(
-    "/shadow/simulate", response_model=ShadowResponse, dependencies=[Depends(require_ready)]
+    "/shadow/simulate",
+    response_model=ShadowResponse,
+    dependencies=[Depends(require_ready)],
+    responses=error_responses(ErrorCode.not_found, ErrorCode.dependency_failed),
 )
 async def simulate_shadow(
     body: ShadowRequest,
@@ -319,14 +331,37 @@ async def simulate_shadow(
     )
 
 
-@router.get("/feedback/export")
+def _filter(allowed: tuple[str, ...], max_length: int) -> Any:
+    """A ``?name=`` filter the schema states as an enum ("" = no filter, as the handler reads)."""
+    return Query(max_length=max_length, json_schema_extra={"enum": ["", *allowed]})
+
+
+_DATE = r"[1-9][0-9]{3}-(?:0[1-9]|1[0-2])-(?:0[1-9]|1[0-9]|2[0-8])"
+_TIME = r"[T ](?:[01][0-9]|2[0-3]):[0-5][0-9](?::[0-5][0-9](?:\.[0-9]{1,6})?)?"
+_ZONE = r"Z|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9]"
+#: ``since``: Unix seconds, or an ISO-8601 date or date-time (``feedback_export.parse_since``
+#: reads both). Stated as a pattern: a ``format`` is not checked by validators by default.
+#: Days stop at 28 so every date the pattern allows exists (the server reads any real date).
+SINCE_PATTERN = rf"^(?:[0-9]{{1,12}}(?:\.[0-9]{{1,6}})?|{_DATE}(?:{_TIME}(?:{_ZONE})?)?)?$"
+
+
+@router.get(
+    "/feedback/export",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "Training examples, one JSON object per line",
+            "content": {"application/x-ndjson": {"schema": {"type": "string"}}},
+        }
+    },
+)
 async def export_feedback(
     settings: SettingsDep,
     store: StoreDep,
-    stage: Annotated[str | None, Query(max_length=32)] = None,
-    source: Annotated[str | None, Query(max_length=16)] = None,
-    since: Annotated[str | None, Query(max_length=64)] = None,
-    type: Annotated[str | None, Query(max_length=16)] = None,
+    stage: Annotated[str | None, _filter(feedback_export.EXPORT_STAGES, 32)] = None,
+    source: Annotated[str | None, _filter(feedback_export.SOURCES, 16)] = None,
+    since: Annotated[str | None, Query(max_length=64, pattern=SINCE_PATTERN)] = None,
+    type: Annotated[str | None, _filter(feedback_export.EXAMPLE_TYPES, 16)] = None,
 ) -> StreamingResponse:
     """Training examples derived from feedback, one JSON object per line
     (``application/x-ndjson``): ``rel_label``, ``pref_pair``, ``sft`` (see
@@ -351,7 +386,15 @@ async def export_feedback(
     )
 
 
-@router.post("/jobs/offline-update", status_code=202)
+class OfflineUpdateAccepted(BaseModel):
+    job_id: str
+    status_url: str
+    """``GET`` it for the job's state, progress and, when done, the before/after figures."""
+    positive_labels: int
+    queue: str
+
+
+@router.post("/jobs/offline-update", status_code=202, response_model=OfflineUpdateAccepted)
 async def offline_update(
     body: OfflineUpdateRequest,
     settings: SettingsDep,

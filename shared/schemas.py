@@ -97,7 +97,9 @@ class QAExample(BaseModel):
 #: A ``bm25_terms`` key: a word (the validator also refuses one of spaces only).
 BM25Term = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 #: A ``bm25_terms`` weight: finite and positive.
-BM25Weight = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+BM25Weight = Annotated[float, Field(gt=0, allow_inf_nan=False), NotBool]
+#: A component of a query vector (``true`` is not a number).
+VectorComponent = Annotated[float, NotBool]
 
 
 class IndexSearchRequest(BaseModel):
@@ -113,7 +115,7 @@ class IndexSearchRequest(BaseModel):
     """IVF lists visited (IVF-PQ collections); default: the collection's configuration."""
     ef_search: Annotated[int, NotBool] | None = None
     """HNSW search breadth (HNSW collections); default: the collection's configuration."""
-    query_vector: list[float] | None = Field(
+    query_vector: list[VectorComponent] | None = Field(
         default=None, min_length=1, max_length=QUERY_VECTOR_MAX_DIM
     )
     """A dense query vector to search with instead of embedding ``query`` (e.g. a Rocchio

@@ -18,8 +18,9 @@ from-scratch bm25s index of the same passages). Tombstoned rows drop out of N, d
 only out of the results. Tokenisation is the index's (bm25s' English stop words, Snowball
 English stemmer), so query and passages agree.
 
-Not yet wired into ``IndexEngine`` writes (issue #23 item 3, the rest of it: segment files for the
-records and vectors, merges): ``lodestar bench search`` still measures the compacting write.
+``IndexEngine`` writes one segment per write (``bm25seg/`` in a version, earlier segments
+hard-linked) and a merge compacts them to one. The records and vectors of a version are still
+rewritten per write (docs/search-performance.md).
 """
 
 from __future__ import annotations

@@ -9,7 +9,10 @@ One version holds::
     documents.jsonl   the documents as upserted (id, title, text, metadata), in passage order
     passages.jsonl    passage_id, doc_id, title, text (chunks of 256 words)
     embeddings.f32    float32 (n_passages, 384), normalised MiniLM; memory-mapped, never read whole
-    bm25/             a bm25s index over "title text" of every passage
+    bm25seg/          BM25 term statistics of "title text" per passage, in segments
+                      (``services.index.bm25seg``): a write adds one over its own rows and
+                      hard-links the others; scores use the live rows' global statistics.
+                      Versions built before segments hold ``bm25/`` (a bm25s index) instead.
 
 Passages of one document are contiguous, so document scores are a ``maximum.reduceat`` over
 passage scores: exact max-passage aggregation with no top-k truncation artefacts.
@@ -19,19 +22,23 @@ Dense search is CompactDS's two stages (``TwoStageDenseSearcher``): an in-memory
 which are re-scored exactly from ``embeddings.f32``. ``ExactDenseSearcher`` is the brute-force
 baseline (retriever ``dense_exact``, and ``dense`` itself for small "flat" collections).
 
-Rows of a collection with an ANN index are append-only between merges::
+Rows of every collection are append-only between merges (a flat one too, except the write that
+brings it to ``min_passages``, which compacts and builds its ANN index)::
 
     ann.index         the ANN index over rows [0, indexed_rows)
     tombstones.npy    rows of deleted or replaced documents (filtered out of every result)
     rows >= indexed_rows  the "fresh segment": searched exactly beside the ANN index
 
-so an upsert or delete never rebuilds the ANN index; ``IndexEngine.merge`` (a Celery task) drops
-the tombstoned rows and rebuilds the index over everything, publishing a new version atomically.
+so an upsert or delete never rebuilds the ANN index nor re-indexes BM25 (it adds a BM25 segment
+over its own rows); ``IndexEngine.merge`` (a Celery task) drops the tombstoned rows and rebuilds
+the index and one BM25 segment over everything, publishing a new version atomically. Without an
+ANN index a merge is due once tombstones exceed ``merge_fraction`` of the rows.
 Live passages of one document stay contiguous and in document order, which both searchers rely on.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import threading
@@ -44,6 +51,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from services.index.ann import ANN_FILE, AnnConfig, AnnIndex, build_ann, load_ann
+from services.index.bm25seg import SegmentedBM25, TermStats, tokenize
 from services.index.records import JsonlRecords
 from shared.artifacts import ArtifactFamily
 from shared.errors import invalid, not_found
@@ -67,6 +75,9 @@ RETRIEVERS = ("dense", "dense_exact", "bm25")
 #: Dense retrievers: ``dense`` is the collection's configured backend, ``dense_exact`` brute force.
 DENSE_RETRIEVERS = ("dense", "dense_exact")
 TOMBSTONES = "tombstones.npy"
+#: BM25 term statistics in segments (``services.index.bm25seg``); ``bm25/`` in older versions.
+BM25_SEGMENTS = "bm25seg"
+SEGMENTS_FILE = "segments.json"
 BM25_K1 = 0.9
 BM25_B = 0.4
 #: Called with (done, total, stage) during long work, for progress bars and job progress.
@@ -345,6 +356,68 @@ class BM25Searcher:
         return ranked[:k]
 
 
+class SegmentedBM25Searcher:
+    """BM25 over the version's rows in segments (``services.index.bm25seg``): statistics of the
+    live rows of every segment, tombstoned rows scoring 0. A write adds a segment over its own
+    passages instead of re-indexing the collection; scores equal a from-scratch index."""
+
+    name = "bm25"
+
+    def __init__(self, index: SegmentedBM25, passage_doc_index: np.ndarray) -> None:
+        self.index = index
+        self.passage_doc_index = passage_doc_index
+
+    def search(self, query: str, k: int) -> list[ScoredDoc]:
+        tokens = tokenize([query])[0]
+        if not tokens or self.index.n_live == 0:
+            return []
+        return self._ranked(self.index.scores(tokens), k)
+
+    def search_weighted(self, terms: dict[str, float], k: int) -> list[ScoredDoc]:
+        """score(p) = sum_t w_t * BM25(t, p) over the terms' stems (terms that stem alike add
+        their weights), documents by their best passage (see ``BM25Searcher.search_weighted``)."""
+        if self.index.n_live == 0:
+            return []
+        words = list(terms)
+        weights: dict[str, float] = {}
+        for word, stems in zip(words, tokenize(words), strict=True):
+            for stem in stems:
+                weights[stem] = weights.get(stem, 0.0) + terms[word]
+        scores = np.zeros(self.index.n_rows, dtype=np.float32)
+        for stem, weight in weights.items():
+            scores += np.float32(weight) * self.index.scores([stem])
+        return self._ranked(scores, k)
+
+    def _ranked(self, scores: np.ndarray, k: int) -> list[ScoredDoc]:
+        depth = min(self.index.n_live, max(k * 4, k + 32))
+        rows, values = _top_rows(scores, depth)
+        best: dict[int, ScoredDoc] = {}
+        for row, score in zip(rows, values, strict=True):
+            if score <= 0:
+                continue
+            doc_index = int(self.passage_doc_index[row])
+            if doc_index not in best:
+                best[doc_index] = ScoredDoc(doc_index, int(row), float(score))
+        return sorted(best.values(), key=lambda hit: (-hit.score, hit.doc_index))[:k]
+
+
+def _load_bm25(
+    base: Path, live: np.ndarray, live_rows: np.ndarray, passage_doc_index: np.ndarray, n_docs: int
+) -> BM25Searcher | SegmentedBM25Searcher:
+    listing = base / BM25_SEGMENTS / SEGMENTS_FILE
+    if not listing.exists():  # a version built before segments: one bm25s index of live rows
+        return BM25Searcher(base / "bm25", live_rows, passage_doc_index, n_docs)
+    entries = json.loads(listing.read_text())
+    segments = [TermStats.load(base / BM25_SEGMENTS / str(e["name"])) for e in entries]
+    bounds = np.cumsum([0, *[s.n_rows for s in segments]])
+    if int(bounds[-1]) != live.shape[0]:
+        raise ValueError(f"BM25 segments cover {bounds[-1]} rows of {live.shape[0]} in {base}")
+    masks = [live[a:b] for a, b in itertools.pairwise(bounds)]
+    return SegmentedBM25Searcher(
+        SegmentedBM25(segments, masks, k1=BM25_K1, b=BM25_B), passage_doc_index
+    )
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """An immutable, loaded version of a collection. Safe to share between threads.
@@ -364,7 +437,7 @@ class Snapshot:
     indexed_rows: int
     dense: DenseSearcher
     exact: ExactDenseSearcher
-    bm25: BM25Searcher
+    bm25: BM25Searcher | SegmentedBM25Searcher
 
     @property
     def n_documents(self) -> int:
@@ -477,7 +550,7 @@ def load_snapshot(
         indexed_rows=indexed_rows,
         dense=dense,
         exact=exact,
-        bm25=BM25Searcher(base / "bm25", live_rows, passage_doc_index, len(documents)),
+        bm25=_load_bm25(base, live, live_rows, passage_doc_index, len(documents)),
     )
 
 
@@ -744,14 +817,13 @@ class IndexEngine:
             new_passages = [p for doc in upserts for p in chunk_document(doc, self.passage_words)]
             new_vectors = self._embed_passages(new_passages, progress)
             documents = kept_docs + upserts
-            # Append mode keeps every previous row (and the ANN index over them), tombstoning the
-            # rows of replaced or deleted documents; otherwise rows are compacted.
-            append = previous is not None and previous.indexed_rows > 0 and not merge
-            if previous is None:
-                kept_rows: list[int] = []
-                dead: np.ndarray = np.zeros(0, np.int64)
-            elif append:
-                kept_rows = list(range(len(previous.passages)))
+            # Append mode keeps every previous row (and the ANN index and BM25 segments over
+            # them), tombstoning the rows of replaced or deleted documents; otherwise (a merge,
+            # or the write that brings a collection without an ANN index to ``min_passages``)
+            # rows are compacted.
+            append = previous is not None and not merge
+            dead: np.ndarray = np.zeros(0, np.int64)
+            if previous is not None and append:
                 dead = np.flatnonzero(
                     ~previous.live
                     | np.isin(
@@ -759,7 +831,18 @@ class IndexEngine:
                         [i for i, d in enumerate(previous.documents) if d.id in replaced],
                     )
                 )
+                live_after = len(previous.passages) - dead.shape[0] + len(new_passages)
+                append = (
+                    previous.indexed_rows > 0
+                    or config.backend == "flat"
+                    or live_after < config.min_passages
+                )
+            if previous is None:
+                kept_rows: list[int] = []
+            elif append:
+                kept_rows = list(range(len(previous.passages)))
             else:
+                dead = np.zeros(0, np.int64)
                 kept_rows = [
                     row
                     for row in np.flatnonzero(previous.live).tolist()
@@ -776,9 +859,10 @@ class IndexEngine:
                 and int(live_passages.sum()) >= config.min_passages
             )
             ann_meta: dict[str, Any] = {"config": config.to_dict(), "indexed_rows": 0}
-            if append and previous is not None:
+            has_ann = append and previous is not None and previous.indexed_rows > 0
+            if has_ann and previous is not None:
                 ann_meta = dict(previous.manifest["ann"])
-            manifest = {
+            manifest: dict[str, Any] = {
                 "collection": name,
                 "documents": len(documents),
                 "passages": int(live_passages.sum()),
@@ -791,7 +875,7 @@ class IndexEngine:
                 "bm25": {"k1": BM25_K1, "b": BM25_B, "stemmer": "english", "stopwords": "en"},
                 "retrievers": list(RETRIEVERS),
                 "ann": ann_meta,  # filled in while building: ``build`` seals it on exit
-                "dense_backend": config.label() if append or build_index else "flat",
+                "dense_backend": config.label() if has_ann or build_index else "flat",
             }
             with family.build(manifest) as scratch:
                 _write_jsonl(scratch / "documents.jsonl", (doc.model_dump() for doc in documents))
@@ -799,7 +883,7 @@ class IndexEngine:
                 self._write_embeddings(scratch / "embeddings.f32", previous, kept_rows, new_vectors)
                 if dead.shape[0]:
                     np.save(scratch / TOMBSTONES, dead.astype(np.int64))
-                if append and previous is not None:
+                if has_ann and previous is not None:
                     self._link(
                         family.versions_dir / previous.version / ann_meta["file"],
                         scratch / ann_meta["file"],
@@ -814,9 +898,11 @@ class IndexEngine:
                         progress(len(passages), len(passages), "ann")
                 if progress:
                     progress(0, len(passages), "bm25")
-                self._write_bm25(
-                    scratch / "bm25",
-                    [p for p, ok in zip(passages, live_passages, strict=True) if ok],
+                manifest["bm25"]["segments"] = self._write_bm25_segments(
+                    scratch / BM25_SEGMENTS,
+                    family.versions_dir / previous.version if previous and append else None,
+                    passages,
+                    len(kept_rows) if append else 0,
                 )
                 if progress:
                     progress(len(passages), len(passages), "bm25")
@@ -833,7 +919,10 @@ class IndexEngine:
             deleted=len(deletes),
             embedded_passages=len(new_passages),
             seconds=time.perf_counter() - started,
-            merge_due=indexed > 0 and outside_index > self.merge_fraction * indexed,
+            # Without an ANN index, tombstoned rows (kept until a merge) are what a merge drops.
+            merge_due=outside_index > self.merge_fraction * indexed
+            if indexed > 0
+            else int(dead.shape[0]) > self.merge_fraction * max(len(passages), 1),
         )
 
     def _embed_passages(self, passages: list[Passage], progress: Progress | None) -> np.ndarray:
@@ -869,17 +958,33 @@ class IndexEngine:
         out.flush()
         del out
 
-    @staticmethod
-    def _write_bm25(directory: Path, passages: list[Passage]) -> None:
-        import bm25s
-
+    @classmethod
+    def _write_bm25_segments(
+        cls, directory: Path, previous: Path | None, passages: list[Passage], kept: int
+    ) -> list[dict[str, int | str]]:
+        """BM25 term statistics as segments over the version's rows: the previous version's
+        segments hard-linked (they cover rows [0, kept)) plus one over the rows after them.
+        ``previous`` None (a first build or a compaction) or a version without segments (built
+        before them) means one segment over every row. Returns the segment list (the manifest's)."""
         directory.mkdir()
-        if not passages:
-            return
-        retriever = bm25s.BM25(k1=BM25_K1, b=BM25_B)
-        texts = [embedding_text(p) for p in passages]
-        retriever.index(_bm25_tokenize(texts), show_progress=False)
-        retriever.save(str(directory))
+        listed: list[dict[str, int | str]] = []
+        old_list = previous / BM25_SEGMENTS / SEGMENTS_FILE if previous is not None else None
+        if previous is not None and old_list is not None and old_list.exists():
+            listed = json.loads(old_list.read_text())
+            for entry in listed:
+                source = previous / BM25_SEGMENTS / str(entry["name"])
+                (directory / str(entry["name"])).mkdir()
+                for path in source.iterdir():
+                    cls._link(path, directory / str(entry["name"]) / path.name)
+            start = kept
+        else:
+            start = 0
+        if start < len(passages):
+            name = f"s{len(listed):05d}"
+            TermStats.build([embedding_text(p) for p in passages[start:]]).save(directory / name)
+            listed.append({"name": name, "rows": len(passages) - start})
+        (directory / SEGMENTS_FILE).write_text(json.dumps(listed) + "\n")
+        return listed
 
     def _build_ann(self, scratch: Path, config: AnnConfig, n_rows: int) -> dict[str, Any]:
         """Build the ANN index over the scratch version's vectors (read from its memmap)."""

@@ -13,6 +13,7 @@ def register(sub: Any) -> None:
     from lodestar.bench.index import register as register_index
     from lodestar.bench.ingest import register as register_ingest
     from lodestar.bench.rerank import register as register_rerank
+    from lodestar.bench.soak import register as register_soak
 
     group = sub.add_parser(
         "bench", help="speed and memory benchmarks (JSON under benchmarks/results)"
@@ -24,5 +25,6 @@ def register(sub: Any) -> None:
         register_fmindex,
         register_cross_encoder,
         register_generate,
+        register_soak,
     ):
         register_benchmark(group)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from dataclasses import replace
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends
@@ -51,6 +52,9 @@ class FmOptions(BaseModel):
     length: Annotated[int, Field(ge=1, le=20), NotBool] | None = None
     decode_titles: StrictBool | None = None
     groups: Annotated[int, Field(ge=1, le=50), NotBool] | None = None
+    """Diverse beam search groups; they split the beam, so a ``groups`` that does not divide
+    ``beam`` is lowered to the largest divisor of ``beam`` not above it (JSON Schema cannot state
+    "a multiple of another field")."""
     diversity_penalty: Annotated[float, Field(ge=0.0, le=10.0), NotBool] | None = None
 
 
@@ -191,7 +195,8 @@ async def search(
         diversity_penalty=body.fm.diversity_penalty,
     )
     if options.beam % options.groups:
-        raise invalid("beam must be a multiple of groups", field="fm.groups")
+        groups = max(g for g in range(1, options.groups + 1) if options.beam % g == 0)
+        options = replace(options, groups=groups)
     outcome = await run_in_threadpool(engine.search, body.collection, query, body.k, options)
     return search_response(engine, outcome)
 

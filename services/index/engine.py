@@ -78,6 +78,10 @@ TOMBSTONES = "tombstones.npy"
 #: BM25 term statistics in segments (``services.index.bm25seg``); ``bm25/`` in older versions.
 BM25_SEGMENTS = "bm25seg"
 SEGMENTS_FILE = "segments.json"
+#: Each row's document index in the version (-1 for tombstoned rows): loading needs no parse.
+ROW_DOCS = "row_docs.npy"
+#: The documents' ids in record order: upserts and deletes find their rows without a parse.
+DOC_IDS = "doc_ids.json"
 BM25_K1 = 0.9
 BM25_B = 0.4
 #: Called with (done, total, stage) during long work, for progress bars and job progress.
@@ -473,10 +477,43 @@ class Snapshot:
         )
 
 
-def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
-    with path.open("w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+def _record_ids(records: Sequence[Any], field: str) -> list[str]:
+    """One field of every record, from the raw JSON (no models)."""
+    if isinstance(records, JsonlRecords):
+        return [str(records.raw(i)[field]) for i in range(len(records))]
+    return [str(getattr(record, field)) for record in records]
+
+
+def _doc_ids(base: Path, documents: Sequence[Any]) -> list[str]:
+    """The version's document ids in order (``doc_ids.json``; older versions: from records)."""
+    path = base / DOC_IDS
+    if path.exists():
+        ids: list[str] = json.loads(path.read_text(encoding="utf-8"))
+        if len(ids) == len(documents):
+            return ids
+    return _record_ids(documents, "id")
+
+
+def _write_records(
+    path: Path,
+    source: Sequence[Any] | None,
+    kept: Iterable[int],
+    new_rows: Iterable[dict[str, Any]],
+) -> None:
+    """``source``'s records ``kept`` (in order; their bytes copied when ``source`` is a JSONL
+    file, re-serialised otherwise), then ``new_rows``."""
+    with path.open("wb") as handle:
+        if source is not None:
+            if isinstance(source, JsonlRecords):
+                for index in kept:
+                    handle.write(source.raw_line(index))
+            else:
+                for index in kept:
+                    handle.write(
+                        (json.dumps(source[index].model_dump(), ensure_ascii=False) + "\n").encode()
+                    )
+        for row in new_rows:
+            handle.write((json.dumps(row, ensure_ascii=False) + "\n").encode())
 
 
 def load_snapshot(
@@ -517,13 +554,19 @@ def load_snapshot(
     live = np.ones(n, dtype=bool)
     live[dead_rows] = False
     live_rows = np.flatnonzero(live)
-    doc_index_of = {doc.id: i for i, doc in enumerate(documents)}
-    passage_doc_index = np.full(n, -1, dtype=np.int64)
-    # One sequential scan; tombstoned rows may belong to documents that are gone.
-    passage_doc_index[live_rows] = [
-        doc_index_of[passage.doc_id] for passage, ok in zip(passages, live, strict=True) if ok
-    ]
-    del doc_index_of
+    if (base / ROW_DOCS).exists():
+        passage_doc_index = np.load(base / ROW_DOCS)
+        if passage_doc_index.shape[0] != n:
+            raise ValueError(f"{ROW_DOCS} has {passage_doc_index.shape[0]} rows of {n} in {base}")
+    else:  # a version from before row_docs.npy: one sequential scan of the records
+        doc_index_of = {doc_id: i for i, doc_id in enumerate(_record_ids(documents, "id"))}
+        passage_doc_index = np.full(n, -1, dtype=np.int64)
+        passage_doc_index[live_rows] = [
+            doc_index_of[doc_id]
+            for doc_id, ok in zip(_record_ids(passages, "doc_id"), live, strict=True)
+            if ok
+        ]
+        del doc_index_of
     live_docs = passage_doc_index[live_rows]
     doc_starts = (
         live_rows[np.r_[True, np.diff(live_docs) != 0]]
@@ -767,7 +810,8 @@ class IndexEngine:
         if not self.exists(name):
             raise not_found("collection", name, field="collection")
         snapshot = self.snapshot(name)
-        if not any(doc.id == doc_id for doc in snapshot.documents):
+        base = self.family(name).versions_dir / snapshot.version
+        if doc_id not in _doc_ids(base, snapshot.documents):
             raise not_found("document", doc_id)
         return self._write(name, upserts=[], deletes={doc_id}, progress=None)
 
@@ -810,13 +854,19 @@ class IndexEngine:
             )
             config = (config or (previous.ann_config if previous else self.ann)).validated()
             replaced = {doc.id for doc in upserts} | deletes
-            kept_docs = (
-                [doc for doc in previous.documents if doc.id not in replaced] if previous else []
+            # Previous documents by id from their raw records (no models): which lines stay.
+            prev_docs = previous.documents if previous is not None else None
+            prev_ids = (
+                _doc_ids(family.versions_dir / previous.version, previous.documents)
+                if previous is not None
+                else []
             )
-            kept_ids = {doc.id for doc in kept_docs}
-            new_passages = [p for doc in upserts for p in chunk_document(doc, self.passage_words)]
+            kept_doc_idx = [i for i, d in enumerate(prev_ids) if d not in replaced]
+            replaced_idx = [i for i, d in enumerate(prev_ids) if d in replaced]
+            n_documents = len(kept_doc_idx) + len(upserts)
+            chunks = [chunk_document(doc, self.passage_words) for doc in upserts]
+            new_passages = [p for chunk in chunks for p in chunk]
             new_vectors = self._embed_passages(new_passages, progress)
-            documents = kept_docs + upserts
             # Append mode keeps every previous row (and the ANN index and BM25 segments over
             # them), tombstoning the rows of replaced or deleted documents; otherwise (a merge,
             # or the write that brings a collection without an ANN index to ``min_passages``)
@@ -825,11 +875,7 @@ class IndexEngine:
             dead: np.ndarray = np.zeros(0, np.int64)
             if previous is not None and append:
                 dead = np.flatnonzero(
-                    ~previous.live
-                    | np.isin(
-                        previous.passage_doc_index,
-                        [i for i, d in enumerate(previous.documents) if d.id in replaced],
-                    )
+                    ~previous.live | np.isin(previous.passage_doc_index, replaced_idx)
                 )
                 live_after = len(previous.passages) - dead.shape[0] + len(new_passages)
                 append = (
@@ -837,21 +883,37 @@ class IndexEngine:
                     or config.backend == "flat"
                     or live_after < config.min_passages
                 )
+            # The new version's documents: the kept ones (in their order), then the upserts.
+            remap = np.full(len(prev_ids), -1, dtype=np.int64)
+            remap[kept_doc_idx] = np.arange(len(kept_doc_idx), dtype=np.int64)
+            new_doc_index = np.repeat(
+                len(kept_doc_idx) + np.arange(len(upserts), dtype=np.int64),
+                [len(chunk) for chunk in chunks],
+            )
+            old_passages: list[Passage] = []  # previous rows parsed (compaction only)
             if previous is None:
                 kept_rows: list[int] = []
+                row_docs = np.zeros(0, np.int64)
             elif append:
                 kept_rows = list(range(len(previous.passages)))
+                row_docs = np.where(
+                    previous.passage_doc_index >= 0,
+                    remap[np.maximum(previous.passage_doc_index, 0)],
+                    -1,
+                )
+                row_docs[dead] = -1
             else:
                 dead = np.zeros(0, np.int64)
                 kept_rows = [
                     row
                     for row in np.flatnonzero(previous.live).tolist()
-                    if previous.passages[row].doc_id in kept_ids
+                    if remap[previous.passage_doc_index[row]] >= 0
                 ]
-                dead = np.zeros(0, np.int64)
-            passages = [previous.passages[r] for r in kept_rows] if previous else []
-            passages += new_passages
-            live_passages = np.ones(len(passages), dtype=bool)
+                old_passages = [previous.passages[r] for r in kept_rows]
+                row_docs = remap[previous.passage_doc_index[kept_rows]]
+            row_docs = np.concatenate([row_docs, new_doc_index]).astype(np.int64)
+            n_rows = len(kept_rows) + len(new_passages)
+            live_passages = np.ones(n_rows, dtype=bool)
             live_passages[dead] = False
             build_index = (
                 not append
@@ -864,9 +926,9 @@ class IndexEngine:
                 ann_meta = dict(previous.manifest["ann"])
             manifest: dict[str, Any] = {
                 "collection": name,
-                "documents": len(documents),
+                "documents": n_documents,
                 "passages": int(live_passages.sum()),
-                "rows": len(passages),
+                "rows": n_rows,
                 "tombstones": int(dead.shape[0]),
                 "embedder": EMBEDDER_ID,
                 "dim": EMBEDDING_DIM,
@@ -878,8 +940,25 @@ class IndexEngine:
                 "dense_backend": config.label() if has_ann or build_index else "flat",
             }
             with family.build(manifest) as scratch:
-                _write_jsonl(scratch / "documents.jsonl", (doc.model_dump() for doc in documents))
-                _write_jsonl(scratch / "passages.jsonl", (p.model_dump() for p in passages))
+                # Kept records are copied as the bytes they were written as; only new ones are
+                # serialised. In append mode every previous passage line stays (rows are kept).
+                _write_records(
+                    scratch / "documents.jsonl",
+                    prev_docs,
+                    kept_doc_idx,
+                    (doc.model_dump() for doc in upserts),
+                )
+                _write_records(
+                    scratch / "passages.jsonl",
+                    previous.passages if previous is not None and append else None,
+                    range(len(kept_rows)) if append else [],
+                    (p.model_dump() for p in old_passages + new_passages),
+                )
+                np.save(scratch / ROW_DOCS, row_docs)
+                (scratch / DOC_IDS).write_text(
+                    json.dumps([prev_ids[i] for i in kept_doc_idx] + [d.id for d in upserts]),
+                    encoding="utf-8",
+                )
                 self._write_embeddings(scratch / "embeddings.f32", previous, kept_rows, new_vectors)
                 if dead.shape[0]:
                     np.save(scratch / TOMBSTONES, dead.astype(np.int64))
@@ -890,30 +969,30 @@ class IndexEngine:
                     )
                 elif build_index:
                     if progress:
-                        progress(0, len(passages), "ann")
-                    ann_meta.update(
-                        self._build_ann(scratch, config, len(passages)), indexed_rows=len(passages)
-                    )
+                        progress(0, n_rows, "ann")
+                    ann_meta.update(self._build_ann(scratch, config, n_rows), indexed_rows=n_rows)
                     if progress:
-                        progress(len(passages), len(passages), "ann")
+                        progress(n_rows, n_rows, "ann")
                 if progress:
-                    progress(0, len(passages), "bm25")
+                    progress(0, n_rows, "bm25")
                 manifest["bm25"]["segments"] = self._write_bm25_segments(
                     scratch / BM25_SEGMENTS,
                     family.versions_dir / previous.version if previous and append else None,
-                    passages,
-                    len(kept_rows) if append else 0,
+                    (lambda: [previous.passages[r] for r in kept_rows])  # a legacy version
+                    if previous is not None and append
+                    else (lambda: old_passages),
+                    new_passages,
                 )
                 if progress:
-                    progress(len(passages), len(passages), "bm25")
+                    progress(n_rows, n_rows, "bm25")
             version = family.current_version() or ""
             family.prune(keep=2)
         indexed = int(ann_meta.get("indexed_rows", 0))
-        outside_index = len(passages) - indexed + int(dead.shape[0])
+        outside_index = n_rows - indexed + int(dead.shape[0])
         return WriteResult(
             collection=name,
             version=version,
-            documents=len(documents),
+            documents=n_documents,
             passages=int(live_passages.sum()),
             upserted=len(upserts),
             deleted=len(deletes),
@@ -922,7 +1001,7 @@ class IndexEngine:
             # Without an ANN index, tombstoned rows (kept until a merge) are what a merge drops.
             merge_due=outside_index > self.merge_fraction * indexed
             if indexed > 0
-            else int(dead.shape[0]) > self.merge_fraction * max(len(passages), 1),
+            else int(dead.shape[0]) > self.merge_fraction * max(n_rows, 1),
         )
 
     def _embed_passages(self, passages: list[Passage], progress: Progress | None) -> np.ndarray:
@@ -960,12 +1039,16 @@ class IndexEngine:
 
     @classmethod
     def _write_bm25_segments(
-        cls, directory: Path, previous: Path | None, passages: list[Passage], kept: int
+        cls,
+        directory: Path,
+        previous: Path | None,
+        kept: Callable[[], list[Passage]],
+        new: list[Passage],
     ) -> list[dict[str, int | str]]:
         """BM25 term statistics as segments over the version's rows: the previous version's
-        segments hard-linked (they cover rows [0, kept)) plus one over the rows after them.
-        ``previous`` None (a first build or a compaction) or a version without segments (built
-        before them) means one segment over every row. Returns the segment list (the manifest's)."""
+        segments hard-linked (they cover the kept rows) plus one over ``new``. ``previous`` None
+        (a first build or a compaction) or a version without segments (built before them)
+        means one segment over every row (``kept()`` then ``new``). Returns the segment list."""
         directory.mkdir()
         listed: list[dict[str, int | str]] = []
         old_list = previous / BM25_SEGMENTS / SEGMENTS_FILE if previous is not None else None
@@ -976,13 +1059,13 @@ class IndexEngine:
                 (directory / str(entry["name"])).mkdir()
                 for path in source.iterdir():
                     cls._link(path, directory / str(entry["name"]) / path.name)
-            start = kept
+            rows = new
         else:
-            start = 0
-        if start < len(passages):
+            rows = kept() + new
+        if rows:
             name = f"s{len(listed):05d}"
-            TermStats.build([embedding_text(p) for p in passages[start:]]).save(directory / name)
-            listed.append({"name": name, "rows": len(passages) - start})
+            TermStats.build([embedding_text(p) for p in rows]).save(directory / name)
+            listed.append({"name": name, "rows": len(rows)})
         (directory / SEGMENTS_FILE).write_text(json.dumps(listed) + "\n")
         return listed
 

@@ -208,7 +208,8 @@ def test_a_crash_during_a_merge_leaves_the_previous_version_serving(
 def test_a_version_from_before_segments_loads_and_its_next_write_segments_it(
     engine: IndexEngine,
 ) -> None:
-    """Collections built before segments carry a bm25s index (``bm25/``) and no ``bm25seg/``."""
+    """Collections built before segments carry a bm25s index (``bm25/``) and no ``bm25seg/``,
+    ``row_docs.npy`` or ``doc_ids.json``."""
     family = engine.family("wiki")
     version = family.current_version()
     assert version is not None
@@ -219,10 +220,16 @@ def test_a_version_from_before_segments_loads_and_its_next_write_segments_it(
     legacy.index(engine_module._bm25_tokenize(live_texts), show_progress=False)
     legacy.save(str(base / "bm25"))
     shutil.rmtree(base / BM25_SEGMENTS)
+    (base / engine_module.ROW_DOCS).unlink()  # nor row -> document map, nor the id list
+    (base / engine_module.DOC_IDS).unlink()
     fresh = IndexEngine(engine.root.parent, engine._embedder_factory)
     old = fresh.snapshot("wiki")
     assert isinstance(old.bm25, engine_module.BM25Searcher)
     _, results, _ = fresh.search("wiki", "Who painted the Mona Lisa?", 3, ["bm25"])
     assert old.documents[results["bm25"][0].doc_index].id == "Mona Lisa"
     fresh.upsert("wiki", [Document(id="Zorblax", title="Zorblax", text="a purple moon")])
+    fresh.delete("wiki", "Mona Lisa")
     _assert_scores_equal_from_scratch(fresh)
+    snapshot = fresh.snapshot("wiki")
+    ids = [snapshot.documents[int(i)].id for i in np.unique(snapshot.passage_doc_index) if i >= 0]
+    assert "Zorblax" in ids and "Mona Lisa" not in ids and len(ids) == snapshot.n_documents

@@ -43,6 +43,7 @@ from shared.settings import Settings
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS_PATH = ROOT / "benchmarks" / "results" / "search_bench.json"
 PEER_SCRIPT = Path(__file__).resolve().parent / "txtai_peer.py"
+TXTAI_VERSION = "9.14.0"
 
 
 def nq_queries(n: int) -> list[str]:
@@ -384,6 +385,12 @@ def cmd_bench_search(args: argparse.Namespace, settings: Settings) -> int:
                     send = _lodestar_send(args.collection, args.k)
                 elif system == "txtai":
                     venv = Path(args.txtai_venv)
+                    if not (venv / "bin" / "python").exists():
+                        raise SystemExit(
+                            f"no txtai venv at {venv}; create it (txtai never enters Lodestar's "
+                            f"own environment):\n  python3.11 -m venv {venv} && {venv}/bin/pip "
+                            f'install -c constraints.txt "txtai[api]=={TXTAI_VERSION}"'
+                        )
                     index = txtai_index(venv, settings, args.collection, Path(args.txtai_cache))
                     processes = [start_txtai(venv, index, work, args.port_base + 100)]
                     url = f"http://127.0.0.1:{args.port_base + 100}"

@@ -8,6 +8,7 @@ refuses to start with settings that are only safe on a developer's laptop.
 from __future__ import annotations
 
 import hashlib
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -312,6 +313,19 @@ class Settings(BaseSettings):
         return int(getattr(self, f"{service}_port"))
 
 
+#: Where file secrets are read from: compose ``secrets:`` and Kubernetes Secret volumes mount
+#: them at /run/secrets. A file named like the variable in lower case
+#: (``lodestar_service_api_key``) sets that field; an environment variable of the same name wins.
+SECRETS_DIR_ENV = "LODESTAR_SECRETS_DIR"
+DEFAULT_SECRETS_DIR = Path("/run/secrets")
+
+
+def load_settings() -> Settings:
+    """Settings from the environment, ``.env`` and (when the folder exists) file secrets."""
+    secrets = Path(os.environ.get(SECRETS_DIR_ENV) or DEFAULT_SECRETS_DIR)
+    return Settings(_secrets_dir=secrets) if secrets.is_dir() else Settings()  # type: ignore[call-arg]
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    return Settings()
+    return load_settings()

@@ -217,3 +217,24 @@ def test_read_key_hashes_come_from_the_environment(monkeypatch: pytest.MonkeyPat
     assert settings.rate_limit_per_s == 5.0
     with pytest.raises(ValueError, match="SHA-256"):
         Settings(read_api_key_hashes=["plain"])
+
+
+def test_keys_can_come_from_secret_files(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    """Compose secrets and Kubernetes Secret volumes are files under /run/secrets (or
+    LODESTAR_SECRETS_DIR); an environment variable of the same name wins."""
+    from shared.settings import load_settings
+
+    (tmp_path / "lodestar_service_api_key").write_text(f"{SERVICE}\n")
+    (tmp_path / "lodestar_api_key_hashes").write_text(
+        f"{hash_api_key(ADMIN)},{hash_api_key(SERVICE)}\n"
+    )
+    for name in ("SERVICE_API_KEY", "API_KEY_HASHES", "READ_API_KEY_HASHES"):
+        monkeypatch.delenv(f"LODESTAR_{name}", raising=False)
+    monkeypatch.setenv("LODESTAR_SECRETS_DIR", str(tmp_path))
+    monkeypatch.setenv("LODESTAR_READ_API_KEY_HASHES", hash_api_key(READER))
+    settings = load_settings()
+    assert settings.service_api_key == SERVICE
+    assert settings.api_key_hashes == [hash_api_key(ADMIN), hash_api_key(SERVICE)]
+    assert settings.read_api_key_hashes == [hash_api_key(READER)]
+    monkeypatch.setenv("LODESTAR_SERVICE_API_KEY", "from-env")
+    assert load_settings().service_api_key == "from-env"

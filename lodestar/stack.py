@@ -55,8 +55,10 @@ STACK: tuple[ProcessSpec, ...] = (
     ProcessSpec("dsi", "services.dsi", port_service="dsi"),
     # Ready with no FM-index built (the LM loads in seconds): such a collection answers 404.
     ProcessSpec("fmindex", "services.fmindex", port_service="fmindex"),
-    # OpenAI-compatible generation with batching; /answer's generation goes through it.
-    ProcessSpec("generator", "services.generator", port_service="generator"),
+    # OpenAI-compatible generation with batching; /answer's generation goes through it. One
+    # thread: at load ~11 on the 2 cores, 32 tokens took 44 s with torch's default two threads
+    # (and the next requests ran past the 60 s deadline) against 6.3-7.6 s with one.
+    ProcessSpec("generator", "services.generator", port_service="generator", env=SINGLE_THREADED),
     ProcessSpec(
         "orchestrator",
         "services.orchestrator",

@@ -414,6 +414,9 @@ def cmd_bench_search(args: argparse.Namespace, settings: Settings) -> int:
             finally:
                 for process in reversed(processes):
                     process.stop()
+    if args.write_sizes:
+        sizes = [int(n) for n in args.write_sizes.split(",")]
+        report["write_path"] = write_path(settings, sizes, args.upserts)
     after = encode_baseline(queries, settings)
     fp32 = [before["fp32_sentence_transformers"]["p50"], after["fp32_sentence_transformers"]["p50"]]
     encode_p50 = float(np.mean(fp32))
@@ -429,6 +432,9 @@ def cmd_bench_search(args: argparse.Namespace, settings: Settings) -> int:
         if "writes" in entry:
             p50 = entry["writes"]["upsert_to_searchable_ms"]["p50"]
             entry["writes"]["upsert_to_searchable_over_encode"] = round(p50 / encode_p50, 1)
+    for row in report.get("write_path", []):
+        p50 = row["upsert_to_searchable_ms"]["p50"]
+        row["upsert_to_searchable_over_encode"] = round(p50 / encode_p50, 1)
     write_json(Path(args.out), report)
     print(render_table(report))
     print(f"wrote {args.out}")
@@ -468,7 +474,98 @@ def register(bench: Any) -> None:
         "--upserts", type=int, default=5, help="one-document upserts timed to searchable"
     )
     search.add_argument("--port-base", type=int, default=18000)
+    search.add_argument(
+        "--write-sizes",
+        default="10000,100000",
+        help="passages of the in-process write-path collections ('' skips them)",
+    )
     search.add_argument("--txtai-venv", default="var/bench-txtai-venv")
     search.add_argument("--txtai-cache", default="var/bench-txtai")
     search.add_argument("--out", default=str(RESULTS_PATH), help="JSON results")
     search.set_defaults(handler=cmd_bench_search)
+
+
+# --- the write path at 10k and 100k passages (in-process) --------------------------------------
+
+
+class _ReplayEmbedder:
+    """Passage vectors replayed from a built collection (by text), so building a large
+    benchmark collection costs no encoding; any other text is encoded by the real model."""
+
+    def __init__(self, real: Any, vectors: dict[str, np.ndarray]) -> None:
+        self.real = real
+        self.vectors = vectors
+        self.batch_size = real.batch_size
+        self.model_id, self.dim = real.model_id, real.dim
+
+    def encode(self, texts: list[str], *, progress: bool = False) -> np.ndarray:
+        missing = [t for t in texts if t not in self.vectors]
+        if missing:
+            for text, vector in zip(missing, self.real.encode(missing), strict=True):
+                self.vectors[text] = vector
+        return np.stack([self.vectors[t] for t in texts]).astype(np.float32)
+
+    def encode_queries(self, texts: list[str]) -> np.ndarray:
+        result: np.ndarray = self.real.encode_queries(texts)
+        return result
+
+
+def write_path(settings: Settings, sizes: list[int], repeats: int) -> list[dict[str, Any]]:
+    """One-document upsert -> searchable in the engine (what the index service runs), at each
+    size: a collection of the wiki passages repeated under new ids up to ``size`` passages
+    (their stored vectors replayed, the default ANN configuration), then ``repeats`` upserts of
+    a new document, each timed until a BM25 and a dense search return it, then deleted."""
+    from services.index.engine import IndexEngine, embedding_text
+    from shared.models import get_embedder
+    from shared.schemas import Document
+
+    source = IndexEngine.from_settings(settings)
+    snapshot = source.snapshot("wiki")
+    texts = [embedding_text(snapshot.passages[i]) for i in range(len(snapshot.passages))]
+    vectors = {t: np.asarray(snapshot.exact.embeddings[i]) for i, t in enumerate(texts)}
+    base_docs = [snapshot.documents[i] for i in range(snapshot.n_documents)]
+    replay = _ReplayEmbedder(get_embedder(settings), vectors)
+    rows = []
+    for size in sizes:
+        docs: list[Document] = []
+        copy = 0
+        while len(docs) < size:
+            for doc in base_docs:
+                if len(docs) >= size:
+                    break
+                docs.append(doc.model_copy(update={"id": f"{doc.id}~{copy}"}) if copy else doc)
+            copy += 1
+        with tempfile.TemporaryDirectory(prefix="lodestar-bench-writes-") as tmp:
+            engine = IndexEngine(Path(tmp), lambda: replay)  # type: ignore[arg-type, return-value]
+            started = time.perf_counter()
+            for start in range(0, len(docs), 20000):
+                engine.upsert("bench", docs[start : start + 20000])
+            if engine.merge("bench").merge_due:  # as the Celery merge after a bulk ingest
+                raise RuntimeError("a merge left a merge due")
+            build_s = time.perf_counter() - started
+            engine.search("bench", "warm up", 3, ["bm25", "dense"])  # load, first query
+            searchable, writes = [], []
+            for i in range(repeats):
+                word = f"benchquokka{i}x{size}"
+                doc = Document(id=f"new-{word}", title=word, text=f"{word} is a purple moon.")
+                started = time.perf_counter()
+                result = engine.upsert("bench", [doc])
+                written = time.perf_counter()
+                snap, found, _ = engine.search("bench", word, 3, ["bm25", "dense"])
+                assert all(snap.documents[r[0].doc_index].id == doc.id for r in found.values())
+                searchable.append((time.perf_counter() - started) * 1000)
+                writes.append((written - started) * 1000)
+                engine.delete("bench", doc.id)
+            info = engine.snapshot("bench")
+            rows.append(
+                {
+                    "passages": int(info.n_passages),
+                    "dense_backend": info.dense.name,
+                    "build_s": round(build_s, 1),
+                    "upsert_ms": _percentiles(writes),
+                    "upsert_to_searchable_ms": _percentiles(searchable),
+                    "merge_due_after_last": result.merge_due,
+                }
+            )
+            print(f"writes {json.dumps(rows[-1])}", flush=True)
+    return rows

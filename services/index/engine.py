@@ -505,8 +505,13 @@ def _write_records(
     with path.open("wb") as handle:
         if source is not None:
             if isinstance(source, JsonlRecords):
-                for index in kept:
-                    handle.write(source.raw_line(index))
+                # Contiguous runs of kept records are copied as one slice each.
+                indices = list(kept)
+                run_start = 0
+                for i in range(1, len(indices) + 1):
+                    if i == len(indices) or indices[i] != indices[i - 1] + 1:
+                        handle.write(source.raw_span(indices[run_start], indices[i - 1] + 1))
+                        run_start = i
             else:
                 for index in kept:
                     handle.write(
@@ -1026,7 +1031,13 @@ class IndexEngine:
             path.write_bytes(b"")
             return
         out = np.memmap(path, dtype=np.float32, mode="w+", shape=(n, EMBEDDING_DIM))
-        if kept_rows and previous is not None:
+        if kept_rows and previous is not None and kept_rows == list(range(len(kept_rows))):
+            # Append mode keeps every previous row: one contiguous copy.
+            source = previous.exact.embeddings
+            for start in range(0, len(kept_rows), 65536):
+                stop = min(start + 65536, len(kept_rows))
+                out[start:stop] = source[start:stop]
+        elif kept_rows and previous is not None:
             source = previous.exact.embeddings
             # Copy in blocks so a million-row collection is never read into memory at once.
             rows = np.asarray(kept_rows)

@@ -69,11 +69,12 @@ class JsonlRecords(Sequence[RecordT], Generic[RecordT]):
         # Validated when written; constructing without re-validation is ~3x faster per hit.
         return self.model.model_construct(**json.loads(self._buffer[start:end]))
 
-    def raw_line(self, index: int) -> bytes:
-        """Record ``index``'s line as written (with its newline): for copying records as is."""
-        start, end = int(self._offsets[index]), int(self._offsets[index + 1])
-        line = self._buffer[start:end]
-        return line if line.endswith(b"\n") else line + b"\n"
+    def raw_span(self, start: int, stop: int) -> bytes:
+        """Records ``[start, stop)`` as the bytes they were written as (one slice)."""
+        if start >= stop:
+            return b""
+        chunk = self._buffer[int(self._offsets[start]) : int(self._offsets[stop])]
+        return chunk if chunk.endswith(b"\n") else chunk + b"\n"
 
     def raw(self, index: int) -> dict[str, Any]:
         """Record ``index`` as the parsed JSON object (no model): for building responses."""

@@ -17,7 +17,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from sse_starlette.sse import EventSourceResponse
 
 from services.orchestrator.adapt import FeedbackAdaptation, Judgement
@@ -62,6 +62,7 @@ from shared.schemas import (
     CollectionInfo,
     Document,
     Hit,
+    NotBool,
     QueryText,
     ResultCount,
     WriteResponse,
@@ -81,6 +82,17 @@ RetrieverName = Literal["dense", "bm25", "fm", "dsi"]
 RerankerName = Literal["icr", "rankgpt", "cosine", "cross-encoder"]
 #: Stages a rerun may start from (which ones depends on the trace's kind, ``rerun.RERUN_STAGES``).
 RerunStage = Literal["retrieve", "fusion", "rerank", "decompose", "generate"]
+
+
+#: One server-sent event of a streamed ``/answer`` (``data`` is a JSON document).
+SSE_EVENT_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "event": {"enum": ["round", "token", "verdict", "citations", "error"]},
+        "data": {"type": "string"},
+    },
+    "required": ["event", "data"],
+}
 
 
 def _index_retrievers() -> list[RetrieverName]:
@@ -118,12 +130,12 @@ class AnswerRequest(BaseModel):
     question: QueryText
     collection: CollectionName = "wiki"
     k: ResultCount = 3
-    max_rounds: int | None = Field(None, ge=1, le=8)
+    max_rounds: Annotated[int, Field(ge=1, le=8), NotBool] | None = None
     """Retrieval rounds at most (SIM-RAG): the critic may stop the loop earlier. Default: the
     critic's loop (up to 4 rounds) while a critic answers, else 1 round (docs/answer.md)."""
-    subqueries: int | None = Field(None, ge=1, le=MAX_SUBQUERIES)
+    subqueries: Annotated[int, Field(ge=1, le=MAX_SUBQUERIES), NotBool] | None = None
     """Sub-queries the question is decomposed into (1 = none); default by measurement."""
-    stream: bool = False
+    stream: StrictBool = False
     session_id: SessionId | None = None
     """Stored on the trace; the session's earlier feedback applies to every round's search (the
     rule of ``SearchRequest.session_id``, the question as the query)."""
@@ -184,7 +196,7 @@ class SubQueryEdit(BaseModel):
     action: Literal["edit", "add", "delete", "reorder"]
     sq_id: str | None = Field(None, min_length=1, max_length=512)
     text: str | None = Field(None, max_length=300)
-    order: int | None = Field(None, ge=0, le=64)
+    order: Annotated[int, Field(ge=0, le=64), NotBool] | None = None
 
 
 class RerunOverrides(BaseModel):
@@ -203,7 +215,7 @@ class RerunRequest(BaseModel):
     """``retrieve``, ``fusion`` or ``rerank`` for a search; ``decompose``, ``retrieve`` or
     ``generate`` for an answer. Stages before it are copied from the trace, it and the ones
     after run again."""
-    apply_feedback: bool = False
+    apply_feedback: StrictBool = False
     """Apply the feedback stored on the trace (and the traces it was rerun from)."""
     overrides: RerunOverrides | None = None
     """Applied on top of stored feedback (an override wins for the documents it names)."""
@@ -244,7 +256,7 @@ class FeedbackRequest(BaseModel):
     value: Any = None
     source: Literal["user", "shadow"] = "user"
     agent_id: str | None = Field(None, max_length=128)
-    confidence: float | None = Field(None, ge=0.0, le=1.0)
+    confidence: Annotated[float, Field(ge=0.0, le=1.0), NotBool] | None = None
     rationale: str | None = Field(None, max_length=4000)
     idempotency_key: str | None = Field(None, min_length=1, max_length=200)
 
@@ -362,7 +374,14 @@ async def _finish_search(
     "/answer",
     response_model=AnswerResponse,
     dependencies=ready,
-    responses=error_responses(ErrorCode.empty, ErrorCode.not_found, ErrorCode.dependency_failed),
+    responses={
+        200: {
+            "description": "The answer; with `stream: true`, server-sent events (`round`, "
+            "`token`, `verdict`, then `citations` with the whole response, or `error`)",
+            "content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}},
+        },
+        **error_responses(ErrorCode.empty, ErrorCode.not_found, ErrorCode.dependency_failed),
+    },
 )
 async def answer(
     body: AnswerRequest,

@@ -34,6 +34,7 @@ from shared.app import from_state, require_ready
 from shared.clients import IndexClient
 from shared.errors import ErrorCode, LodestarError, error_responses
 from shared.jobs import TASK_OFFLINE_UPDATE, QueueChoice, route_queue
+from shared.schemas import NotBool
 from shared.settings import Settings
 from shared.store import FeedbackIn, Store, new_id
 
@@ -47,7 +48,7 @@ class ShadowRequest(BaseModel):
     user_id: str | None = Field(None, min_length=1, max_length=128)
     agent: Literal["auto", "llm", "cross-encoder", "both"] | None = None
     """Which agent judges (default: the ``shadow_agent`` setting)."""
-    top_k: int | None = Field(None, ge=1, le=50)
+    top_k: Annotated[int, Field(ge=1, le=50), NotBool] | None = None
     """Documents of the last ranking to judge (default: the ``shadow_top_k`` setting)."""
 
 
@@ -87,25 +88,25 @@ class TrainOverrides(BaseModel):
     """Cross-encoder training settings (``CrossEncoderTrainConfig``); unset ones keep its
     defaults."""
 
-    steps: Annotated[int | None, Field(ge=1, le=100_000)] = None
-    batch_size: Annotated[int | None, Field(ge=1, le=512)] = None
-    negatives_per_query: Annotated[int | None, Field(ge=1, le=64)] = None
+    steps: Annotated[int, Field(ge=1, le=100_000), NotBool] | None = None
+    batch_size: Annotated[int, Field(ge=1, le=512), NotBool] | None = None
+    negatives_per_query: Annotated[int, Field(ge=1, le=64), NotBool] | None = None
     loss: Literal["pointwise", "listwise"] | None = None
-    learning_rate: Annotated[float | None, Field(gt=0, le=1)] = None
-    max_length: Annotated[int | None, Field(ge=16, le=512)] = None
-    seed: int | None = None
+    learning_rate: Annotated[float, Field(gt=0, le=1), NotBool] | None = None
+    max_length: Annotated[int, Field(ge=16, le=512), NotBool] | None = None
+    seed: Annotated[int, NotBool] | None = None
 
 
 class OfflineUpdateRequest(BaseModel):
     component: Literal["reranker"]
     """What to fine-tune: the cross-encoder reranker (the only component with a trainer yet)."""
-    since: float | None = Field(None, ge=0)
+    since: Annotated[float, Field(ge=0), NotBool] | None = None
     """Use feedback created at or after this Unix time only."""
-    min_examples: int = Field(8, ge=1, le=1_000_000)
+    min_examples: Annotated[int, Field(ge=1, le=1_000_000), NotBool] = 8
     """Fewest positive relevance labels to train on; fewer answers 422 here (and fails the job
     if feedback went away in between)."""
-    eval_fraction: float = Field(0.25, gt=0, lt=1)
-    min_gain: float = Field(0.0, ge=0, le=1)
+    eval_fraction: Annotated[float, Field(gt=0, lt=1), NotBool] = 0.25
+    min_gain: Annotated[float, Field(ge=0, le=1), NotBool] = 0.0
     """Held-out nDCG@10 gain a new model must exceed to be published."""
     source: Literal["user", "shadow"] | None = None
     """Train on one source's feedback only (default: both, shadow weighted lower)."""

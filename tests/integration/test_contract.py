@@ -169,14 +169,14 @@ def orchestrator_schema(
         settings = _settings(
             data_dir, index_url=f"http://127.0.0.1:{port}", answer_max_new_tokens=8
         )
-        # /answer and /shadow/simulate run the LLM several times per request.
         yield _schema(build_app(settings), exclude_paths=ORCHESTRATOR_EXCLUDED)
     finally:
         index.stop()
 
 
-#: Orchestrator operations left out of the run (each generated request runs the LLM).
-ORCHESTRATOR_EXCLUDED = ("/answer", "/shadow/simulate")
+#: Orchestrator operations left out of the run: a shadow simulation runs the LLM once per
+#: document judged (up to 50). ``/answer`` is in, with 8 new tokens and a 5 s deadline.
+ORCHESTRATOR_EXCLUDED = ("/shadow/simulate",)
 
 critic_schema = _model_service("critic")
 reranker_schema = _model_service("reranker")
@@ -291,11 +291,14 @@ def test_dsi_contract(dsi_schema: Any) -> None:
 
 #: The orchestrator's open findings (docs/api.md): a batch naming one document id twice (422, as
 #: the index and dsi), and an offline update asked for while the store holds fewer relevance
-#: labels than ``min_examples`` (422: a state, not the request, is at fault; 409 would say so).
+#: labels than ``min_examples``, and a rerun from a stage the trace does not have (a search
+#: trace has no ``decompose``) or naming documents it does not hold (422 both: the state, not
+#: the request, is at fault; 409 would say so).
 ORCHESTRATOR_KNOWN = frozenset(
     {
         "PUT /collections/{name}/documents: positive_data_acceptance",
         "POST /jobs/offline-update: positive_data_acceptance",
+        "POST /traces/{trace_id}/rerun: positive_data_acceptance",
     }
 )
 

@@ -166,24 +166,38 @@ def start_lodestar(
 
 
 def txtai_index(venv: Path, settings: Settings, collection: str, cache: Path) -> Path:
-    """txtai's hybrid index of the collection's current passages (built once, cached)."""
+    """txtai's hybrid index of the collection's live passages (built once per content: the
+    cache key is the SHA-256 of the live passage records, so writes that were undone, or
+    tombstoned rows, do not force a rebuild nor leak deleted passages into txtai)."""
+    import hashlib
+
     from services.index.engine import IndexEngine
+    from services.index.records import JsonlRecords
     from shared.models import embedder_path
 
     engine = IndexEngine.from_settings(settings)
-    family = engine.family(collection)
-    version = family.current_version()
-    if version is None:
-        raise SystemExit(f"no collection {collection!r} under {settings.data_dir}")
-    out = cache / f"{collection}-{version}"
+    snapshot = engine.snapshot(collection)
+    passages = snapshot.passages
+    if not isinstance(passages, JsonlRecords):
+        raise SystemExit(f"collection {collection!r} has no passage file")
+    live_rows = np.flatnonzero(snapshot.live).tolist()
+    digest = hashlib.sha256()
+    for row in live_rows:
+        digest.update(passages.raw_span(row, row + 1))
+    out = cache / f"{collection}-{digest.hexdigest()[:16]}"
     if not (out / "bench-build.json").exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        live_file = cache / f"{out.name}.passages.jsonl"
+        with live_file.open("wb") as handle:
+            for row in live_rows:
+                handle.write(passages.raw_span(row, row + 1))
         subprocess.run(
             [
                 str(venv / "bin" / "python"),
                 str(PEER_SCRIPT),
                 "build",
                 "--passages",
-                str(family.versions_dir / version / "passages.jsonl"),
+                str(live_file),
                 "--model",
                 str(embedder_path()),
                 "--out",

@@ -20,23 +20,19 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
-from services.fmindex.engine import FmEngine, FmSearchOutcome, with_overrides
-from services.fmindex.scoring import Match
+from services.fmindex.engine import FmEngine, with_overrides
+from services.fmindex.responses import RETRIEVER, FmSearchResponse, search_response
 from shared.app import check_k, check_text, from_state, require_ready
 from shared.datasets import DATASETS
 from shared.errors import ErrorCode, LodestarError, error_responses, invalid, not_found
 from shared.ids import CollectionPath, StagedName, stage_jsonl, staged_file, staging_dir
 from shared.schemas import (
     Document,
-    Hit,
     IndexSearchRequest,
-    IndexSearchResponse,
     NotBool,
-    SourceRank,
 )
 from shared.settings import Settings
 
-RETRIEVER = "fm"
 logger = logging.getLogger(__name__)
 
 EngineDep = Annotated[FmEngine, Depends(from_state("engine"))]
@@ -68,30 +64,6 @@ class FmSearchRequest(IndexSearchRequest):
     )
     """This service serves the ``fm`` retriever only."""
     fm: FmOptions = Field(default_factory=FmOptions)
-
-
-class MatchedNgram(BaseModel):
-    ngram: str
-    tokens: list[int]
-    kind: Literal["body", "title", "unigram"]
-    frequency: int
-    """Occurrences in the whole corpus (the FM-index count)."""
-    logprob: float
-    """log P(n | query) under the generator."""
-    weight: float
-    """SEAL's weight of the n-gram (log-odds, clipped, ** α for n-grams)."""
-    contribution: float
-    """Weight × coverage coefficient: what it added to this document's score."""
-
-
-class FmHit(Hit):
-    ngrams: list[MatchedNgram] = Field(default_factory=list)
-
-
-class FmSearchResponse(IndexSearchResponse):
-    results: dict[str, list[FmHit]]  # type: ignore[assignment]
-    generator: str
-    forward_passes: int
 
 
 def _one_source(name: str, schema: dict[str, Any]) -> dict[str, Any]:
@@ -133,42 +105,6 @@ class BuildResponse(BaseModel):
     job_id: str
     """``GET /jobs/{job_id}`` reports its state."""
     collection: str
-
-
-def _matched(engine: FmEngine, match: Match) -> MatchedNgram:
-    key = match.key
-    return MatchedNgram(
-        ngram=engine.describe_key(key),
-        tokens=list(key.tokens),
-        kind=key.kind,  # type: ignore[arg-type]
-        frequency=key.count,
-        logprob=round(key.logprob, 4),
-        weight=round(key.weight, 4),
-        contribution=round(match.contribution, 4),
-    )
-
-
-def search_response(engine: FmEngine, outcome: FmSearchOutcome) -> FmSearchResponse:
-    hits = [
-        FmHit(
-            doc_id=hit.doc_id,
-            title=hit.title,
-            text=hit.text,
-            score=round(hit.score, 6),
-            sources={RETRIEVER: SourceRank(rank=rank, score=round(hit.score, 6))},
-            ngrams=[_matched(engine, m) for m in hit.matches + hit.unigrams],
-        )
-        for rank, hit in enumerate(outcome.hits, start=1)
-    ]
-    timings = {k: round(v, 2) for k, v in outcome.timings_ms.items() if k != "forward_passes"}
-    return FmSearchResponse(
-        collection=outcome.collection,
-        version=outcome.version,
-        results={RETRIEVER: hits},
-        timings_ms=timings,
-        generator=outcome.generator,
-        forward_passes=int(outcome.timings_ms.get("forward_passes", 0)),
-    )
 
 
 @router.post(

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from fastapi.concurrency import run_in_threadpool
 
-from services.fmindex.api import search_response
 from services.fmindex.engine import FmEngine, SearchOptions
+from services.fmindex.responses import search_response
 from shared.schemas import IndexSearchRequest, IndexSearchResponse
 
 

@@ -56,9 +56,9 @@ def in_process_search(
         reranker = InProcessReranker(rerank_engine_from_settings(settings))
     external: dict[str, IndexSearcher] = {}
     if fm:
-        from services.fmindex.api import RETRIEVER
         from services.fmindex.engine import FmEngine
         from services.fmindex.inprocess import InProcessFm
+        from services.fmindex.responses import RETRIEVER
 
         external[RETRIEVER] = InProcessFm(FmEngine.from_settings(settings))
     index = InProcessIndex(engine if engine is not None else IndexEngine.from_settings(settings))

@@ -9,7 +9,7 @@ back and report the service in ``degraded``.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, get_args
 from urllib.parse import quote
 
 import httpx
@@ -194,7 +194,8 @@ class RetrieverClient(ServiceClient):
 # --- reranker ----------------------------------------------------------------------------------
 
 #: Methods the reranker service serves (``cross-encoder`` answers 503 until one is published).
-RERANK_METHODS = ("icr", "rankgpt", "cosine", "cross-encoder")
+RerankMethod = Literal["icr", "rankgpt", "cosine", "cross-encoder"]
+RERANK_METHODS: tuple[str, ...] = get_args(RerankMethod)
 #: Stated in the OpenAPI document (the setting's default); the reranker enforces the setting (413).
 RERANK_MAX_DOCUMENTS_DEFAULT: int = Settings.model_fields["rerank_max_documents"].default
 #: The critic's context is everything retrieved over several rounds: more than one query's worth.
@@ -231,7 +232,7 @@ class RerankRequest(BaseModel):
     documents: list[RerankDocumentIn] = Field(
         min_length=1, json_schema_extra={"maxItems": RERANK_MAX_DOCUMENTS_DEFAULT}
     )
-    method: Literal["icr", "rankgpt", "cosine", "cross-encoder"] = "icr"
+    method: RerankMethod = "icr"
     options: RerankOptions = Field(default_factory=lambda: RerankOptions())
 
 

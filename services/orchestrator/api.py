@@ -46,7 +46,7 @@ from services.orchestrator.rounds import (
 from services.orchestrator.search import SearchOutcome, SearchPipeline
 from shared.app import check_k, check_text, from_state, require_ready
 from shared.auth import scoped_idempotency_key
-from shared.clients import IndexClient
+from shared.clients import IndexClient, RerankMethod
 from shared.errors import ErrorCode, LodestarError, error_responses, invalid
 from shared.ids import (
     CollectionName,
@@ -78,8 +78,6 @@ SessionId = Annotated[str, Field(min_length=1, max_length=64)]
 
 #: Retrievers ``/search`` fuses: the index's two, and the SEAL (fmindex) and DSI++ services'.
 RetrieverName = Literal["dense", "bm25", "fm", "dsi"]
-#: Re-rankers ``rerank`` may name (``shared.clients.RERANK_METHODS``).
-RerankerName = Literal["icr", "rankgpt", "cosine", "cross-encoder"]
 #: Stages a rerun may start from (which ones depends on the trace's kind, ``rerun.RERUN_STAGES``).
 RerunStage = Literal["retrieve", "fusion", "rerank", "decompose", "generate"]
 
@@ -105,7 +103,7 @@ class SearchRequest(BaseModel):
     k: ResultCount = 10
     retrievers: list[RetrieverName] = Field(default_factory=_index_retrievers, min_length=1)
     fusion: Literal["rrf"] = "rrf"
-    rerank: RerankerName | None = None
+    rerank: RerankMethod | None = None
     session_id: SessionId | None = None
     """Stored on the trace. Feedback given earlier in the session applies to this search:
     pins and removals from the session's searches of the same query, relevance labels from any

@@ -40,9 +40,9 @@ from shared.store import StageRun, Trace
 INDEX_RETRIEVERS = ("dense", "bm25")
 #: How deep each retriever's list is before fusion: RRF needs more than k to work with.
 FUSION_DEPTH = 100
-#: Methods of the reranker service ``/search`` accepts as ``rerank``; an unpublished
-#: cross-encoder answers 503, and ``/search`` then falls back to the first stage (``degraded``).
-RERANKERS: tuple[str, ...] = RERANK_METHODS
+#: ``/search`` accepts the reranker service's methods (``RERANK_METHODS``) as ``rerank``; an
+#: unpublished cross-encoder answers 503, and ``/search`` then falls back to the first stage
+#: (``degraded``).
 #: Fused candidates sent to the reranker by default (ICR's multi-hop setting: top 20).
 RERANK_DEPTH = 20
 
@@ -197,10 +197,10 @@ class SearchPipeline:
                 f"unknown retriever {unknown[0]!r}; available: {', '.join(self.retrievers)}",
                 field="retrievers",
             )
-        if rerank is not None and rerank not in RERANKERS:
+        if rerank is not None and rerank not in RERANK_METHODS:
             raise LodestarError(
                 ErrorCode.validation,
-                f"unknown reranker {rerank!r}; available: {', '.join(RERANKERS) or 'none yet'}",
+                f"unknown reranker {rerank!r}; available: {', '.join(RERANK_METHODS) or 'none yet'}",
                 field="rerank",
             )
 
@@ -435,7 +435,7 @@ class SearchPipeline:
         started = time.perf_counter()
         request = RerankRequest(
             query=query,
-            method=method,  # type: ignore[arg-type]  # checked against RERANKERS above
+            method=method,  # type: ignore[arg-type]  # checked against RERANK_METHODS above
             documents=[
                 RerankDocumentIn(doc_id=h.doc_id, title=h.title, text=h.text) for h in candidates
             ],

@@ -33,11 +33,11 @@ from services.reranker.icr import (
     document_text,
     truncate_tokens,
 )
-from shared.clients import RerankRequest, RerankResponse, RerankResult
+from shared.clients import RERANK_METHODS, RerankRequest, RerankResponse, RerankResult
 from shared.errors import ErrorCode, LodestarError
 from shared.settings import Settings
 
-METHODS = ("icr", "rankgpt", "cosine", "cross-encoder")
+METHODS = RERANK_METHODS
 
 RANKGPT_SYSTEM = (
     "You are RankGPT, an intelligent assistant that can rank passages based on their relevancy "

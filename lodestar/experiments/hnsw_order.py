@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -35,6 +35,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from lodestar.evaluation.common import machine_info, write_json
 from lodestar.experiments.lid import exact_knn, k_occurrence, lid_for_ks, mle_lid
 
 Library = Literal["hnswlib", "faiss_seq", "faiss_batch"]
@@ -682,23 +683,6 @@ def _order_runs(
             )
 
 
-def machine_info() -> dict[str, Any]:
-    import os
-
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "load_average": list(os.getloadavg()),
-    }
-
-
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=1, allow_nan=True), encoding="utf-8")
-    tmp.replace(path)
-
-
 def run_experiment(config: ExperimentConfig, *, show_progress: bool = True) -> dict[str, Any]:
     """Run the suite, writing ``runs.json`` after every dataset so a stopped run keeps what it
     measured. Returns the payload (also what the report reads)."""
@@ -710,6 +694,7 @@ def run_experiment(config: ExperimentConfig, *, show_progress: bool = True) -> d
     payload: dict[str, Any] = {
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine_info(),
+        "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],
         "versions": {
             "hnswlib": getattr(hnswlib, "__version__", "0.8.0"),
             "faiss": _faiss().__version__,
@@ -740,7 +725,7 @@ def run_experiment(config: ExperimentConfig, *, show_progress: bool = True) -> d
     def save() -> None:
         payload["sessions"][-1]["seconds"] = time.perf_counter() - started
         payload["seconds"] = sum(session.get("seconds", 0.0) for session in payload["sessions"])
-        _write_json(config.out / "runs.json", payload)
+        write_json(config.out / "runs.json", payload)
 
     def order_suite(
         dataset: Dataset,

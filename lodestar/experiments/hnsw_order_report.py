@@ -398,14 +398,17 @@ def write_report(payload: dict[str, Any], out: Path) -> Path:
     }
     config = payload["config"]
     machine = payload["machine"]
+    # Runs before the shared machine_info/provenance schema said cpu_count and load_average.
+    cores = machine.get("cores", machine.get("cpu_count"))
+    load = payload.get("load_avg_at_start") or machine.get("load_average") or []
     real = [d["dataset"] for d in payload["datasets"] if d["intrinsic_dim"] is None]
     lines: list[str] = [
         "# HNSW insertion order and intrinsic dimensionality — Lodestar's measurement",
         "",
         f"_Run started {payload['started']}, {payload.get('seconds', 0) / 60:.1f} min of wall clock over "
         f"{max(1, len(payload.get('sessions', [])))} `--resume` session(s), on "
-        f"{machine['platform']}, {machine['cpu_count']} cores shared with other jobs (load "
-        f"average at start {', '.join(f'{x:.1f}' for x in machine['load_average'])}); hnswlib "
+        f"{machine['platform']}, {cores} cores shared with other jobs (load "
+        f"average at start {', '.join(f'{x:.1f}' for x in load)}); hnswlib "
         f"{payload['versions']['hnswlib']}, faiss {payload['versions']['faiss']}. Every number "
         "below is recomputed from `runs.json` in this folder._",
         "",

@@ -49,7 +49,10 @@ def serve(index: Path, port: int) -> None:
 
     config = index.parent / f"{index.name}-api.yml"
     # txtai.api reads its configuration from the file named by CONFIG at import time.
-    config.write_text(f"path: {index}\nwritable: false\n")
+    # ``embeddings`` enables the search routes; ``path`` loads the saved index (whose own
+    # configuration names the model).
+    model = json.loads((index / "config.json").read_text())["path"]
+    config.write_text(f"path: {index}\nwritable: false\nembeddings:\n  path: {model}\n")
     os.environ["CONFIG"] = str(config)
     uvicorn.run("txtai.api:app", host="127.0.0.1", port=port, log_level="warning")
 

@@ -33,7 +33,7 @@ eval-check: install
 	$(BIN)/pytest -m eval --durations=5
 
 test-fast: install
-	$(BIN)/pytest -m "not slow"
+	$(BIN)/pytest -m "not slow and not redis and not postgres and not docker"
 
 lint: install
 	$(BIN)/ruff check .

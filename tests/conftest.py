@@ -48,6 +48,24 @@ def make_settings(data_dir: Path, **overrides: object) -> Settings:
     return Settings(data_dir=data_dir, models_dir=MODELS_DIR, log_json=False, **overrides)  # type: ignore[arg-type]
 
 
+#: Fixtures that need a server, and the marker a test using one carries.
+_SERVER_FIXTURES = {"redis_url": "redis", "live_stack": "redis", "postgres_url": "postgres"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests say what they need: one that uses a server's fixture (directly, through another
+    fixture, or as the ``postgres`` parameter of the store fixture) is marked for that server,
+    so ``-m "not redis and not postgres"`` runs with neither."""
+    for item in items:
+        names = set(getattr(item, "fixturenames", ()))
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and "postgres" in callspec.params.values():
+            names.add("postgres_url")
+        for fixture, marker in _SERVER_FIXTURES.items():
+            if fixture in names:
+                item.add_marker(getattr(pytest.mark, marker))
+
+
 @pytest.fixture(autouse=True)
 def _restore_torch_threads() -> Iterator[None]:
     """Engines that pin torch to one thread (DSI on CPU) must not slow every later test in the

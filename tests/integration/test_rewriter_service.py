@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import REDIS_URL, Process, free_port, spawn, stack_env, wait_ready
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.redis]
 
 QUERY = "jaguar top speed"
 JAGUAR = {

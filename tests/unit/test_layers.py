@@ -30,19 +30,16 @@ def violations(package: str) -> list[str]:
         own_service = relative.parts[1] if package == "services" else None
         for line, module in imports(path):
             parts = module.split(".")
-            where = f"{relative}:{line} imports {module}"
-            if package == "shared" and parts[0] in ("services", "lodestar"):
-                found.append(where)
-            elif package == "services" and parts[0] == "lodestar":
-                found.append(where)
-            elif (
+            upward = parts[0] == "lodestar" or (package == "shared" and parts[0] == "services")
+            cross_service_http = (
                 package == "services"
                 and parts[0] == "services"
                 and len(parts) >= 3
                 and parts[1] != own_service
                 and parts[2] in ("api", "app")
-            ):
-                found.append(where)
+            )
+            if upward or cross_service_http:
+                found.append(f"{relative}:{line} imports {module}")
     return found
 
 

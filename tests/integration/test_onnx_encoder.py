@@ -96,3 +96,29 @@ def test_embedder_serves_queries_with_onnx_by_default(reference: Embedder) -> No
     assert embedder.query_backend == "onnx"
     query = ["what is photosynthesis"]
     assert float(embedder.encode_queries(query)[0] @ reference.encode(query)[0]) > 0.9999
+
+
+def test_embed_gives_a_hit_its_stored_vector_back(built_data_dir: Path) -> None:
+    # /embed (Rocchio's judged passages) takes the ONNX path; the index stored fp32 vectors.
+    from services.index.engine import IndexEngine
+    from shared.models import get_embedder
+    from shared.schemas import EmbedPassage, EmbedRequest
+    from tests.conftest import make_settings
+
+    settings = make_settings(built_data_dir)
+    engine = IndexEngine(built_data_dir, lambda: get_embedder(settings))
+    snapshot = engine.snapshot("wiki")
+    rows = [0, 1, len(snapshot.passages) - 1]
+    request = EmbedRequest(
+        query="Who painted the Mona Lisa?",
+        passages=[
+            EmbedPassage(title=snapshot.passages[r].title, text=snapshot.passages[r].text)
+            for r in rows
+        ],
+    )
+    response = engine.embed(request)
+    stored = np.asarray(snapshot.exact.embeddings[rows])
+    got = np.asarray(response.passage_vectors)
+    assert ((stored * got).sum(axis=1) >= 0.99).all()
+    assert response.query_vector is not None
+    np.testing.assert_allclose(response.query_vector, engine.embed_query(request.query), atol=1e-5)

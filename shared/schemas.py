@@ -160,6 +160,9 @@ class IndexSearchResponse(BaseModel):
 class EmbedPassage(BaseModel):
     title: str = ""
     text: str = Field(max_length=20_000)
+    doc_id: str | None = Field(default=None, min_length=1, max_length=512)
+    """With the request's ``collection``: a passage of this document whose title and text are
+    these gets its stored vector back, with no encoding (a hit the caller was shown)."""
 
 
 class EmbedRequest(BaseModel):
@@ -168,6 +171,8 @@ class EmbedRequest(BaseModel):
 
     query: str | None = Field(default=None, max_length=4_000)
     passages: list[EmbedPassage] = Field(default_factory=list, max_length=64)
+    collection: CollectionName | None = None
+    """Where the passages' ``doc_id`` s point (their stored vectors are read, not recomputed)."""
 
 
 class EmbedResponse(BaseModel):

@@ -109,10 +109,16 @@ async def search(body: SearchRequest, engine: EngineDep, settings: SettingsDep) 
     return Response(content=await run_in_threadpool(run), media_type="application/json")
 
 
-@router.post("/embed", response_model=EmbedResponse, responses=error_responses(ErrorCode.empty))
+@router.post(
+    "/embed",
+    response_model=EmbedResponse,
+    responses=error_responses(ErrorCode.empty, ErrorCode.not_found),
+)
 async def embed(body: EmbedRequest, engine: EngineDep, settings: SettingsDep) -> EmbedResponse:
     """The embedder's vectors for a query and passages, so a caller can move a dense query
-    (Rocchio relevance feedback) and search with ``query_vector``."""
+    (Rocchio relevance feedback) and search with ``query_vector``; passages that name a
+    ``doc_id`` of ``collection`` (404 if it does not exist) and match a stored passage get its
+    stored vector."""
     if body.query is not None:
         check_text(body.query, "query", settings)
     return await run_in_threadpool(engine.embed, body)

@@ -653,6 +653,7 @@ class IndexEngine:
         self.device = device
         self.merge_fraction = merge_fraction
         self._snapshots: dict[str, Snapshot] = {}
+        self._doc_rows: dict[str, tuple[str, dict[str, list[int]]]] = {}
         self._load_lock = threading.Lock()
 
     @classmethod
@@ -726,26 +727,60 @@ class IndexEngine:
         indexing embeds it, title prepended): what a caller needs to move a query vector
         (Rocchio) without the embedder.
 
-        Both go through the query path in one call: ONNX Runtime when it is loaded, which embeds
-        passages as sentence-transformers does (cosine >= 0.99 on SciFact abstracts,
-        ``tests/integration/test_onnx_encoder.py``) in about a third of the time, so a rerun
-        with relevance feedback is not held up by fp32 encoding. Bulk indexing stays fp32."""
+        A passage naming a ``doc_id`` of the request's ``collection`` whose title and text are a
+        stored passage of that document gets the stored vector, with no encoding: a hit shown to
+        a user comes back as it was indexed. The rest, and the query, go through the query path
+        in one call: ONNX Runtime when it is loaded, which embeds passages as sentence-
+        transformers does (cosine >= 0.99 on SciFact abstracts,
+        ``tests/integration/test_onnx_encoder.py``); bulk indexing stays fp32."""
+        vectors: list[np.ndarray | None] = [None] * len(request.passages)
+        if request.collection is not None and any(p.doc_id for p in request.passages):
+            snapshot = self.snapshot(request.collection)
+            rows_of = self._rows_by_doc(request.collection, snapshot)
+            for i, p in enumerate(request.passages):
+                for row in rows_of.get(p.doc_id or "", ()):
+                    record = snapshot.passages[row]
+                    if record.text == p.text and record.title == p.title:
+                        vectors[i] = np.asarray(snapshot.exact.embeddings[row], dtype=np.float32)
+                        break
+        missing = [i for i, v in enumerate(vectors) if v is None]
         texts = [
-            embedding_text(Passage(passage_id="", doc_id="", title=p.title, text=p.text))
-            for p in request.passages
+            embedding_text(
+                Passage(
+                    passage_id="",
+                    doc_id="",
+                    title=request.passages[i].title,
+                    text=request.passages[i].text,
+                )
+            )
+            for i in missing
         ]
         if request.query is not None:
             texts.insert(0, request.query)
-        vectors = self.embedder.encode_queries(texts) if texts else np.zeros((0, 0))
-        query, passages = (
-            (vectors[0], vectors[1:]) if request.query is not None else (None, vectors)
-        )
+        encoded = list(self.embedder.encode_queries(texts)) if texts else []
+        query = encoded.pop(0) if request.query is not None else None
+        for i, vector in zip(missing, encoded, strict=True):
+            vectors[i] = vector
         return EmbedResponse(
             model=self.embedder.model_id,
             dim=int(self.embedder.dim),
             query_vector=None if query is None else query.tolist(),
-            passage_vectors=[v.tolist() for v in passages],
+            passage_vectors=[v.tolist() for v in vectors if v is not None],
         )
+
+    def _rows_by_doc(self, name: str, snapshot: Snapshot) -> dict[str, list[int]]:
+        """doc id -> its live passage rows in ``snapshot``, built once per version."""
+        cached = self._doc_rows.get(name)
+        if cached is not None and cached[0] == snapshot.version:
+            return cached[1]
+        doc_ids = _doc_ids(self.family(name).versions_dir / snapshot.version, snapshot.documents)
+        rows: dict[str, list[int]] = {}
+        for row in np.flatnonzero(snapshot.live):
+            doc = int(snapshot.passage_doc_index[row])
+            if 0 <= doc < len(doc_ids):
+                rows.setdefault(doc_ids[doc], []).append(int(row))
+        self._doc_rows[name] = (snapshot.version, rows)
+        return rows
 
     def search(
         self,

@@ -353,7 +353,7 @@ class SearchPipeline:
             vector: list[float] | None = None
             if "dense" in retrievers:
                 try:
-                    vector, cosine = await self._rocchio(query, adaptation)
+                    vector, cosine = await self._rocchio(query, collection, adaptation)
                     outputs["rocchio"] = {
                         "relevant": sum(d in adaptation.documents for d in adaptation.relevant),
                         "irrelevant": sum(d in adaptation.documents for d in adaptation.irrelevant),
@@ -392,7 +392,7 @@ class SearchPipeline:
         return adapted
 
     async def _rocchio(
-        self, query: str, adaptation: FeedbackAdaptation
+        self, query: str, collection: str, adaptation: FeedbackAdaptation
     ) -> tuple[list[float], float]:
         embed = getattr(self.index, "embed", None)
         if embed is None:
@@ -406,7 +406,11 @@ class SearchPipeline:
         response: EmbedResponse = await embed(
             EmbedRequest(
                 query=query,
-                passages=[EmbedPassage(title=h.title, text=h.text) for h in relevant + irrelevant],
+                passages=[
+                    EmbedPassage(title=h.title, text=h.text, doc_id=h.doc_id)
+                    for h in relevant + irrelevant
+                ],
+                collection=collection,  # judged hits get their stored vectors: no encoding
             )
         )
         assert response.query_vector is not None

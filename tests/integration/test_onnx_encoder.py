@@ -99,7 +99,8 @@ def test_embedder_serves_queries_with_onnx_by_default(reference: Embedder) -> No
 
 
 def test_embed_gives_a_hit_its_stored_vector_back(built_data_dir: Path) -> None:
-    # /embed (Rocchio's judged passages) takes the ONNX path; the index stored fp32 vectors.
+    # /embed serves Rocchio's judged passages: named by doc id, a shown hit gets the vector it
+    # was indexed with; by text alone it is encoded on the ONNX path, close to that vector.
     from services.index.engine import IndexEngine
     from shared.models import get_embedder
     from shared.schemas import EmbedPassage, EmbedRequest
@@ -109,17 +110,26 @@ def test_embed_gives_a_hit_its_stored_vector_back(built_data_dir: Path) -> None:
     engine = IndexEngine(built_data_dir, lambda: get_embedder(settings))
     snapshot = engine.snapshot("wiki")
     rows = [0, 1, len(snapshot.passages) - 1]
-    request = EmbedRequest(
-        query="Who painted the Mona Lisa?",
-        passages=[
-            EmbedPassage(title=snapshot.passages[r].title, text=snapshot.passages[r].text)
-            for r in rows
-        ],
-    )
-    response = engine.embed(request)
+    shown = [snapshot.passages[r] for r in rows]
     stored = np.asarray(snapshot.exact.embeddings[rows])
-    got = np.asarray(response.passage_vectors)
-    assert ((stored * got).sum(axis=1) >= 0.99).all()
-    assert response.query_vector is not None
-    expected = engine.embed_query("Who painted the Mona Lisa?")
-    np.testing.assert_allclose(np.asarray(response.query_vector), expected, atol=1e-5)
+    by_text = [EmbedPassage(title=p.title, text=p.text) for p in shown]
+    by_id = [EmbedPassage(title=p.title, text=p.text, doc_id=p.doc_id) for p in shown]
+    edited = EmbedPassage(
+        title=shown[0].title, text="A text the index never stored.", doc_id=shown[0].doc_id
+    )
+    query = "Who painted the Mona Lisa?"
+
+    encoded = engine.embed(EmbedRequest(query=query, passages=by_text))
+    assert ((stored * np.asarray(encoded.passage_vectors)).sum(axis=1) >= 0.99).all()
+    looked_up = engine.embed(
+        EmbedRequest(query=query, passages=[*by_id, edited], collection="wiki")
+    )
+    np.testing.assert_array_equal(np.asarray(looked_up.passage_vectors[:3], np.float32), stored)
+    # A text the document does not have is encoded, not replaced by a stored passage.
+    alone = engine.embed(EmbedRequest(passages=[edited.model_copy(update={"doc_id": None})]))
+    np.testing.assert_allclose(looked_up.passage_vectors[3], alone.passage_vectors[0], atol=1e-5)
+    for response in (encoded, looked_up):
+        assert response.query_vector is not None
+        np.testing.assert_allclose(
+            np.asarray(response.query_vector), engine.embed_query(query), atol=1e-5
+        )

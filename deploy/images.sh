@@ -85,6 +85,8 @@ else
         $NICE "$PYTHON" -m lodestar.cli models prepare
     rm -rf "$scratch" "$OUT"/models/.*.lock
 fi
+# safetensors writes its files 0600: readable by every user, or uid 10001 cannot load them.
+chmod -R a+rX "$OUT/models"
 [ "$IMAGES" = wheelhouse ] && exit 0
 
 # --- 3. images -------------------------------------------------------------------------------

@@ -65,7 +65,8 @@ def client() -> DockerClient:
 
 
 def replica_name(prefix: str, queue: str, index: int) -> str:
-    return f"{prefix}-worker-{queue}-{index}"
+    # Not "<prefix>-worker-<queue>-<n>": that is compose's own name for its worker container.
+    return f"{prefix}-replica-{queue}-{index}"
 
 
 def container_spec(
@@ -131,7 +132,7 @@ def _worker_containers(engine: DockerClient, queue: str | None = None) -> list[C
 
 
 def _managed(engine: DockerClient, queue: str, prefix: str) -> list[Container]:
-    pattern = re.compile(rf"^{re.escape(prefix)}-worker-{queue}-(\d+)$")
+    pattern = re.compile(rf"^{re.escape(prefix)}-replica-{queue}-(\d+)$")
     return sorted(
         (
             c
@@ -285,7 +286,7 @@ def register(sub: Any) -> None:
     scale_p.add_argument("--replicas", type=int, required=True)
     scale_p.add_argument("--template", help="container whose configuration replicas copy")
     scale_p.add_argument("--image", help="image (default: the template's, else lodestar:<queue>)")
-    scale_p.add_argument("--prefix", default="lodestar", help="replica names: PREFIX-worker-Q-N")
+    scale_p.add_argument("--prefix", default="lodestar", help="replica names: PREFIX-replica-Q-N")
     scale_p.set_defaults(handler=_guarded(_cmd_scale))
     logs_p = workers.add_parser("logs", help="recent log lines of worker containers")
     logs_p.add_argument("names", nargs="*", help="containers (default: every worker)")

@@ -299,7 +299,7 @@ def test_collection_and_feedback_survive_down_and_up(
     compose("down", timeout=300)
     assert not compose("ps", "-q", timeout=30).stdout.split()
     record(second_up_to_healthy_s=round(up(), 1))
-    names = {c["name"] for c in stack.get("/collections").json()["collections"]}
+    names = {c["name"] for c in stack.get("/collections").json()}
     assert {"wiki", "compose-ingest"} <= names
     assert shared_state["feedback_id"] in _trace_feedback_ids(stack, shared_state["trace_id"])
 

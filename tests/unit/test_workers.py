@@ -32,7 +32,7 @@ TEMPLATE: dict[str, Any] = {
 
 def test_a_replica_copies_the_template_and_gets_a_name_of_its_own() -> None:
     spec = workers.container_spec("cpu", 2, TEMPLATE, prefix="lodestar", image=None)
-    assert spec["name"] == spec["hostname"] == "lodestar-worker-cpu-2"
+    assert spec["name"] == spec["hostname"] == "lodestar-replica-cpu-2"
     assert spec["image"] == "lodestar:cpu"
     assert spec["command"] == ["python", "-m", "services.worker", "--queues", "cpu"]
     assert spec["environment"] == TEMPLATE["Config"]["Env"]

@@ -163,18 +163,21 @@ STORY: Any = [{"role": "user", "content": "Write a long story about a fox and a 
 STORY_BUDGET = 96  # greedy decoding of STORY writes all of these when let
 
 
-def seconds_for_the_whole_story(service: Service) -> float:
-    """How long the whole STORY takes here, now: a client that gives up after a quarter of it
-    gives up mid-generation however fast the machine is (CI's wrote 96 tokens in under 1.5 s)."""
-    started = time.monotonic()
-    response = httpx.post(
-        f"{service.url}/v1/chat/completions",
-        json={"model": LLM_ID, "messages": STORY, "max_tokens": STORY_BUDGET, "temperature": 0},
-        timeout=300,
-    )
-    elapsed = time.monotonic() - started
-    assert response.json()["usage"]["completion_tokens"] == STORY_BUDGET
-    return elapsed
+def seconds_for_the_whole_story(service: Service, runs: int = 2) -> float:
+    """How long the whole STORY takes here, now (the fastest of ``runs``, as the load on a
+    shared machine comes and goes): a client that gives up after a quarter of it gives up
+    mid-generation however fast the machine is (CI's wrote 96 tokens in under 1.5 s)."""
+    fastest = float("inf")
+    for _ in range(runs):
+        started = time.monotonic()
+        response = httpx.post(
+            f"{service.url}/v1/chat/completions",
+            json={"model": LLM_ID, "messages": STORY, "max_tokens": STORY_BUDGET, "temperature": 0},
+            timeout=300,
+        )
+        fastest = min(fastest, time.monotonic() - started)
+        assert response.json()["usage"]["completion_tokens"] == STORY_BUDGET
+    return fastest
 
 
 def wait_for_the_batch_to_end(service: Service, batches: float) -> None:
@@ -202,7 +205,7 @@ def test_a_client_that_disconnects_mid_stream_stops_its_generation(
     wait_for_the_batch_to_end(service, batches)
     generated = metric(service, "generator_completion_tokens_total") - tokens
     # The same request run to the end writes the whole budget: the disconnect cut it short.
-    seconds_for_the_whole_story(service)
+    seconds_for_the_whole_story(service, runs=1)
     assert 3 <= generated < STORY_BUDGET / 2
 
 

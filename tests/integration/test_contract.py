@@ -256,7 +256,7 @@ def test_reranker_contract(reranker_schema: Any) -> None:
 
 @llm
 @pytest.mark.xfail(
-    reason="3 known failures (docs/api.md): /jobs/rewrite also matches GET /jobs/{job_id} (Allow), schema-valid /rewrite and /jobs/rewrite bodies refused by cross-field rules",
+    reason="2 known failures (docs/api.md): schema-valid /rewrite and /jobs/rewrite bodies refused by cross-field rules",
     strict=False,
 )
 def test_rewriter_contract(rewriter_schema: Any) -> None:

@@ -12,6 +12,7 @@ from lodestar.bench import register as register_bench
 from lodestar.critic import register as register_critic
 from lodestar.evaluation.cli import register as register_eval
 from lodestar.experiments import register as register_experiments
+from lodestar.keys import register as register_keys
 from lodestar.rerank import register as register_rerank
 from lodestar.workers import register as register_workers
 from shared.settings import Settings, get_settings, hash_api_key
@@ -177,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_critic(sub)
     register_rerank(sub)
     register_workers(sub)
+    register_keys(sub)
     return parser
 
 

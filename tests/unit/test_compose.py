@@ -23,20 +23,30 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from shared.settings import DEFAULT_PORTS, Settings
+from lodestar.keys import SECRET_FILES, init_keys
+from shared.settings import DEFAULT_PORTS, SECRETS_DIR_ENV, Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 COMPOSE_GPU = ROOT / "deploy" / "compose.gpu.yml"
 COMPOSE_HOSTNET = ROOT / "deploy" / "compose.hostnet.yml"
 COMPOSE_LOCALBASE = ROOT / "deploy" / "compose.localbase.yml"
+COMPOSE_KEYS = ROOT / "deploy" / "compose.keys.yml"
 #: deploy/compose.hostnet.yml shifts every port by this much (Redis 16379, PostgreSQL 15432).
 HOSTNET_SHIFT = 10000
 K8S = ROOT / "deploy" / "k8s"
+#: The Secret every Lodestar pod mounts its API key files from (deploy/README.md, "API keys").
+KEYS_SECRET = "lodestar-api-keys"
+#: The API version the manifests are checked against (kubernetes-validate bundles its schema).
+KUBERNETES_VERSION = "1.37.0"
 DOCKERFILES = (ROOT / "deploy" / "Dockerfile.cpu", ROOT / "deploy" / "Dockerfile.gpu")
 
 REQUIRED_SERVICES = {"redis", "postgres", "index", "orchestrator", "worker-cpu", "worker-gpu"}
 SETTINGS_VARS = {f"LODESTAR_{name.upper()}" for name in Settings.model_fields}
+#: Variables a deployment may set besides settings fields: where the key files are mounted.
+KNOWN_VARS = SETTINGS_VARS | {SECRETS_DIR_ENV}
+#: Settings that come from the mounted key files; an environment variable would shadow the file.
+KEY_VARS = {f"LODESTAR_{name.upper()}" for name in SECRET_FILES if name.startswith("lodestar_")}
 LODESTAR_VAR = re.compile(r"\bLODESTAR_[A-Z0-9_]+\b")
 INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?[-?]([^}]*))?\}")
 
@@ -176,11 +186,19 @@ def test_compose_has_every_required_service() -> None:
 
 @pytest.mark.parametrize(
     "path",
-    [COMPOSE, COMPOSE_GPU, COMPOSE_HOSTNET, COMPOSE_LOCALBASE, *K8S_FILES, *DOCKERFILES],
+    [
+        COMPOSE,
+        COMPOSE_GPU,
+        COMPOSE_HOSTNET,
+        COMPOSE_LOCALBASE,
+        COMPOSE_KEYS,
+        *K8S_FILES,
+        *DOCKERFILES,
+    ],
     ids=lambda p: p.name,
 )
 def test_every_lodestar_variable_is_a_settings_field(path: Path) -> None:
-    unknown = set(LODESTAR_VAR.findall(path.read_text())) - SETTINGS_VARS
+    unknown = set(LODESTAR_VAR.findall(path.read_text())) - KNOWN_VARS
     assert not unknown, f"{path.name} uses variables Settings does not read: {sorted(unknown)}"
 
 
@@ -451,7 +469,7 @@ def test_dockerfile_torch_pin_matches_pyproject() -> None:
 
 def test_dockerignore_keeps_local_state_out_of_the_image() -> None:
     ignored = set((ROOT / ".dockerignore").read_text().split())
-    assert {".venv", ".git", "var", ".env"} <= ignored
+    assert {".venv", ".git", "var", ".env", "deploy/secrets"} <= ignored
 
 
 def _compose_cli() -> list[str] | None:
@@ -466,7 +484,7 @@ def _compose_cli() -> list[str] | None:
     return None
 
 
-def test_docker_compose_config_accepts_the_files() -> None:
+def test_docker_compose_config_accepts_the_files(tmp_path: Path) -> None:
     cli = _compose_cli()
     if cli is None:
         pytest.skip("no Docker Compose v2 CLI installed: `docker compose config` not run")
@@ -475,16 +493,50 @@ def test_docker_compose_config_accepts_the_files() -> None:
         ["-f", str(COMPOSE), "-f", str(COMPOSE_GPU)],
         ["-f", str(COMPOSE), "-f", str(COMPOSE_HOSTNET)],
         ["-f", str(COMPOSE), "-f", str(COMPOSE_HOSTNET), "-f", str(COMPOSE_LOCALBASE)],
+        ["-f", str(COMPOSE), "-f", str(COMPOSE_HOSTNET), "-f", str(COMPOSE_KEYS)],
     )
+    init_keys(tmp_path)
     for files in combinations:
         result = subprocess.run(
             [*cli, *files, "--profile", "gpu", "config", "--quiet"],
+            # Compose checks that the secret files exist; deploy/secrets is not committed.
+            env={**os.environ, SECRETS_DIR_ENV: str(tmp_path)},
             cwd=ROOT,
             capture_output=True,
             text=True,
             timeout=60,
         )
         assert result.returncode == 0, result.stderr
+
+
+def test_keys_override_mounts_the_key_files_on_every_lodestar_service() -> None:
+    keys = load_yaml(COMPOSE_KEYS)
+    assert set(keys["secrets"]) == set(SECRET_FILES)
+    for name, secret in keys["secrets"].items():
+        assert secret["file"].endswith(f"}}/{name}"), "the file is named like the secret"
+    lodestar = {
+        name for name, service in SERVICES.items() if "LODESTAR_DATA_DIR" in env_of(service)
+    }
+    assert set(keys["services"]) == lodestar
+    for name in lodestar:
+        service = keys["services"][name]
+        assert service["secrets"] == list(SECRET_FILES), name
+        # Production refuses to start without admin key digests: a missing file fails closed.
+        assert service["environment"]["LODESTAR_ENV"] == "production", name
+
+
+def test_no_deployment_file_sets_a_key_variable() -> None:
+    """Keys travel as files (compose secrets, a Kubernetes Secret volume): an environment
+    variable of the same name, even an empty one, would win over the file."""
+    overrides = [COMPOSE_GPU, COMPOSE_HOSTNET, COMPOSE_LOCALBASE, COMPOSE_KEYS]
+    services = [
+        *SERVICES.values(),
+        *(s for f in overrides for s in load_yaml(f)["services"].values()),
+    ]
+    for service in services:
+        assert not KEY_VARS & env_of(service).keys()
+    for _, container in k8s_containers():
+        assert not KEY_VARS & k8s_env(container).keys(), container["name"]
 
 
 # --- kubernetes ---------------------------------------------------------------------------------
@@ -526,7 +578,7 @@ def test_k8s_environment_loads_into_settings(
     if not container["image"].startswith("lodestar:"):
         assert not lodestar_vars, f"{container['name']} is given Lodestar settings"
         return
-    assert lodestar_vars <= SETTINGS_VARS
+    assert lodestar_vars <= KNOWN_VARS
     settings = settings_from(env, monkeypatch)
     assert settings.host == "0.0.0.0"
     assert settings.database_url and settings.broker_url
@@ -595,3 +647,67 @@ def test_gpu_overlay_runs_vllm_as_the_generator_on_an_nvidia_gpu() -> None:
     compose = GPU_SERVICES["generator"]
     assert compose["command"][:2] == ["/opt/vllm/bin/vllm", "serve"]
     assert compose["deploy"]["resources"]["reservations"]["devices"][0]["driver"] == "nvidia"
+
+
+def test_k8s_lodestar_containers_mount_the_api_keys_secret() -> None:
+    for doc, container in k8s_containers():
+        if not container["image"].startswith("lodestar:"):
+            continue
+        mounts = {m["name"]: m for m in container.get("volumeMounts", [])}
+        volumes = {v["name"]: v for v in doc["spec"]["template"]["spec"]["volumes"]}
+        keyed = [
+            n for n, v in volumes.items() if v.get("secret", {}).get("secretName") == KEYS_SECRET
+        ]
+        assert len(keyed) == 1 and keyed[0] in mounts, container["name"]
+        mount = mounts[keyed[0]]
+        assert mount["mountPath"] == k8s_env(container)[SECRETS_DIR_ENV], container["name"]
+        assert mount.get("readOnly") is True
+        # No Secret means no keys (development); LODESTAR_ENV=production then refuses to start.
+        assert volumes[keyed[0]]["secret"].get("optional") is True
+
+
+def _merged(base: Any, patch: Any) -> Any:
+    """A strategic-merge patch applied the way kustomize does for these files: mappings merge,
+    lists of named items merge by name, anything else is replaced."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        return {k: _merged(base[k], v) if k in base else v for k, v in patch.items()} | {
+            k: v for k, v in base.items() if k not in patch
+        }
+    if (
+        isinstance(base, list)
+        and isinstance(patch, list)
+        and all(isinstance(i, dict) and "name" in i for i in [*base, *patch])
+    ):
+        by_name = {i["name"]: i for i in base}
+        for item in patch:
+            by_name[item["name"]] = _merged(by_name.get(item["name"], {}), item)
+        return list(by_name.values())
+    return patch
+
+
+def _k8s_resources() -> list[tuple[str, dict[str, Any]]]:
+    resources = [
+        (f"{d['kind']}/{d['metadata']['name']}", d)
+        for d in K8S_DOCS
+        if d["kind"] != "Kustomization"
+    ]
+    for path in sorted(K8S_PATCHES):
+        patch = load_yaml(path)
+        (base,) = [
+            d for d in k8s_kind(patch["kind"]) if d["metadata"]["name"] == patch["metadata"]["name"]
+        ]
+        resources.append(
+            (f"{path.name} over {patch['kind']}/{patch['metadata']['name']}", _merged(base, patch))
+        )
+    return resources
+
+
+@pytest.mark.parametrize(
+    "resource", [r for _, r in _k8s_resources()], ids=[name for name, _ in _k8s_resources()]
+)
+def test_k8s_manifests_are_valid_kubernetes_objects(resource: dict[str, Any]) -> None:
+    """Each manifest (and each overlay patch applied to its base) against the Kubernetes API's
+    own schema, strictly (no unknown fields), without a cluster."""
+    import kubernetes_validate
+
+    kubernetes_validate.validate(resource, KUBERNETES_VERSION, strict=True)

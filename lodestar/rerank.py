@@ -28,24 +28,23 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     }
     if args.queue:
         from shared.errors import LodestarError
-        from shared.jobs import TASK_CROSS_ENCODER_TRAIN, make_celery, route_queue
+        from shared.jobs import TASK_CROSS_ENCODER_TRAIN, make_celery, send_job
 
-        celery = make_celery(settings)
         try:
-            queue = route_queue(celery, args.queue)
+            job_id, queue = send_job(
+                make_celery(settings),
+                TASK_CROSS_ENCODER_TRAIN,
+                {
+                    "condition": args.condition,
+                    "train_queries": args.train_queries,
+                    "config": config,
+                },
+                args.queue,
+            )
         except LodestarError as exc:
             print(exc.message)
             return 2
-        job = celery.send_task(
-            TASK_CROSS_ENCODER_TRAIN,
-            kwargs={
-                "condition": args.condition,
-                "train_queries": args.train_queries,
-                "config": config,
-            },
-            queue=queue,
-        )
-        print(f"queued {TASK_CROSS_ENCODER_TRAIN} as job {job.id} on queue {queue!r}")
+        print(f"queued {TASK_CROSS_ENCODER_TRAIN} as job {job_id} on queue {queue!r}")
         return 0
     from lodestar.evaluation.common import progress_bar
     from services.worker.cross_encoder_job import train_and_publish

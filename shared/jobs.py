@@ -138,6 +138,17 @@ def route_queue(app: Celery, requested: str = "auto") -> str:
     return "cpu"
 
 
+def send_job(
+    app: Celery, task: str, kwargs: dict[str, Any], requested: str = "auto"
+) -> tuple[str, str]:
+    """Send ``task`` with ``kwargs`` to the queue ``route_queue`` picks for ``requested``;
+    returns the job id and that queue. Raises ``route_queue``'s ``LodestarError`` (an unknown
+    queue, or ``gpu`` with no worker consuming it) before anything is sent."""
+    queue = route_queue(app, requested)
+    job = app.send_task(task, kwargs=kwargs, queue=queue)
+    return str(job.id), queue
+
+
 def job_status(app: Celery, job_id: str) -> dict[str, Any]:
     result = AsyncResult(job_id, app=app)
     state = result.state

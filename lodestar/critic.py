@@ -1,7 +1,9 @@
 """``lodestar critic practice|train|status``: SIM-RAG self-practice and critic training.
 
 The same functions run as Celery jobs (``lodestar.critic_practice``, ``lodestar.critic_train``);
-from the command line they run in this process with a progress bar.
+from the command line they run in this process with a progress bar, or, with ``--queue
+auto|cpu|gpu``, are sent as that job to a worker (the job id is printed; ``GET /jobs/{id}`` or
+``shared.jobs.job_status`` follows it).
 """
 
 from __future__ import annotations
@@ -35,7 +37,33 @@ def _threads(count: int) -> None:
     torch.set_num_threads(count)
 
 
+def _queue_job(settings: Settings, task: str, kwargs: dict[str, Any], requested: str) -> int:
+    """Send ``task`` to a worker (``shared.jobs.send_job``) and say where it went."""
+    from shared.errors import LodestarError
+    from shared.jobs import make_celery, send_job
+
+    try:
+        job_id, queue = send_job(make_celery(settings), task, kwargs, requested)
+    except LodestarError as exc:
+        print(exc.message)
+        return 2
+    print(f"queued {task} as job {job_id} on queue {queue!r}")
+    return 0
+
+
 def cmd_practice(args: argparse.Namespace, settings: Settings) -> int:
+    options: dict[str, Any] = {
+        "max_turns": args.max_turns,
+        "temperature": args.temperature,
+        "k": args.k,
+        "max_new_tokens": args.max_new_tokens,
+        "time_budget_s": None if args.minutes is None else args.minutes * 60,
+    }
+    if args.queue:
+        from shared.jobs import TASK_CRITIC_PRACTICE
+
+        job = {"dataset": args.dataset, "offset": args.offset, "limit": args.limit, **options}
+        return _queue_job(settings, TASK_CRITIC_PRACTICE, job, args.queue)
     from services.critic.practice import run_self_practice
 
     _threads(args.threads)
@@ -44,25 +72,30 @@ def cmd_practice(args: argparse.Namespace, settings: Settings) -> int:
         args.dataset,
         offset=args.offset,
         limit=args.limit,
-        max_turns=args.max_turns,
-        temperature=args.temperature,
-        k=args.k,
-        max_new_tokens=args.max_new_tokens,
         progress=_progress("practice"),
-        time_budget_s=None if args.minutes is None else args.minutes * 60,
+        **options,
     )
     print(json.dumps({k: v for k, v in manifest.items() if k != "files"}, indent=2))
     return 0
 
 
 def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
+    fields: dict[str, Any] = {
+        "label": args.label,
+        "epochs": args.epochs,
+        "learning_rate": args.lr,
+        "batch_size": args.batch_size,
+    }
+    if args.queue:
+        from shared.jobs import TASK_CRITIC_TRAIN
+
+        job = {"all_practice": args.all_practice, **fields}
+        return _queue_job(settings, TASK_CRITIC_TRAIN, job, args.queue)
     from services.critic.practice import load_all_trajectories, load_current_trajectories
     from services.critic.training import TrainConfig, train_critic
 
     _threads(args.threads)
-    config = TrainConfig(
-        label=args.label, epochs=args.epochs, learning_rate=args.lr, batch_size=args.batch_size
-    )
+    config = TrainConfig(**fields)
     rows, practice = (
         load_all_trajectories(settings)
         if args.all_practice
@@ -93,6 +126,15 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _queue_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--queue",
+        choices=("auto", "cpu", "gpu"),
+        help="send as a Celery job to this queue instead of running here "
+        "(auto: gpu when a GPU worker consumes it, else cpu)",
+    )
+
+
 def register(sub: Any) -> None:
     critic = sub.add_parser("critic", help="SIM-RAG: self-practice data and the critic model")
     commands = critic.add_subparsers(dest="critic_command", required=True)
@@ -110,10 +152,11 @@ def register(sub: Any) -> None:
     practice.add_argument("--temperature", type=float, default=0.6)
     practice.add_argument("--k", type=int, default=2, help="documents per round")
     practice.add_argument("--max-new-tokens", type=int, default=48)
-    practice.add_argument("--threads", type=int, default=2)
+    practice.add_argument("--threads", type=int, default=2, help="torch threads (in-process)")
     practice.add_argument(
         "--minutes", type=float, help="stop starting new questions after this long; publish"
     )
+    _queue_argument(practice)
     practice.set_defaults(handler=cmd_practice)
     train = commands.add_parser("train", help="train and publish the critic on the trajectories")
     train.add_argument("--label", choices=["em", "acc"], default="em", help="labelling rule")
@@ -125,7 +168,8 @@ def register(sub: Any) -> None:
         action="store_true",
         help="train on every published practice run (e.g. several run side by side), not the latest",
     )
-    train.add_argument("--threads", type=int, default=2)
+    train.add_argument("--threads", type=int, default=2, help="torch threads (in-process)")
+    _queue_argument(train)
     train.set_defaults(handler=cmd_train)
     commands.add_parser("status", help="published practice data and critic").set_defaults(
         handler=cmd_status

@@ -5,6 +5,10 @@ services.fmindex.jobs`` runs the same code in the foreground::
 
     python -m services.fmindex.jobs build --dataset scifact --collection eval-scifact
     python -m services.fmindex.jobs train --dataset scifact --split train --max-minutes 25
+    python -m services.fmindex.jobs train --dataset scifact --queue auto   # as a worker job
+
+``train --queue auto|cpu|gpu`` sends the ``lodestar.fmindex_train`` job to a worker instead of
+training here (``shared.jobs.send_job``) and prints its id.
 """
 
 from __future__ import annotations
@@ -132,6 +136,12 @@ def main(argv: list[str] | None = None) -> None:
     train_cmd.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     train_cmd.add_argument("--learning-rate", type=float, default=TrainConfig.learning_rate)
     train_cmd.add_argument("--threads", type=int, default=TrainConfig.threads)
+    train_cmd.add_argument(
+        "--queue",
+        choices=("auto", "cpu", "gpu"),
+        help="send as a Celery job to this queue instead of training here "
+        "(auto: gpu when a GPU worker consumes it, else cpu)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     settings = get_settings()
@@ -143,15 +153,26 @@ def main(argv: list[str] | None = None) -> None:
         documents = load_documents(args.dataset, args.jsonl)
         result = build_collection(settings, args.collection, documents, report)
     else:
+        fields: dict[str, Any] = {
+            "max_steps": args.max_steps,
+            "max_minutes": args.max_minutes,
+            "batch_size": args.batch_size,
+            "learning_rate": args.learning_rate,
+            "threads": args.threads,
+        }
+        if args.queue:
+            from shared.errors import LodestarError
+            from shared.jobs import TASK_FMINDEX_TRAIN, make_celery, send_job
+
+            job = {"dataset": args.dataset, "split": args.split, "config": fields}
+            try:
+                job_id, queue = send_job(make_celery(settings), TASK_FMINDEX_TRAIN, job, args.queue)
+            except LodestarError as exc:
+                parser.exit(2, f"{exc.message}\n")
+            print(f"queued {TASK_FMINDEX_TRAIN} as job {job_id} on queue {queue!r}")
+            return
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        config = TrainConfig(
-            max_steps=args.max_steps,
-            max_minutes=args.max_minutes,
-            batch_size=args.batch_size,
-            learning_rate=args.learning_rate,
-            threads=args.threads,
-        )
-        result = train(settings, args.dataset, args.split, config, progress=report)
+        result = train(settings, args.dataset, args.split, TrainConfig(**fields), progress=report)
     print(json.dumps(result, indent=2))
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from shared.datasets.errors import DatasetError
 from shared.datasets.readers import (
     DATASETS_DIR,
+    _check_unique,
     _document,
     _field,
     _iter_jsonl,
@@ -49,13 +50,7 @@ def read_beir_corpus(path: Path) -> list[Document]:
     seen: dict[str, int] = {}
     for lineno, obj in _iter_jsonl(path):
         doc_id = _field(obj, "_id", str, path, line=lineno)
-        if doc_id in seen:
-            raise DatasetError(
-                path,
-                f"duplicate document id {doc_id!r} (first on line {seen[doc_id]})",
-                line=lineno,
-            )
-        seen[doc_id] = lineno
+        _check_unique(seen, doc_id, f"document id {doc_id!r}", path, lineno)
         title = _field(obj, "title", str, path, line=lineno) if "title" in obj else ""
         text = _field(obj, "text", str, path, line=lineno)
         metadata = _field(obj, "metadata", dict, path, line=lineno) if "metadata" in obj else {}
@@ -71,11 +66,7 @@ def read_beir_queries(path: Path) -> dict[str, str]:
     seen: dict[str, int] = {}
     for lineno, obj in _iter_jsonl(path):
         qid = _field(obj, "_id", str, path, line=lineno)
-        if qid in seen:
-            raise DatasetError(
-                path, f"duplicate query id {qid!r} (first on line {seen[qid]})", line=lineno
-            )
-        seen[qid] = lineno
+        _check_unique(seen, qid, f"query id {qid!r}", path, lineno)
         queries[qid] = _field(obj, "text", str, path, line=lineno)
     return queries
 
@@ -130,14 +121,8 @@ def _read_qrels(path: Path) -> tuple[dict[str, dict[str, int]], dict[tuple[str, 
                 raise DatasetError(path, "empty query id or corpus id", line=lineno)
             if not _is_int(score_text):
                 raise DatasetError(path, f"score {score_text!r} is not an integer", line=lineno)
-            if (qid, doc_id) in lines:
-                raise DatasetError(
-                    path,
-                    f"duplicate judgement for query {qid!r}, doc {doc_id!r} "
-                    f"(first on line {lines[(qid, doc_id)]})",
-                    line=lineno,
-                )
-            lines[(qid, doc_id)] = lineno
+            what = f"judgement for query {qid!r}, doc {doc_id!r}"
+            _check_unique(lines, (qid, doc_id), what, path, lineno)
             qrels.setdefault(qid, {})[doc_id] = int(score_text)
     if not qrels:
         raise DatasetError(path, "qrels file has no judgements (or no header line)")

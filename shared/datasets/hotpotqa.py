@@ -5,7 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from shared.datasets.errors import DatasetError
-from shared.datasets.readers import DATASETS_DIR, _document, _field, _iter_jsonl, _str_list
+from shared.datasets.readers import (
+    DATASETS_DIR,
+    _check_unique,
+    _document,
+    _field,
+    _iter_jsonl,
+    _str_list,
+)
 from shared.schemas import Document, QAExample
 
 HOTPOTQA_SPLITS = ("train", "dev")
@@ -33,13 +40,7 @@ def read_hotpotqa(
     seen_ids: dict[str, int] = {}
     for lineno, obj in _iter_jsonl(path):
         qid = _field(obj, "id", str, path, line=lineno)
-        if qid in seen_ids:
-            raise DatasetError(
-                path,
-                f"duplicate question id {qid!r} (first on line {seen_ids[qid]})",
-                line=lineno,
-            )
-        seen_ids[qid] = lineno
+        _check_unique(seen_ids, qid, f"question id {qid!r}", path, lineno)
         question = _field(obj, "question", str, path, line=lineno)
         answer = _field(obj, "answer", str, path, line=lineno)
         qtype = _field(obj, "type", str, path, line=lineno)

@@ -8,6 +8,7 @@ from typing import Any
 from shared.datasets.errors import DatasetError
 from shared.datasets.readers import (
     DATASETS_DIR,
+    _check_unique,
     _document,
     _field,
     _iter_jsonl,
@@ -39,9 +40,7 @@ def read_nq_open(path: Path) -> list[QAExample]:
         question = _field(obj, "question", str, path, line=lineno)
         answers = _str_list(obj, "answer", path, line=lineno, non_empty=True)
         qid = nq_question_id(question)
-        if qid in seen:
-            raise DatasetError(path, f"duplicate question (first on line {seen[qid]})", line=lineno)
-        seen[qid] = lineno
+        _check_unique(seen, qid, "question", path, lineno)
         examples.append(QAExample(id=qid, question=question, answers=answers))
     return examples
 
@@ -75,9 +74,7 @@ def read_nq_open_oracle(path: Path) -> tuple[list[QAExample], list[Document]]:
         if ctx.get("isgold", True) is not True:
             raise DatasetError(path, "ctxs[0] is not marked as the gold passage", line=lineno)
         qid = nq_question_id(question)
-        if qid in seen:
-            raise DatasetError(path, f"duplicate question (first on line {seen[qid]})", line=lineno)
-        seen[qid] = lineno
+        _check_unique(seen, qid, "question", path, lineno)
         passage_id = nq_passage_id(title, text)
         if passage_id not in documents:
             documents[passage_id] = _document(

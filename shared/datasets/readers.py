@@ -53,6 +53,13 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         raise DatasetError(path, f"corrupt gzip data after line {lineno} ({exc})") from exc
 
 
+def _check_unique(seen: dict[Any, int], key: Any, what: str, path: Path, lineno: int) -> None:
+    """Record ``key`` as first seen on ``lineno``; a repeat raises DatasetError naming both lines."""
+    if key in seen:
+        raise DatasetError(path, f"duplicate {what} (first on line {seen[key]})", line=lineno)
+    seen[key] = lineno
+
+
 def _read_json(path: Path) -> Any:
     _require_file(path)
     try:

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from lodestar.bench.common import TableBenchmark
 from shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -294,27 +295,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
 
 
-def command(args: argparse.Namespace, settings: Settings | None = None) -> int:
-    result = run(args, settings)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(format_table(result))
-    print(f"\nwrote {args.out}")
-    return 0
-
-
-def register(group: Any) -> None:
-    """``lodestar bench fmindex`` on the ``bench`` group."""
-    parser = group.add_parser("fmindex", help="SEAL FM-index: build, primitives, query latency")
-    add_arguments(parser)
-    parser.set_defaults(handler=command)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    add_arguments(parser)
-    return command(parser.parse_args(argv))
-
+BENCHMARK = TableBenchmark(
+    "fmindex",
+    "SEAL FM-index: build, primitives, query latency",
+    __doc__,
+    add_arguments,
+    run,
+    format_table,
+)
+register = BENCHMARK.register
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(BENCHMARK.main())

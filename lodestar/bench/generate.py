@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import socket
 import subprocess
@@ -33,6 +32,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lodestar.bench.common import TableBenchmark
 from shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -176,6 +176,19 @@ def _batch_counts(url: str) -> tuple[float, float]:
     return values["generator_batch_size_sum"], values["generator_batch_size_count"]
 
 
+def _options(args: argparse.Namespace) -> str:
+    """This run's options as a command line, for the ``command`` the JSON records to reproduce it."""
+    return " ".join(
+        [
+            f"--max-tokens {args.max_tokens}",
+            f"--requests {args.requests}",
+            f"--concurrency {','.join(map(str, args.concurrency))}",
+            f"--threads {args.threads}",
+            f"--rounds {args.rounds}",
+        ]
+    )
+
+
 def run(args: argparse.Namespace, settings: Settings | None = None) -> dict[str, Any]:
     import httpx
     import torch
@@ -250,7 +263,7 @@ def run(args: argparse.Namespace, settings: Settings | None = None) -> dict[str,
         "service": service,
         "ratios": ratios,
         "targets_met": targets,
-        "command": "lodestar bench generate " + " ".join(args.argv),
+        "command": "lodestar bench generate " + _options(args),
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
@@ -292,35 +305,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
 
 
-def command(args: argparse.Namespace, settings: Settings | None = None) -> int:
-    args.argv = [
-        f"--max-tokens {args.max_tokens}",
-        f"--requests {args.requests}",
-        f"--concurrency {','.join(map(str, args.concurrency))}",
-        f"--threads {args.threads}",
-        f"--rounds {args.rounds}",
-    ]
-    result = run(args, settings)
-    out = args.out_dir / f"{args.name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(format_table(result))
-    print(f"\nwrote {out}")
-    return 0
-
-
-def register(group: Any) -> None:
-    """``lodestar bench generate`` on the ``bench`` group."""
-    parser = group.add_parser("generate", help="generator service vs raw generate, tokens/s")
-    add_arguments(parser)
-    parser.set_defaults(handler=command)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    add_arguments(parser)
-    return command(parser.parse_args(argv))
-
+BENCHMARK = TableBenchmark(
+    "generate",
+    "generator service vs raw generate, tokens/s",
+    __doc__,
+    add_arguments,
+    run,
+    format_table,
+    out_path=lambda args: args.out_dir / f"{args.name}.json",
+)
+register = BENCHMARK.register
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(BENCHMARK.main())

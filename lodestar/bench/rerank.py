@@ -18,13 +18,13 @@ Writes ``benchmarks/results/rerank_bench.json`` and prints a Markdown table.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lodestar.bench.common import TableBenchmark
 from shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -202,27 +202,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
 
 
-def command(args: argparse.Namespace, settings: Settings | None = None) -> int:
-    result = run(args, settings)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(format_table(result))
-    print(f"\nwrote {args.out}")
-    return 0
-
-
-def register(group: Any) -> None:
-    """``lodestar bench rerank`` on the ``bench`` group."""
-    parser = group.add_parser("rerank", help="ICR vs RankGPT-style vs cosine on SciFact")
-    add_arguments(parser)
-    parser.set_defaults(handler=command)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    add_arguments(parser)
-    return command(parser.parse_args(argv))
-
+BENCHMARK = TableBenchmark(
+    "rerank", "ICR vs RankGPT-style vs cosine on SciFact", __doc__, add_arguments, run, format_table
+)
+register = BENCHMARK.register
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(BENCHMARK.main())

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lodestar.bench.common import write_results
 from shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -118,13 +119,13 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def command(args: argparse.Namespace, settings: Settings) -> int:
-    from lodestar.evaluation.common import write_json
-
     result = run(args, settings)
-    write_json(Path(args.out), result)
-    print(format_table(result))
-    print(f"target (every rerun p50 <= {TARGET_RATIO}x /search p50): {result['met']}")
-    print(f"wrote {args.out}")
+    write_results(
+        Path(args.out),
+        result,
+        format_table(result),
+        f"target (every rerun p50 <= {TARGET_RATIO}x /search p50): {result['met']}",
+    )
     return 0
 
 

@@ -47,6 +47,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from lodestar.bench.common import write_results
 from shared.errors import ErrorCode
 from shared.settings import Settings
 
@@ -786,12 +787,8 @@ def run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
 def command(args: argparse.Namespace, settings: Settings) -> int:
     import json
 
-    from lodestar.evaluation.common import write_json
-
     result = run(args, settings)
-    write_json(Path(args.out), result)
-    print(json.dumps(result["summary"], indent=1))
-    print(f"wrote {args.out}")
+    write_results(Path(args.out), result, json.dumps(result["summary"], indent=1))
     return 0
 
 

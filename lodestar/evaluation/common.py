@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import subprocess
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -251,6 +252,26 @@ def significance_table(
     return rows
 
 
+def result_tail(
+    started: float,
+    summaries: tuple[str, Mapping[str, Any]],
+    per_item: tuple[str, Mapping[str, Mapping[str, Mapping[str, Any]]]],
+    metrics: Sequence[str],
+) -> dict[str, Any]:
+    """The fields a retrieval or RAG result ends with, in this order (the report reads them):
+    seconds since ``started`` (``perf_counter``), provenance, the per-system summaries, their
+    paired significance on ``metrics`` and the per-item figures it pairs. ``summaries`` and
+    ``per_item`` are ``(key, value)``: ``("systems", ...)`` and ``("per_query", ...)`` for
+    retrieval, ``("methods", ...)`` and ``("per_question", ...)`` for RAG."""
+    return {
+        "wall_s": round(time.perf_counter() - started, 1),
+        **provenance(),
+        summaries[0]: summaries[1],
+        "significance": significance_table(per_item[1], metrics),
+        per_item[0]: per_item[1],
+    }
+
+
 def format_significance(rows: Sequence[Mapping[str, Any]]) -> str:
     """A plain-text table of :func:`significance_table` rows."""
     lines = [
@@ -264,6 +285,22 @@ def format_significance(rows: Sequence[Mapping[str, Any]]) -> str:
             f"{row['bootstrap_p']:>12.3g}  {row['n']}"
         )
     return "\n".join(lines)
+
+
+def significance_block(
+    rows: Sequence[Mapping[str, Any]], heading: str = "paired significance (two-sided):"
+) -> list[str]:
+    """A blank line, ``heading`` and the :func:`format_significance` table; nothing without rows
+    (a single system or too few paired items)."""
+    return ["", heading, format_significance(rows)] if rows else []
+
+
+def print_and_save(summary: str, path: Path, result: Mapping[str, Any], per: str) -> None:
+    """An ``eval`` command's end: print its summary, write ``result`` (:func:`write_json`) and
+    say where the per-``per`` figures went."""
+    print(summary)
+    write_json(path, result)
+    print(f"\nper-{per} results: {path}")
 
 
 def write_json(path: Path, payload: Mapping[str, Any]) -> None:

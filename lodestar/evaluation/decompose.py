@@ -36,9 +36,10 @@ from lodestar.evaluation.common import (
     ensure_collection,
     format_significance,
     lookup,
+    print_and_save,
     provenance,
+    significance_block,
     significance_table,
-    write_json,
 )
 from lodestar.evaluation.rag import (
     DATASETS,
@@ -341,18 +342,8 @@ def format_decompose(result: dict[str, Any]) -> str:
             for rule, v in s["selection"].items()
         ]
         lines.append(f"  {name:<6} " + "  ".join(parts))
-    if result["significance"]:
-        lines += [
-            "",
-            "paired significance (two-sided):",
-            format_significance(result["significance"]),
-        ]
-    if result["selection_significance_n1"]:
-        lines += [
-            "",
-            "selection rules, N=1:",
-            format_significance(result["selection_significance_n1"]),
-        ]
+    lines += significance_block(result["significance"])
+    lines += significance_block(result["selection_significance_n1"], "selection rules, N=1:")
     return "\n".join(lines)
 
 
@@ -388,8 +379,6 @@ def run_decompose_command(
             loop_minutes=loop_minutes,
         )
     )
-    print(format_decompose(result))
     path = (out_dir or RESULTS_DIR) / f"decompose-{dataset}-{result['num_questions']}q.json"
-    write_json(path, result)
-    print(f"\nper-question results: {path}")
+    print_and_save(format_decompose(result), path, result, "question")
     return result

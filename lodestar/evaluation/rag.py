@@ -46,13 +46,12 @@ from lodestar.evaluation.common import (
     EvalUsageError,
     collection_name,
     ensure_collection,
-    format_significance,
     latency_summary,
     lookup,
     parse_names,
-    provenance,
-    significance_table,
-    write_json,
+    print_and_save,
+    result_tail,
+    significance_block,
 )
 from lodestar.evaluation.retrieval import HttpBackend
 from shared.datasets import load_hotpotqa, load_nq_open_oracle
@@ -638,11 +637,9 @@ async def evaluate_rag_async(
         "backend": http.name if http is not None else "in-process",
         "generator": LLM_ID,
         "max_new_tokens": settings.answer_max_new_tokens,
-        "wall_s": round(time.perf_counter() - started, 1),
-        **provenance(),
-        "methods": per_method,
-        "significance": significance_table(per_question, SIGNIFICANCE_METRICS),
-        "per_question": per_question,
+        **result_tail(
+            started, ("methods", per_method), ("per_question", per_question), SIGNIFICANCE_METRICS
+        ),
     }
 
 
@@ -688,12 +685,7 @@ def format_rag(result: dict[str, Any]) -> str:
                     f"acc {r['accuracy']:.3f}  P {r['precision']:.3f}  R {r['recall']:.3f}  "
                     f"accept rate {r['accept_rate']:.2f}"
                 )
-    if result["significance"]:
-        lines += [
-            "",
-            "paired significance (two-sided):",
-            format_significance(result["significance"]),
-        ]
+    lines += significance_block(result["significance"])
     return "\n".join(lines)
 
 
@@ -722,8 +714,6 @@ def run_rag_command(
         rebuild=rebuild,
         generation_cache=generation_cache,
     )
-    print(format_rag(result))
     path = result_path(out_dir or RESULTS_DIR, dataset, result["num_questions"])
-    write_json(path, result)
-    print(f"\nper-question results: {path}")
+    print_and_save(format_rag(result), path, result, "question")
     return result

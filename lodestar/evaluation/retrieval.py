@@ -32,13 +32,12 @@ from lodestar.evaluation.common import (
     EvalUsageError,
     collection_name,
     ensure_collection,
-    format_significance,
     latency_summary,
     lookup,
     parse_names,
-    provenance,
-    significance_table,
-    write_json,
+    print_and_save,
+    result_tail,
+    significance_block,
 )
 from shared.datasets import BeirDataset, load_scifact
 from shared.settings import Settings
@@ -462,11 +461,9 @@ async def evaluate_retrieval_async(
         "collection_version": version,
         "dense_backend": dense_backend,
         "backend": backend.name,
-        "wall_s": round(time.perf_counter() - started, 1),
-        **provenance(),
-        "systems": per_system,
-        "significance": significance_table(per_query, SIGNIFICANCE_METRICS),
-        "per_query": per_query,
+        **result_tail(
+            started, ("systems", per_system), ("per_query", per_query), SIGNIFICANCE_METRICS
+        ),
     }
 
 
@@ -491,12 +488,7 @@ def format_retrieval(result: dict[str, Any]) -> str:
             f"{name:<10} {m['ndcg@10']:>8.4f} {m['recall@10']:>7.4f} {m['recall@100']:>7.4f} "
             f"{m['mrr@10']:>7.4f} {lat['p50']:>8.1f} {lat['p95']:>8.1f}"
         )
-    if result["significance"]:
-        lines += [
-            "",
-            "paired significance (two-sided):",
-            format_significance(result["significance"]),
-        ]
+    lines += significance_block(result["significance"])
     return "\n".join(lines)
 
 
@@ -517,8 +509,6 @@ def run_retrieval_command(
     result = evaluate_retrieval(
         settings, dataset, systems, split=split, stack=stack, rebuild=rebuild, limit=limit
     )
-    print(format_retrieval(result))
     path = result_path(out_dir or RESULTS_DIR, dataset, result["split"], limit)
-    write_json(path, result)
-    print(f"\nper-query results: {path}")
+    print_and_save(format_retrieval(result), path, result, "query")
     return result

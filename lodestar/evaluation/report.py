@@ -94,6 +94,8 @@ RETRIEVAL_COLUMNS = (
     ("mrr@10", "MRR@10"),
 )
 RAG_COLUMNS = (("em", "EM"), ("f1", "F1"), ("acc", "Acc"), ("support_recall", "support recall"))
+#: How the systems' tables print a metric, where not ``.4f`` (these are means of counts).
+METRIC_FORMATS = {"rounds": ".2f", "new_tokens": ".1f"}
 
 
 def _num(value: Any, spec: str = ".4f") -> str:
@@ -174,6 +176,48 @@ def _significance(rows: Sequence[dict[str, Any]]) -> list[str]:
     return out
 
 
+def _systems_table(
+    first: str,
+    rows: dict[str, Any],
+    columns: Sequence[tuple[str, str]],
+    latency_spec: str,
+) -> list[str]:
+    """One row a system or method (``rows``): its metrics in ``columns`` (key, header), p50 and
+    p95 latency, description."""
+    lines = [
+        f"| {first} | "
+        + " | ".join(label for _, label in columns)
+        + " | p50 ms | p95 ms | description |",
+        "|---|" + "---:|" * (len(columns) + 2) + "---|",
+    ]
+    for name, row in rows.items():
+        metrics, latency = row["metrics"], row["latency_ms"]
+        cells = [_num(metrics.get(key), METRIC_FORMATS.get(key, ".4f")) for key, _ in columns]
+        cells += [_num(latency["p50"], latency_spec), _num(latency["p95"], latency_spec)]
+        lines.append(f"| **{name}** | " + " | ".join(cells) + f" | {row['description']} |")
+    return lines
+
+
+def _anchors_table(
+    anchors: Sequence[Anchor], intro: str, columns: Sequence[tuple[str, str]]
+) -> list[str]:
+    """``intro`` and the anchors' figures in ``columns`` (key, header) with their sources;
+    nothing without anchors."""
+    if not anchors:
+        return []
+    lines = [
+        "",
+        intro,
+        "",
+        "| reference | " + " | ".join(label for _, label in columns) + " | source |",
+        "|---|" + "---:|" * len(columns) + "---|",
+    ]
+    for anchor in anchors:
+        cells = [_num(anchor.values.get(key)) for key, _ in columns]
+        lines.append(f"| {anchor.label} | " + " | ".join(cells) + f" | {anchor.source} |")
+    return lines
+
+
 def retrieval_section(result: dict[str, Any], image: str | None) -> list[str]:
     dataset, split = result["dataset"], result["split"]
     lines = [
@@ -187,31 +231,13 @@ def retrieval_section(result: dict[str, Any], image: str | None) -> list[str]:
         "",
         *_retrieval_summary(result),
         "",
-        "| system | "
-        + " | ".join(label for _, label in RETRIEVAL_COLUMNS)
-        + " | p50 ms | p95 ms | description |",
-        "|---|" + "---:|" * (len(RETRIEVAL_COLUMNS) + 2) + "---|",
+        *_systems_table("system", result["systems"], RETRIEVAL_COLUMNS, ".1f"),
+        *_anchors_table(
+            RETRIEVAL_ANCHORS.get(dataset, []),
+            "Anchors (published or reference figures on the same data):",
+            (("ndcg@10", "nDCG@10"), ("recall@100", "R@100")),
+        ),
     ]
-    for name, row in result["systems"].items():
-        metrics, latency = row["metrics"], row["latency_ms"]
-        lines.append(
-            f"| **{name}** | "
-            + " | ".join(_num(metrics.get(key)) for key, _ in RETRIEVAL_COLUMNS)
-            + f" | {_num(latency['p50'], '.1f')} | {_num(latency['p95'], '.1f')} | "
-            f"{row['description']} |"
-        )
-    anchors = RETRIEVAL_ANCHORS.get(dataset, [])
-    if anchors:
-        lines += ["", "Anchors (published or reference figures on the same data):", ""]
-        lines += [
-            "| reference | nDCG@10 | R@100 | source |",
-            "|---|---:|---:|---|",
-        ]
-        for anchor in anchors:
-            lines.append(
-                f"| {anchor.label} | {_num(anchor.values.get('ndcg@10'))} | "
-                f"{_num(anchor.values.get('recall@100'))} | {anchor.source} |"
-            )
     lines += _significance(result.get("significance", []))
     if image:
         lines += ["", f"![nDCG@10 on {dataset} {split}]({image})"]
@@ -233,20 +259,13 @@ def rag_section(result: dict[str, Any], image: str | None) -> list[str]:
         "is the share of the question's gold supporting documents among those retrieved. "
         + RAG_NOTES.get(dataset, ""),
         "",
-        "| method | "
-        + " | ".join(label for _, label in RAG_COLUMNS)
-        + " | rounds | tokens | p50 ms | p95 ms | description |",
-        "|---|" + "---:|" * (len(RAG_COLUMNS) + 4) + "---|",
+        *_systems_table(
+            "method",
+            result["methods"],
+            (*RAG_COLUMNS, ("rounds", "rounds"), ("new_tokens", "tokens")),
+            ".0f",
+        ),
     ]
-    for name, row in result["methods"].items():
-        metrics, latency = row["metrics"], row["latency_ms"]
-        lines.append(
-            f"| **{name}** | "
-            + " | ".join(_num(metrics.get(key)) for key, _ in RAG_COLUMNS)
-            + f" | {_num(metrics.get('rounds'), '.2f')} | {_num(metrics.get('new_tokens'), '.1f')}"
-            f" | {_num(latency['p50'], '.0f')} | {_num(latency['p95'], '.0f')} | "
-            f"{row['description']} |"
-        )
     ems = [row["metrics"].get("em") for row in result["methods"].values()]
     if ems and all(em is not None and em < 0.05 for em in ems):
         lines += [
@@ -255,15 +274,9 @@ def rag_section(result: dict[str, Any], image: str | None) -> list[str]:
             'Nobel Prize in Physics was awarded to ...") whatever the prompt asks; F1 and Acc '
             "are the informative figures for it.",
         ]
-    anchors = RAG_ANCHORS.get(dataset, [])
-    if anchors:
-        lines += ["", f"Anchors. {FLASHRAG_NOTE}", ""]
-        lines += ["| reference | EM | F1 | source |", "|---|---:|---:|---|"]
-        for anchor in anchors:
-            lines.append(
-                f"| {anchor.label} | {_num(anchor.values.get('em'))} | "
-                f"{_num(anchor.values.get('f1'))} | {anchor.source} |"
-            )
+    lines += _anchors_table(
+        RAG_ANCHORS.get(dataset, []), f"Anchors. {FLASHRAG_NOTE}", (("em", "EM"), ("f1", "F1"))
+    )
     lines += _significance(result.get("significance", []))
     if image:
         lines += ["", f"![EM, F1 and Acc on {dataset}]({image})"]
@@ -300,6 +313,16 @@ def expected_section(path: Path) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
+def _save_plot(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Without the "Software" entry (matplotlib's version) the PNG does not change with it.
+    fig.savefig(path, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+
+
 def plot_retrieval(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -328,10 +351,7 @@ def plot_retrieval(result: dict[str, Any], path: Path) -> None:
         ax.text(v + 0.002, y, f"{v:.3f}", va="center", fontsize=8)
     ax.set_xlabel("nDCG@10")
     ax.set_title(f"{result['dataset']} {result['split']}: Lodestar (blue) vs anchors (grey)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, metadata={"Software": None})
-    plt.close(fig)
+    _save_plot(fig, path)
 
 
 def plot_rag(result: dict[str, Any], path: Path) -> None:
@@ -357,10 +377,7 @@ def plot_rag(result: dict[str, Any], path: Path) -> None:
     ax.set_ylim(0, top * 1.25)
     ax.set_title(f"{result['dataset']}, {result['num_questions']} questions")
     ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, metadata={"Software": None})
-    plt.close(fig)
+    _save_plot(fig, path)
 
 
 # --------------------------------------------------------------------------------------------

@@ -119,17 +119,9 @@ async def run_question(
 ) -> dict[str, Any]:
     from services.orchestrator.rounds import StopPolicy
     from shared.metrics import exact_match, f1
-    from shared.store import Trace
 
-    trace = Trace(kind="answer", request={"question": example.question, "k": context.k})
-    outcome = await context.loop_pipeline.run_rounds(
-        trace,
-        question=example.question,
-        collection=context.collection,
-        k=context.k,
-        max_rounds=rounds,
-        policy=StopPolicy.fixed,
-        subqueries=n,
+    trace, outcome = await context.run_loop(
+        example, max_rounds=rounds, policy=StopPolicy.fixed, subqueries=n
     )
     retrieved = [[h.doc_id for h in record.hits] for record in outcome.rounds]
     recall = support_recall_per_round(retrieved, example.supporting_doc_ids)

@@ -37,7 +37,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -58,6 +58,9 @@ from shared.datasets import load_hotpotqa, load_nq_open_oracle
 from shared.models import LLM_ID
 from shared.schemas import Document, QAExample
 from shared.settings import Settings
+
+if TYPE_CHECKING:
+    from shared.store import Trace
 
 #: Passages the single-round pipeline gives the reader (CompactDS passes the top 3).
 DEFAULT_K = 3
@@ -264,6 +267,30 @@ class RagContext:
             )
         return self._loop_pipeline
 
+    async def stack_answer(self, example: QAExample, max_rounds: int) -> Any:
+        """The stack's ``POST /answer`` body for ``example``."""
+        assert self.stack is not None, "an in-process context has no stack"
+        return await self.stack.post(
+            "/answer",
+            {
+                "question": example.question,
+                "collection": self.collection,
+                "k": self.k,
+                "max_rounds": max_rounds,
+            },
+        )
+
+    async def run_loop(self, example: QAExample, **options: Any) -> tuple[Trace, Any]:
+        """The in-process multi-round loop on ``example`` and the trace it filled; ``options``
+        (``max_rounds``, ``policy``...) go to ``AnswerPipeline.run_rounds``."""
+        from shared.store import Trace
+
+        trace = Trace(kind="answer", request={"question": example.question, "k": self.k})
+        outcome = await self.loop_pipeline.run_rounds(
+            trace, question=example.question, collection=self.collection, k=self.k, **options
+        )
+        return trace, outcome
+
 
 MethodAnswer = Callable[[RagContext, QAExample], Awaitable[RagOutcome]]
 
@@ -301,15 +328,7 @@ async def answer_closed_book(context: RagContext, example: QAExample) -> RagOutc
 async def answer_single_round(context: RagContext, example: QAExample) -> RagOutcome:
     """The orchestrator's single-round ``AnswerPipeline`` (or the stack's ``/answer``)."""
     if context.stack is not None:
-        body = await context.stack.post(
-            "/answer",
-            {
-                "question": example.question,
-                "collection": context.collection,
-                "k": context.k,
-                "max_rounds": 1,
-            },
-        )
+        body = await context.stack_answer(example, max_rounds=1)
         return RagOutcome(
             answer=body["answer"],
             raw_answer=body["answer"],
@@ -345,19 +364,10 @@ def loop_method(policy: str, max_rounds: int) -> MethodAnswer:
     async def answer(context: RagContext, example: QAExample) -> RagOutcome:
         from services.orchestrator.prompts import is_unsure
         from services.orchestrator.rounds import AnswerSelection, StopPolicy
-        from shared.store import Trace
 
         stop = StopPolicy(policy)
         if context.stack is not None and stop is StopPolicy.critic:
-            body = await context.stack.post(
-                "/answer",
-                {
-                    "question": example.question,
-                    "collection": context.collection,
-                    "k": context.k,
-                    "max_rounds": max_rounds,
-                },
-            )
+            body = await context.stack_answer(example, max_rounds=max_rounds)
             return RagOutcome(
                 answer=body["answer"],
                 raw_answer=body["answer"],
@@ -378,12 +388,8 @@ def loop_method(policy: str, max_rounds: int) -> MethodAnswer:
             )
         if context.stack is not None:
             raise EvalUsageError(f"method with stop policy {policy!r} runs in-process only")
-        trace = Trace(kind="answer", request={"question": example.question, "k": context.k})
-        outcome = await context.loop_pipeline.run_rounds(
-            trace,
-            question=example.question,
-            collection=context.collection,
-            k=context.k,
+        _, outcome = await context.run_loop(
+            example,
             max_rounds=max_rounds,
             policy=stop,
             # fixed-k answers with round k (the classic baseline, comparable with the recorded

@@ -143,7 +143,8 @@ def run_car(settings: Settings, config: CarConfig, out_dir: Path) -> dict[str, A
         )
         for p in pairs
     ]
-    for mode in ("context", "query-only"):
+    modes = rewrite_modes(config.conditions)
+    for mode in modes:
         records = rewriter.rewrite_batch(
             rewrite_pairs,
             mode,
@@ -152,7 +153,7 @@ def run_car(settings: Settings, config: CarConfig, out_dir: Path) -> dict[str, A
         )
         for pair, record in zip(pairs, records, strict=True):
             pair.rewrites[mode] = record.rewritten_query
-    rewrite_stats = rewrite_effects(pairs, corpus, search)
+    rewrite_stats = rewrite_effects(pairs, corpus, search, modes)
 
     # 3. first-stage candidates of the original test claims
     first: dict[str, dict[str, list[str]]] = {"rrf": {}, "bm25": {}}
@@ -305,13 +306,23 @@ def score_candidates(
     return scores
 
 
+def rewrite_modes(conditions: Sequence[str]) -> tuple[str, ...]:
+    """The rewrite modes the conditions train on (only those are generated: minutes each)."""
+    needed = {"context"} if set(conditions) - {"original", "query-only"} else set()
+    if "query-only" in conditions:
+        needed.add("query-only")
+    return tuple(m for m in ("context", "query-only") if m in needed)
+
+
 def rewrite_effects(
     pairs: Sequence[TrainPair],
     corpus: Mapping[str, Any],
     search: Callable[[str, int, tuple[str, ...]], tuple[list[str], list[float]]],
+    modes: Sequence[str] = ("context", "query-only"),
 ) -> dict[str, Any]:
-    """Where BM25 ranks each pair's relevant abstract for the original and the two rewrites,
-    how much of a rewrite is copied from the abstract, and examples that helped or drifted."""
+    """Where BM25 ranks each pair's relevant abstract for the original and each rewrite, how
+    much of a rewrite is copied from the abstract, and examples that helped or drifted (the
+    query-only rewrites when there are any, else the context ones that ranked it lower)."""
 
     def rank(query: str, doc_id: str) -> int:
         ranking, _ = search(query, DEPTH, ("bm25",))
@@ -327,12 +338,11 @@ def rewrite_effects(
         row: dict[str, Any] = {
             "qid": pair.qid,
             "original": pair.query,
-            "context": pair.rewrites["context"],
-            "query-only": pair.rewrites["query-only"],
+            **{mode: pair.rewrites[mode] for mode in modes},
             "rank": {"original": rank(pair.query, pair.doc_id)},
             "copied": {"original": round(copied(pair.query, pair.doc_id), 3)},
         }
-        for mode in ("context", "query-only"):
+        for mode in modes:
             row["rank"][mode] = rank(pair.rewrites[mode], pair.doc_id)
             row["copied"][mode] = round(copied(pair.rewrites[mode], pair.doc_id), 3)
         rows.append(row)
@@ -340,17 +350,22 @@ def rewrite_effects(
     def mrr(mode: str) -> float:
         return round(sum(1.0 / r["rank"][mode] for r in rows) / len(rows), 4) if rows else 0.0
 
-    helped = sorted(rows, key=lambda r: r["rank"]["context"] - r["rank"]["original"])[:5]
-    drifted = sorted(rows, key=lambda r: r["rank"]["original"] - r["rank"]["query-only"])[:5]
+    if not modes:
+        return {}
+    drift_mode = "query-only" if "query-only" in modes else modes[0]
+    helped = sorted(rows, key=lambda r: r["rank"][modes[0]] - r["rank"]["original"])[:5]
+    drifted = sorted(rows, key=lambda r: r["rank"]["original"] - r["rank"][drift_mode])[:5]
     unchanged = {
         mode: sum(r[mode].strip().lower() == r["original"].strip().lower() for r in rows)
-        for mode in ("context", "query-only")
+        for mode in modes
     }
     return {
-        "bm25_mrr_of_relevant": {m: mrr(m) for m in ("original", "context", "query-only")},
+        "modes": list(modes),
+        "drift_mode": drift_mode,
+        "bm25_mrr_of_relevant": {m: mrr(m) for m in ("original", *modes)},
         "mean_copied_words": {
             m: round(sum(r["copied"][m] for r in rows) / max(1, len(rows)), 3)
-            for m in ("original", "context", "query-only")
+            for m in ("original", *modes)
         },
         "unchanged": unchanged,
         "helped": helped,
@@ -508,28 +523,8 @@ def report_markdown(result: Mapping[str, Any]) -> str:
             f"{row['bootstrap_p']:.3g} |"
         )
     rewrites = result["rewrites"]
-    lines += [
-        "",
-        "## Rewrites",
-        "",
-        f"BM25 MRR of the relevant abstract: `{rewrites['bm25_mrr_of_relevant']}`; share of a "
-        f"query's content words found in its abstract: `{rewrites['mean_copied_words']}`; "
-        f"rewrites identical to the original: `{rewrites['unchanged']}`.",
-        "",
-        "Rewrites that helped most (BM25 rank of the relevant abstract, original → context):",
-        "",
-    ]
-    for row in rewrites["helped"]:
-        lines.append(
-            f"- {row['rank']['original']} → {row['rank']['context']}: “{row['original']}” → "
-            f"“{row['context']}”"
-        )
-    lines += ["", "Query-only rewrites that drifted most (original → query-only):", ""]
-    for row in rewrites["drifted"]:
-        lines.append(
-            f"- {row['rank']['original']} → {row['rank']['query-only']}: “{row['original']}” → "
-            f"“{row['query-only']}”"
-        )
+    if rewrites:
+        lines += _rewrite_lines(rewrites)
     lines += ["", "## Training", "", "| condition | examples | sources | train s | loss |"]
     lines.append("|---|---:|---|---:|---|")
     for condition, info in result["training"].items():
@@ -540,6 +535,35 @@ def report_markdown(result: Mapping[str, Any]) -> str:
     if "published" in result:
         lines += ["", f"Published as the served cross-encoder: `{result['published']}`"]
     return "\n".join(lines) + "\n"
+
+
+def _rewrite_lines(rewrites: Mapping[str, Any]) -> list[str]:
+    # Results written before "modes" was recorded rewrote both modes.
+    helped_mode = rewrites.get("modes", ["context"])[0]
+    drift_mode = rewrites.get("drift_mode", "query-only")
+    lines = [
+        "",
+        "## Rewrites",
+        "",
+        f"BM25 MRR of the relevant abstract: `{rewrites['bm25_mrr_of_relevant']}`; share of a "
+        f"query's content words found in its abstract: `{rewrites['mean_copied_words']}`; "
+        f"rewrites identical to the original: `{rewrites['unchanged']}`.",
+        "",
+        f"Rewrites that helped most (BM25 rank of the relevant abstract, original → {helped_mode}):",
+        "",
+    ]
+    for row in rewrites["helped"]:
+        lines.append(
+            f"- {row['rank']['original']} → {row['rank'][helped_mode]}: “{row['original']}” → "
+            f"“{row[helped_mode]}”"
+        )
+    lines += ["", f"{drift_mode} rewrites that drifted most (original → {drift_mode}):", ""]
+    for row in rewrites["drifted"]:
+        lines.append(
+            f"- {row['rank']['original']} → {row['rank'][drift_mode]}: “{row['original']}” → "
+            f"“{row[drift_mode]}”"
+        )
+    return lines
 
 
 def plot(result: Mapping[str, Any], path: Path) -> None:

@@ -76,3 +76,13 @@ def test_reranking_keeps_the_tail_and_fusion_mixes_both_orders() -> None:
     fused = fuse(["a", "b", "c"], ["c", "b", "a"])
     # 1/61 + 1/63 beats 2/62; the tie between a and c goes to the re-ranked order.
     assert fused == ["c", "a", "b"]
+
+
+def test_only_the_rewrites_the_conditions_train_on_are_generated() -> None:
+    from lodestar.experiments.car import rewrite_modes
+
+    assert rewrite_modes(["original"]) == ()
+    assert rewrite_modes(["original", "car", "original+car"]) == ("context",)
+    assert rewrite_modes(["car-ambiguous"]) == ("context",)
+    assert rewrite_modes(["query-only"]) == ("query-only",)
+    assert rewrite_modes(["original", "car", "query-only"]) == ("context", "query-only")

@@ -8,6 +8,9 @@ Layout of one artefact family (an index collection, a model)::
 
 A crash at any point leaves the previous ``CURRENT`` serving: a version directory appears under
 its final name only after every file in it is fsynced, and ``CURRENT`` changes by ``os.replace``.
+Readers open a version through :meth:`ArtifactFamily.loadable`, which checks its files against
+the manifest's checksums once per process (a version this process sealed itself is not re-read),
+so a corrupted or half-copied version is refused instead of served.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,12 +28,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from shared.errors import ErrorCode, LodestarError
+
 MANIFEST = "manifest.json"
 CURRENT = "CURRENT"
 
 
 class ArtifactError(RuntimeError):
     pass
+
+
+class CorruptArtifact(LodestarError):
+    """A published version whose files do not match its manifest: answered 503, not served."""
+
+    def __init__(self, family: Path, version: str, detail: str) -> None:
+        super().__init__(
+            ErrorCode.unavailable,
+            f"{family.name} version {version} is corrupt ({detail}); republish it",
+        )
+
+
+#: (version directory) already checked, or sealed, by this process.
+_VERIFIED: set[Path] = set()
+_VERIFIED_LOCK = threading.Lock()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -117,6 +138,8 @@ class ArtifactFamily:
         final = self.versions_dir / version
         os.replace(scratch, final)
         _fsync_dir(self.versions_dir)
+        with _VERIFIED_LOCK:
+            _VERIFIED.add(final.resolve())  # hashed while sealing
         self._point_current_at(version)
 
     def _seal(self, scratch: Path, version: str, manifest: dict[str, Any]) -> None:
@@ -146,15 +169,36 @@ class ArtifactFamily:
         _fsync_dir(self.root)
 
     def verify(self, version: str | None = None) -> None:
-        """Check every file of a version against its manifest checksum."""
+        """Check every file of a version against its manifest checksum (raises
+        :class:`CorruptArtifact`)."""
         version = version or self.current_version()
         if version is None:
             raise ArtifactError(f"{self.root} has no published version")
-        manifest = self.read_manifest(version)
         base = self.versions_dir / version
-        for rel, meta in manifest["files"].items():
-            if _sha256(base / rel) != meta["sha256"]:
-                raise ArtifactError(f"{base / rel} does not match its manifest checksum")
+        try:
+            files = self.read_manifest(version)["files"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise CorruptArtifact(self.root, version, f"unreadable manifest: {exc}") from exc
+        for rel, meta in files.items():
+            try:
+                matches = _sha256(base / rel) == meta["sha256"]
+            except OSError as exc:
+                raise CorruptArtifact(self.root, version, f"{rel}: {exc.strerror}") from exc
+            if not matches:
+                raise CorruptArtifact(self.root, version, f"{rel} does not match its checksum")
+
+    def loadable(self, version: str) -> Path:
+        """The directory of ``version``, its checksums verified once per process: what a
+        reader loads. Raises :class:`CorruptArtifact` (503) when a file was changed or lost."""
+        base = self.versions_dir / version
+        key = base.resolve()
+        with _VERIFIED_LOCK:
+            if key in _VERIFIED:
+                return base
+        self.verify(version)
+        with _VERIFIED_LOCK:
+            _VERIFIED.add(key)
+        return base
 
     def prune(self, keep: int = 2) -> None:
         """Remove old versions, never the current one; readers of an old snapshot keep working

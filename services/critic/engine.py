@@ -166,7 +166,7 @@ class CriticEngine:
             raise CriticNotTrained(self.family.root)
         with self._lock:
             if self._loaded is None or self._loaded.version != version:
-                self._loaded = LoadedCritic(self.family.versions_dir / version, self.device)
+                self._loaded = LoadedCritic(self.family.loadable(version), self.device)
             return self._loaded
 
     @property

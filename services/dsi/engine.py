@@ -165,7 +165,7 @@ class DsiEngine:
             cached = self._snapshots.get(name)
             if cached is not None and cached.version == version:
                 return cached
-            snapshot = self._load(family.versions_dir / version, version)
+            snapshot = self._load(family.loadable(version), version)
             self._snapshots[name] = snapshot
             return snapshot
 

@@ -162,7 +162,7 @@ class CollectionStore:
         version = family.current_version()
         if version is None:
             raise not_found("fm-index collection", name, field="collection")
-        return FmCollection.load(name, version, family.versions_dir / version)
+        return FmCollection.load(name, version, family.loadable(version))
 
     def current_version(self, name: str) -> str | None:
         return self._family_or_404(name).current_version()

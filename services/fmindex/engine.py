@@ -107,9 +107,9 @@ def resolve_generator_dir(settings: Settings, choice: str, min_steps: int = 0) -
         return prepare_llm(settings)
     if choice == "auto":
         family = ArtifactFamily(generator_root(settings))
-        tuned = family.current_path()
-        if tuned is not None and int(family.read_manifest().get("steps", 0)) >= min_steps:
-            return tuned
+        version = family.current_version()
+        if version is not None and int(family.read_manifest(version).get("steps", 0)) >= min_steps:
+            return family.loadable(version)
         return prepare_llm(settings)
     return Path(choice)
 

@@ -534,7 +534,7 @@ def load_snapshot(
     version = family.current_version()
     if version is None:
         raise not_found("collection", name)
-    base = family.versions_dir / version
+    base = family.loadable(version)
     manifest = family.read_manifest(version)
     documents = JsonlRecords(base / "documents.jsonl", Document)
     passages = JsonlRecords(base / "passages.jsonl", Passage)

@@ -343,7 +343,7 @@ class CurrentCrossEncoder:
             if self._loaded is None or self._loaded.version != version:
                 manifest = self.family.read_manifest(version)
                 self._loaded = load_cross_encoder(
-                    self.family.versions_dir / version / MODEL_DIR,
+                    self.family.loadable(version) / MODEL_DIR,
                     max_length=int(manifest.get("max_length", DEFAULT_MAX_LENGTH)),
                     device=self.device,
                     version=version,

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.artifacts import ArtifactError, ArtifactFamily
+from shared.artifacts import ArtifactFamily, CorruptArtifact
+from shared.errors import ErrorCode
 
 
 def publish(family: ArtifactFamily, content: str) -> str:
@@ -30,8 +31,45 @@ def test_build_publishes_a_sealed_version(tmp_path: Path) -> None:
     assert manifest["files"]["data.txt"]["bytes"] == 3
     family.verify()
     (family.versions_dir / version / "data.txt").write_text("tampered")
-    with pytest.raises(ArtifactError, match="checksum"):
+    with pytest.raises(CorruptArtifact, match="checksum"):
         family.verify()
+
+
+PUBLISH_ELSEWHERE = """
+import sys
+from pathlib import Path
+from shared.artifacts import ArtifactFamily
+family = ArtifactFamily(Path(sys.argv[1]))
+with family.lock(), family.build({}) as scratch:
+    (scratch / "data.txt").write_text(sys.argv[2])
+"""
+
+
+def test_a_reader_refuses_a_version_whose_files_changed(tmp_path: Path) -> None:
+    """A version published by another process is checked when first loaded here: a changed or
+    lost file is refused (503 unavailable, no absolute path in the message), a sound one loads."""
+    family = ArtifactFamily(tmp_path / "fam")
+    for content in ("sound", "to be tampered"):
+        subprocess.run(
+            [sys.executable, "-c", PUBLISH_ELSEWHERE, str(family.root), content], check=True
+        )
+    sound, tampered = sorted(p.name for p in family.versions_dir.iterdir())
+    assert (family.loadable(sound) / "data.txt").read_text() == "sound"
+    (family.versions_dir / tampered / "data.txt").write_text("to be tampered!")
+    with pytest.raises(CorruptArtifact) as refused:
+        family.loadable(tampered)
+    assert refused.value.code is ErrorCode.unavailable
+    assert str(tmp_path) not in refused.value.message and "data.txt" in refused.value.message
+    (family.versions_dir / tampered / "data.txt").unlink()
+    with pytest.raises(CorruptArtifact):
+        family.loadable(tampered)
+
+
+def test_a_version_this_process_sealed_is_not_hashed_again(tmp_path: Path) -> None:
+    family = ArtifactFamily(tmp_path / "fam")
+    version = publish(family, "one")
+    (family.versions_dir / version / "data.txt").write_text("two")  # not re-read: sealed here
+    assert (family.loadable(version) / "data.txt").read_text() == "two"
 
 
 def test_failed_build_keeps_the_previous_version(tmp_path: Path) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
+from lodestar.bench.common import kill_group, stop_group
 from services.index.engine import IndexEngine
 from shared.schemas import Document
 from shared.settings import Settings
@@ -161,18 +161,10 @@ class Process:
     env: dict[str, str]
 
     def stop(self) -> None:
-        if self.popen.poll() is None:
-            os.killpg(self.popen.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.popen.pid, signal.SIGKILL)
-                self.popen.wait()
+        stop_group(self.popen)
 
     def kill(self) -> None:
-        if self.popen.poll() is None:
-            os.killpg(self.popen.pid, signal.SIGKILL)
-            self.popen.wait()
+        kill_group(self.popen)
 
     def restart(self) -> Process:
         """A fresh process with the same command, environment and log (after a kill)."""

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
+import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,3 +65,21 @@ class TableBenchmark:
         parser = argparse.ArgumentParser(description=self.doc.splitlines()[0] if self.doc else None)
         self.add_arguments(parser)
         return self.command(parser.parse_args(argv))
+
+
+def kill_group(popen: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the process group of ``popen`` (started with ``start_new_session``) and reap it."""
+    if popen.poll() is None:
+        os.killpg(popen.pid, signal.SIGKILL)
+        popen.wait()
+
+
+def stop_group(popen: subprocess.Popen[bytes], timeout_s: float = 20.0) -> None:
+    """SIGTERM the process group of ``popen``; SIGKILL it when it has not exited in ``timeout_s``
+    (a service's workers are in its group, so they go with it)."""
+    if popen.poll() is None:
+        os.killpg(popen.pid, signal.SIGTERM)
+        try:
+            popen.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            kill_group(popen)

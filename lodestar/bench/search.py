@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import tempfile
 import time
@@ -38,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from lodestar.bench.common import stop_group
 from shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -124,13 +124,7 @@ class Process:
         raise RuntimeError(f"{self.name} not ready after {timeout_s:.0f} s; see {self.log}")
 
     def stop(self) -> None:
-        if self.popen.poll() is None:
-            os.killpg(self.popen.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.popen.pid, signal.SIGKILL)
-                self.popen.wait()
+        stop_group(self.popen)
 
 
 def start_lodestar(

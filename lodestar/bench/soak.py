@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import signal
 import subprocess
 import sys
 import tempfile
@@ -47,7 +46,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from lodestar.bench.common import write_results
+from lodestar.bench.common import kill_group, stop_group, write_results
 from shared.errors import ErrorCode
 from shared.settings import Settings
 
@@ -126,17 +125,12 @@ class Service:
         raise RuntimeError(f"{self.name} not ready after {timeout_s:.0f} s; see {self.log}")
 
     def kill9(self) -> None:
-        if self.popen is not None and self.popen.poll() is None:
-            os.killpg(self.popen.pid, signal.SIGKILL)
-            self.popen.wait()
+        if self.popen is not None:
+            kill_group(self.popen)
 
     def stop(self) -> None:
-        if self.popen is not None and self.popen.poll() is None:
-            os.killpg(self.popen.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.kill9()
+        if self.popen is not None:
+            stop_group(self.popen)
 
     def rss_bytes(self) -> int | None:
         if self.popen is None or self.popen.poll() is not None:

@@ -138,7 +138,25 @@ def answer_messages(
     ]
 
 
-class LlmAgent:
+class _ProbabilityAgent:
+    """Labels documents by the agent's P(relevant) against ``threshold``; a subclass gives
+    ``document_probabilities``."""
+
+    threshold: float
+
+    def document_probabilities(
+        self, profile: str | None, query: str, docs: Sequence[DocLike]
+    ) -> list[float]:
+        raise NotImplementedError
+
+    def judge_documents(
+        self, profile: str | None, query: str, docs: Sequence[DocLike]
+    ) -> list[Judgement]:
+        probabilities = self.document_probabilities(profile, query, docs)
+        return [_judgement(p, self.threshold, ("relevant", "irrelevant")) for p in probabilities]
+
+
+class LlmAgent(_ProbabilityAgent):
     """SmolLM2 (any chat causal LM with ``prompt_ids``) asked yes/no per passage."""
 
     def __init__(self, generator: Any, *, threshold: float = 0.5, batch_size: int = 5) -> None:
@@ -191,12 +209,6 @@ class LlmAgent:
     ) -> list[float]:
         return self.p_yes_batch([document_messages(profile, query, doc) for doc in docs])
 
-    def judge_documents(
-        self, profile: str | None, query: str, docs: Sequence[DocLike]
-    ) -> list[Judgement]:
-        probabilities = self.document_probabilities(profile, query, docs)
-        return [_judgement(p, self.threshold, ("relevant", "irrelevant")) for p in probabilities]
-
     def judge_answer(
         self, profile: str | None, question: str, answer: str, docs: Sequence[DocLike]
     ) -> Judgement | None:
@@ -213,7 +225,7 @@ def _first_token_ids(tokenizer: Any, words: Sequence[str]) -> list[int]:
     return ids
 
 
-class CrossEncoderAgent:
+class CrossEncoderAgent(_ProbabilityAgent):
     """The published cross-encoder; the profile is ignored (see the module docstring)."""
 
     def __init__(self, scorer: RelevanceScorer, *, threshold: float = 0.5) -> None:
@@ -231,19 +243,13 @@ class CrossEncoderAgent:
             return []
         return [_sigmoid(s) for s in self.scorer.score(query, docs)]
 
-    def judge_documents(
-        self, profile: str | None, query: str, docs: Sequence[DocLike]
-    ) -> list[Judgement]:
-        probabilities = self.document_probabilities(profile, query, docs)
-        return [_judgement(p, self.threshold, ("relevant", "irrelevant")) for p in probabilities]
-
     def judge_answer(
         self, profile: str | None, question: str, answer: str, docs: Sequence[DocLike]
     ) -> Judgement | None:
         return None
 
 
-class CombinedAgent:
+class CombinedAgent(_ProbabilityAgent):
     """Documents by ``llm_weight`` × the LLM's P(relevant) + the rest × the cross-encoder's
     (``both``: 0.5; ``auto``: 0, the LLM then only judges answers); answers by the LLM."""
 
@@ -267,17 +273,15 @@ class CombinedAgent:
             return f"shadow-ce:{ce}+answers:{self.llm.generator.model_id}"
         return f"shadow-both:{self.llm.generator.model_id}+{ce}"
 
-    def judge_documents(
+    def document_probabilities(
         self, profile: str | None, query: str, docs: Sequence[DocLike]
-    ) -> list[Judgement]:
+    ) -> list[float]:
         b = self.cross_encoder.document_probabilities(profile, query, docs)
         if self.llm_weight == 0:
-            mixed = b
-        else:
-            a = self.llm.document_probabilities(profile, query, docs)
-            w = self.llm_weight
-            mixed = [w * x + (1 - w) * y for x, y in zip(a, b, strict=True)]
-        return [_judgement(p, self.threshold, ("relevant", "irrelevant")) for p in mixed]
+            return b
+        a = self.llm.document_probabilities(profile, query, docs)
+        w = self.llm_weight
+        return [w * x + (1 - w) * y for x, y in zip(a, b, strict=True)]
 
     def judge_answer(
         self, profile: str | None, question: str, answer: str, docs: Sequence[DocLike]

@@ -21,8 +21,9 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
+from celery import Celery
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -589,6 +590,12 @@ def from_state(name: str) -> Callable[[Request], Any]:
 
     dependency.__name__ = f"state_{name}"
     return dependency
+
+
+#: The service's ``Settings`` and its Celery app, as route parameters (``app.state.settings`` and
+#: ``app.state.celery``).
+SettingsDep = Annotated[Settings, Depends(from_state("settings"))]
+CeleryDep = Annotated[Celery, Depends(from_state("celery"))]
 
 
 # --- input limits shared by every service ------------------------------------------------------

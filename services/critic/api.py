@@ -8,13 +8,11 @@ from fastapi import APIRouter, Depends
 from fastapi.concurrency import run_in_threadpool
 
 from services.critic.engine import CriticEngine
-from shared.app import check_text, from_state, require_ready
+from shared.app import SettingsDep, check_text, from_state, require_ready
 from shared.clients import JUDGE_MAX_CONTEXT_CHARS, JudgeRequest, JudgeResponse
 from shared.errors import ErrorCode, LodestarError, error_responses
-from shared.settings import Settings
 
 EngineDep = Annotated[CriticEngine, Depends(from_state("engine"))]
-SettingsDep = Annotated[Settings, Depends(from_state("settings"))]
 
 router = APIRouter(dependencies=[Depends(require_ready)])
 

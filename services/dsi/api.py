@@ -15,14 +15,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from celery import Celery
 from fastapi import APIRouter, Depends
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from services.dsi.engine import DsiEngine, StepOptions, check_collection
-from shared.app import check_k, check_text, from_state, require_ready
+from shared.app import CeleryDep, SettingsDep, check_k, check_text, from_state, require_ready
 from shared.errors import ErrorCode, LodestarError, error_responses
 from shared.ids import CollectionPath, DocId
 from shared.jobs import TASK_DSI_INDEX_STEP, QueueChoice, job_status, route_queue
@@ -34,11 +33,8 @@ from shared.schemas import (
     NotBool,
     SourceRank,
 )
-from shared.settings import Settings
 
 EngineDep = Annotated[DsiEngine, Depends(from_state("engine"))]
-SettingsDep = Annotated[Settings, Depends(from_state("settings"))]
-CeleryDep = Annotated[Celery, Depends(from_state("celery"))]
 
 router = APIRouter(dependencies=[Depends(require_ready)])
 

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
 from services.fmindex.engine import FmEngine, with_overrides
 from services.fmindex.responses import RETRIEVER, FmSearchResponse, search_response
-from shared.app import check_k, check_text, from_state, require_ready
+from shared.app import SettingsDep, check_k, check_text, from_state, require_ready
 from shared.datasets import DATASETS
 from shared.errors import ErrorCode, LodestarError, error_responses, invalid, not_found
 from shared.ids import CollectionPath, StagedName, stage_jsonl, staged_file, staging_dir
@@ -31,12 +31,10 @@ from shared.schemas import (
     IndexSearchRequest,
     NotBool,
 )
-from shared.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 EngineDep = Annotated[FmEngine, Depends(from_state("engine"))]
-SettingsDep = Annotated[Settings, Depends(from_state("settings"))]
 
 router = APIRouter(dependencies=[Depends(require_ready)])
 

@@ -22,12 +22,11 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from services.generator.engine import BatchingEngine, Delta, Done, Event, Job, SamplingParams
-from shared.app import from_state, request_deadline, require_ready
+from shared.app import SettingsDep, from_state, request_deadline, require_ready
 from shared.errors import ErrorCode, LodestarError, error_responses
 from shared.settings import Settings
 
 EngineDep = Annotated[BatchingEngine, Depends(from_state("engine"))]
-SettingsDep = Annotated[Settings, Depends(from_state("settings"))]
 
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_ready)])
 

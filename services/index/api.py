@@ -18,7 +18,7 @@ from services.index.engine import (
     params_of,
     search_payload,
 )
-from shared.app import check_k, check_text, from_state, require_ready
+from shared.app import SettingsDep, check_k, check_text, from_state, require_ready
 from shared.errors import ErrorCode, error_responses
 from shared.ids import CollectionPath, DocId, DocIdPath
 from shared.schemas import (
@@ -31,10 +31,8 @@ from shared.schemas import (
     UpsertRequest,
     WriteResponse,
 )
-from shared.settings import Settings
 
 EngineDep = Annotated[IndexEngine, Depends(from_state("engine"))]
-SettingsDep = Annotated[Settings, Depends(from_state("settings"))]
 
 router = APIRouter(dependencies=[Depends(require_ready)])
 

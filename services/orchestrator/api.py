@@ -44,7 +44,7 @@ from services.orchestrator.rounds import (
     RoundStarted,
 )
 from services.orchestrator.search import SearchOutcome, SearchPipeline
-from shared.app import check_k, check_text, from_state, require_ready
+from shared.app import CeleryDep, SettingsDep, check_k, check_text, from_state, require_ready
 from shared.auth import scoped_idempotency_key
 from shared.clients import IndexClient, RerankMethod
 from shared.errors import ErrorCode, LodestarError, error_responses, invalid
@@ -67,7 +67,6 @@ from shared.schemas import (
     ResultCount,
     WriteResponse,
 )
-from shared.settings import Settings
 from shared.store import ACTIONS, FeedbackIn, Store, Trace, new_id
 
 # --- request and response models ---------------------------------------------------------------
@@ -277,7 +276,6 @@ class UpsertDocumentsRequest(BaseModel):
 # --- dependencies ------------------------------------------------------------------------------
 
 
-SettingsDep = Annotated[Settings, Depends(from_state("settings"))]
 StoreDep = Annotated[Store, Depends(from_state("store"))]
 IndexDep = Annotated[IndexClient, Depends(from_state("index"))]
 SearchDep = Annotated[SearchPipeline, Depends(from_state("search"))]
@@ -295,7 +293,6 @@ def _feedback_metrics(request: Request) -> FeedbackMetrics:
 
 
 MetricsDep = Annotated[FeedbackMetrics, Depends(_feedback_metrics)]
-CeleryDep = Annotated[Celery, Depends(from_state("celery"))]
 
 router = APIRouter()
 ready = [Depends(require_ready)]

@@ -20,7 +20,6 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Annotated, Any, Literal
 
-from celery import Celery
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -30,7 +29,7 @@ from prometheus_client.registry import Collector
 from pydantic import BaseModel, Field
 
 from services.orchestrator import feedback_export, shadow
-from shared.app import from_state, require_ready
+from shared.app import CeleryDep, SettingsDep, from_state, require_ready
 from shared.clients import IndexClient
 from shared.errors import ErrorCode, LodestarError, error_responses
 from shared.jobs import TASK_OFFLINE_UPDATE, QueueChoice, route_queue
@@ -212,10 +211,8 @@ def install(app: FastAPI, generator: Callable[[], Any]) -> None:
 
 # --- routes ------------------------------------------------------------------------------------
 
-SettingsDep = Annotated[Settings, Depends(from_state("settings"))]
 StoreDep = Annotated[Store, Depends(from_state("store"))]
 IndexDep = Annotated[IndexClient, Depends(from_state("index"))]
-CeleryDep = Annotated[Celery, Depends(from_state("celery"))]
 AgentsDep = Annotated[ShadowAgents, Depends(from_state("shadow_agents"))]
 
 router = APIRouter()

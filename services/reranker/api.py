@@ -8,13 +8,11 @@ from fastapi import APIRouter, Depends
 from fastapi.concurrency import run_in_threadpool
 
 from services.reranker.engine import RerankDocument, RerankerEngine, rerank_response
-from shared.app import check_text, from_state, require_ready
+from shared.app import SettingsDep, check_text, from_state, require_ready
 from shared.clients import RerankRequest, RerankResponse
 from shared.errors import ErrorCode, LodestarError, error_responses, invalid
-from shared.settings import Settings
 
 EngineDep = Annotated[RerankerEngine, Depends(from_state("engine"))]
-SettingsDep = Annotated[Settings, Depends(from_state("settings"))]
 
 router = APIRouter(dependencies=[Depends(require_ready)])
 

@@ -7,7 +7,6 @@ import uuid
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from celery import Celery
 from fastapi import APIRouter, Depends
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
@@ -21,15 +20,12 @@ from services.rewriter.engine import (
     RewriteResult,
 )
 from services.rewriter.jobs import incoming_dir
-from shared.app import check_text, from_state, require_ready
+from shared.app import CeleryDep, SettingsDep, check_text, from_state, require_ready
 from shared.errors import ErrorCode, LodestarError, error_responses
 from shared.ids import DocId, JobIdPath, stage_jsonl
 from shared.jobs import TASK_REWRITE_BATCH, QueueChoice, job_status, route_queue
-from shared.settings import Settings
 
 EngineDep = Annotated[RewriterEngine, Depends(from_state("engine"))]
-SettingsDep = Annotated[Settings, Depends(from_state("settings"))]
-CeleryDep = Annotated[Celery, Depends(from_state("celery"))]
 
 router = APIRouter(dependencies=[Depends(require_ready)])
 

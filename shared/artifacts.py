@@ -61,7 +61,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
+def sha256_of(path: Path) -> str:
+    """The file's SHA-256, hex, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -148,7 +149,7 @@ class ArtifactFamily:
             with path.open("rb") as handle:
                 os.fsync(handle.fileno())
             rel = str(path.relative_to(scratch))
-            files[rel] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+            files[rel] = {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
         for directory in {p.parent for p in scratch.rglob("*")} | {scratch}:
             _fsync_dir(directory)
         full = {**manifest, "version": version, "created_at": time.time(), "files": files}
@@ -181,7 +182,7 @@ class ArtifactFamily:
             raise CorruptArtifact(self.root, version, f"unreadable manifest: {exc}") from exc
         for rel, meta in files.items():
             try:
-                matches = _sha256(base / rel) == meta["sha256"]
+                matches = sha256_of(base / rel) == meta["sha256"]
             except OSError as exc:
                 raise CorruptArtifact(self.root, version, f"{rel}: {exc.strerror}") from exc
             if not matches:

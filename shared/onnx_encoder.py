@@ -27,7 +27,6 @@ the served default unless SciFact nDCG@10 holds (docs/search-performance.md).
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -40,6 +39,8 @@ from typing import Any
 
 import numpy as np
 
+from shared.artifacts import sha256_of
+
 logger = logging.getLogger(__name__)
 
 ONNX_DIRNAME = "minilm-onnx"
@@ -50,14 +51,6 @@ OPSET = 17
 #: Bumped when the exported graph changes (pooling, inputs): older exports are redone.
 EXPORT_FORMAT = 1
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def source_weights(model_dir: Path) -> Path:

@@ -198,19 +198,14 @@ class FmEngine:
             initial = lm.start(body_prompt)
             prompt_s = time.perf_counter() - t0
             unigram_logprobs = initial[1]
-            body = constrained_beam_search(
-                lm,
-                fm,
-                body_prompt,
-                SearchConfig(
-                    beam=options.beam,
-                    max_length=options.length,
-                    groups=options.groups,
-                    diversity_penalty=options.diversity_penalty,
-                    banned=frozenset({separator}),
-                ),
-                initial=initial,
+            body_config = SearchConfig(
+                beam=options.beam,
+                max_length=options.length,
+                groups=options.groups,
+                diversity_penalty=options.diversity_penalty,
+                banned=frozenset({separator}),
             )
+            body = constrained_beam_search(lm, fm, body_prompt, body_config, initial=initial)
             ngrams += [(n.tokens, n.logprob, "body") for n in body.ngrams]
             model_s = prompt_s + body.seconds_model
             index_s = body.seconds_index
@@ -220,13 +215,7 @@ class FmEngine:
                     lm,
                     fm,
                     self.prompt(lm, query, "title"),
-                    SearchConfig(
-                        beam=options.beam,
-                        max_length=options.title_length,
-                        groups=options.groups,
-                        diversity_penalty=options.diversity_penalty,
-                        banned=frozenset({separator}),
-                    ),
+                    replace(body_config, max_length=options.title_length),
                     start=fm.range([separator]),
                     eos=title_eos,
                 )

@@ -222,23 +222,17 @@ def train_critic(
     )
     dev_questions = {r.qid for r in dev_rows}
     model, tokenizer, losses = fit(train_rows, config, progress)
-    held_out: dict[str, Any] = {}
-    if dev_rows:
-        held_out["balanced"] = compare_with_self_assessment(
-            predict(model, tokenizer, dev_rows, config.max_input_tokens),
-            dev_rows,
-            config.label,
-            DEFAULT_THRESHOLD,
-        )
-    # Every turn of the held-out questions, unbalanced: the label mix the loop meets.
+    # ``all_turns``: every turn of the held-out questions, unbalanced: the label mix the loop meets.
     all_dev = [r for r in rows if r.qid in dev_questions]
-    if all_dev:
-        held_out["all_turns"] = compare_with_self_assessment(
-            predict(model, tokenizer, all_dev, config.max_input_tokens),
-            all_dev,
-            config.label,
-            DEFAULT_THRESHOLD,
-        )
+    held_out: dict[str, Any] = {}
+    for name, dev in (("balanced", dev_rows), ("all_turns", all_dev)):
+        if dev:
+            held_out[name] = compare_with_self_assessment(
+                predict(model, tokenizer, dev, config.max_input_tokens),
+                dev,
+                config.label,
+                DEFAULT_THRESHOLD,
+            )
     label_counts = {
         rule: {"accept": sum(r.em if rule == "em" else r.acc for r in rows), "turns": len(rows)}
         for rule in ("em", "acc")

@@ -2,10 +2,10 @@
 
 Embedding a query with sentence-transformers costs a Python-level trip through tokenisation,
 ``transformers``' BERT modules and the pooling layers; the same forward pass as one ONNX Runtime
-graph is about 3× cheaper on one CPU thread with the same numbers (issue #23). So the index
-service embeds queries with this encoder and keeps sentence-transformers fp32 as the reference
-(the passages are still embedded by it, and it is the fallback when the export or ONNX Runtime
-is unavailable).
+graph is about 3× cheaper on one CPU thread with the same numbers (docs/search-performance.md).
+So the index service embeds queries with this encoder and keeps sentence-transformers fp32 as the
+reference (the passages are still embedded by it, and it is the fallback when the export or ONNX
+Runtime is unavailable).
 
 The export is offline and cached on disk: ``<models_dir>/minilm-onnx/`` holds ``model.onnx``
 (the BERT body plus mean pooling and L2 normalisation, so the graph's output *is* the embedding)

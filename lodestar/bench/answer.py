@@ -1,5 +1,5 @@
 """``lodestar bench answer``: ``/answer`` throughput with generation in the orchestrator vs on
-the generator service (issue #22: "/answer throughput at 4 concurrent questions before/after").
+the generator service, at 1 and 4 concurrent questions (docs/generator.md).
 
 Two configurations of the same stack, started as ``lodestar up`` starts it (bench ports, a
 throw-away trace store, no critic, so every call runs the server's default rounds):

@@ -13,7 +13,7 @@ lodestar.bench.generate``):
   the whole is repeated ``--rounds`` times; ``mean batch`` is requests per batched ``generate``
   (from the service's ``generator_batch_size`` metric).
 
-Targets (issue #22): service at concurrency 1 >= 0.9x raw; at concurrency 4 >= 2x the service at
+Targets (docs/generator.md): service at concurrency 1 >= 0.9x raw; at concurrency 4 >= 2x the service at
 concurrency 1. The machine is shared and noisy, so only the ratios of one run are meaningful.
 Writes ``benchmarks/results/generate/<name>.json`` and prints a Markdown table.
 """

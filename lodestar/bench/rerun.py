@@ -1,4 +1,4 @@
-"""``lodestar bench rerun``: what a rerun costs beside the ``/search`` it reruns (issue #21).
+"""``lodestar bench rerun``: what a rerun costs beside the ``/search`` it reruns (docs/feedback.md).
 
 The index service and the orchestrator are started as ``lodestar up`` starts them (on bench
 ports, traces in a throw-away SQLite store). For each NQ-open dev question, one after another
@@ -30,7 +30,7 @@ from shared.settings import Settings
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS_PATH = ROOT / "benchmarks" / "results" / "rerun_bench.json"
 KINDS = ("search", "rerun_fusion", "rerun_fusion_feedback", "rerun_retrieve_feedback")
-#: A rerun's p50 may be at most this many times the /search p50 (issue #21).
+#: A rerun's p50 may be at most this many times the /search p50 (the platform's target).
 TARGET_RATIO = 2.0
 
 

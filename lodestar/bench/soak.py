@@ -1,4 +1,4 @@
-"""``lodestar bench soak``: mixed load over time, services killed under it, crash cycles (#18).
+"""``lodestar bench soak``: mixed load over time, services killed under it, crash cycles.
 
 Three phases on a stack of real service processes started for the run (its own data directory
 and store; the models folder is shared), one report JSON:

@@ -1,6 +1,7 @@
 """``lodestar experiment feedback``: NExT-Search feedback measured with simulated users.
 
-The users are simulated from SciFact's relevance judgments (METHODS.md §8, issue #21 item 8).
+The users are simulated from SciFact's relevance judgments (the relevance-feedback protocol of
+docs/feedback.md).
 Everything runs in process through the code the services run: the orchestrator's
 ``SearchPipeline`` over ``InProcessIndex``, its online adaptation (``services.orchestrator.
 adapt``), the shadow agents (``services.orchestrator.shadow``), the feedback export

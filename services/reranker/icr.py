@@ -22,7 +22,7 @@ full (layers × heads × T × T) tensor, about 30 × 9 × 3000² × 4 B ≈ 10 G
 of SmolLM2. A forward hook on each attention module instead rebuilds the post-RoPE query states of
 the query-span rows only (tens of rows) and multiplies them with that layer's cached keys, so peak
 extra memory is heads × rows × T floats for one layer, the model itself keeps running its fast
-SDPA kernel, and the softmax is always fp32 (the NaN of the reference's eager fp16 path, issue #1,
+SDPA kernel, and the softmax is always fp32 (the NaN the reference implementation's eager fp16 path produced
 cannot happen). ``tests/unit/test_icr.py`` holds this path to ``output_attentions=True`` on a tiny
 model.
 

@@ -31,7 +31,7 @@ from sqlalchemy import select
 from services.orchestrator import api, feedback_api
 from services.orchestrator.debug import view
 from services.orchestrator.rerun import trace_documents
-from shared.app import api_key_dependency, require_ready
+from shared.app import SettingsDep, api_key_dependency, require_ready
 from shared.errors import ErrorCode, LodestarError, invalid
 from shared.store import Store, traces
 
@@ -234,7 +234,7 @@ async def home(request: Request, store: StoreDep) -> HTMLResponse:
 @pages.post("/debug/ask")
 async def ask(
     request: Request,
-    settings: api.SettingsDep,
+    settings: SettingsDep,
     store: StoreDep,
     search_pipeline: api.SearchDep,
     answer_pipeline: api.AnswerDep,
@@ -366,7 +366,7 @@ def feedback_value(target_type: str, action: str, form: Form) -> Any:
 async def rerun(
     request: Request,
     trace_id: str,
-    settings: api.SettingsDep,
+    settings: SettingsDep,
     store: StoreDep,
     search_pipeline: api.SearchDep,
     answer_pipeline: api.AnswerDep,
@@ -436,7 +436,7 @@ async def compare(trace_id: str, store: StoreDep) -> HTMLResponse:
 async def run_shadow(
     request: Request,
     trace_id: str,
-    settings: api.SettingsDep,
+    settings: SettingsDep,
     store: StoreDep,
     index: api.IndexDep,
 ) -> Response:

@@ -44,8 +44,8 @@ def _write(path: Path, text: str, mode: int) -> None:
     os.chmod(path, mode)  # O_CREAT's mode is masked by the umask
 
 
-def init_keys(directory: Path, *, force: bool = False) -> dict[str, str]:
-    """Write a fresh set of keys into ``directory``; returns the admin and read keys.
+def init_keys(directory: Path, *, force: bool = False) -> None:
+    """Write a fresh set of keys into ``directory``.
 
     The mounted files are world-readable (the containers run as uid 10001, and compose bind-mounts
     file secrets with the host's permissions); the folder itself is the owner's only, which is what
@@ -66,7 +66,6 @@ def init_keys(directory: Path, *, force: bool = False) -> dict[str, str]:
     _write(directory / READ_HASHES_FILE, hash_api_key(read) + "\n", 0o644)
     _write(directory / ADMIN_KEY_FILE, admin + "\n", 0o600)
     _write(directory / READ_KEY_FILE, read + "\n", 0o600)
-    return {"admin": admin, "read": read}
 
 
 def cmd_keys_init(args: argparse.Namespace, settings: Settings) -> int:

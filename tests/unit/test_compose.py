@@ -46,7 +46,7 @@ SETTINGS_VARS = {f"LODESTAR_{name.upper()}" for name in Settings.model_fields}
 #: Variables a deployment may set besides settings fields: where the key files are mounted.
 KNOWN_VARS = SETTINGS_VARS | {SECRETS_DIR_ENV}
 #: Settings that come from the mounted key files; an environment variable would shadow the file.
-KEY_VARS = {f"LODESTAR_{name.upper()}" for name in SECRET_FILES if name.startswith("lodestar_")}
+KEY_VARS = {name.upper() for name in SECRET_FILES}
 LODESTAR_VAR = re.compile(r"\bLODESTAR_[A-Z0-9_]+\b")
 INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?[-?]([^}]*))?\}")
 

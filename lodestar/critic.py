@@ -12,6 +12,7 @@ import argparse
 import json
 from typing import Any
 
+from shared.jobs import add_queue_argument
 from shared.settings import Settings
 
 
@@ -37,20 +38,6 @@ def _threads(count: int) -> None:
     torch.set_num_threads(count)
 
 
-def _queue_job(settings: Settings, task: str, kwargs: dict[str, Any], requested: str) -> int:
-    """Send ``task`` to a worker (``shared.jobs.send_job``) and say where it went."""
-    from shared.errors import LodestarError
-    from shared.jobs import make_celery, send_job
-
-    try:
-        job_id, queue = send_job(make_celery(settings), task, kwargs, requested)
-    except LodestarError as exc:
-        print(exc.message)
-        return 2
-    print(f"queued {task} as job {job_id} on queue {queue!r}")
-    return 0
-
-
 def cmd_practice(args: argparse.Namespace, settings: Settings) -> int:
     options: dict[str, Any] = {
         "max_turns": args.max_turns,
@@ -60,10 +47,10 @@ def cmd_practice(args: argparse.Namespace, settings: Settings) -> int:
         "time_budget_s": None if args.minutes is None else args.minutes * 60,
     }
     if args.queue:
-        from shared.jobs import TASK_CRITIC_PRACTICE
+        from shared.jobs import TASK_CRITIC_PRACTICE, send_job_from_cli
 
         job = {"dataset": args.dataset, "offset": args.offset, "limit": args.limit, **options}
-        return _queue_job(settings, TASK_CRITIC_PRACTICE, job, args.queue)
+        return send_job_from_cli(settings, TASK_CRITIC_PRACTICE, job, args.queue)
     from services.critic.practice import run_self_practice
 
     _threads(args.threads)
@@ -87,10 +74,10 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
         "batch_size": args.batch_size,
     }
     if args.queue:
-        from shared.jobs import TASK_CRITIC_TRAIN
+        from shared.jobs import TASK_CRITIC_TRAIN, send_job_from_cli
 
         job = {"all_practice": args.all_practice, **fields}
-        return _queue_job(settings, TASK_CRITIC_TRAIN, job, args.queue)
+        return send_job_from_cli(settings, TASK_CRITIC_TRAIN, job, args.queue)
     from services.critic.practice import load_all_trajectories, load_current_trajectories
     from services.critic.training import TrainConfig, train_critic
 
@@ -126,15 +113,6 @@ def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _queue_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--queue",
-        choices=("auto", "cpu", "gpu"),
-        help="send as a Celery job to this queue instead of running here "
-        "(auto: gpu when a GPU worker consumes it, else cpu)",
-    )
-
-
 def register(sub: Any) -> None:
     critic = sub.add_parser("critic", help="SIM-RAG: self-practice data and the critic model")
     commands = critic.add_subparsers(dest="critic_command", required=True)
@@ -156,7 +134,7 @@ def register(sub: Any) -> None:
     practice.add_argument(
         "--minutes", type=float, help="stop starting new questions after this long; publish"
     )
-    _queue_argument(practice)
+    add_queue_argument(practice)
     practice.set_defaults(handler=cmd_practice)
     train = commands.add_parser("train", help="train and publish the critic on the trajectories")
     train.add_argument("--label", choices=["em", "acc"], default="em", help="labelling rule")
@@ -169,7 +147,7 @@ def register(sub: Any) -> None:
         help="train on every published practice run (e.g. several run side by side), not the latest",
     )
     train.add_argument("--threads", type=int, default=2, help="torch threads (in-process)")
-    _queue_argument(train)
+    add_queue_argument(train)
     train.set_defaults(handler=cmd_train)
     commands.add_parser("status", help="published practice data and critic").set_defaults(
         handler=cmd_status

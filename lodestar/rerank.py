@@ -10,6 +10,7 @@ import argparse
 import json
 from typing import Any
 
+from shared.jobs import add_queue_argument
 from shared.settings import Settings
 
 
@@ -27,25 +28,10 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
         "max_length": args.max_length,
     }
     if args.queue:
-        from shared.errors import LodestarError
-        from shared.jobs import TASK_CROSS_ENCODER_TRAIN, make_celery, send_job
+        from shared.jobs import TASK_CROSS_ENCODER_TRAIN, send_job_from_cli
 
-        try:
-            job_id, queue = send_job(
-                make_celery(settings),
-                TASK_CROSS_ENCODER_TRAIN,
-                {
-                    "condition": args.condition,
-                    "train_queries": args.train_queries,
-                    "config": config,
-                },
-                args.queue,
-            )
-        except LodestarError as exc:
-            print(exc.message)
-            return 2
-        print(f"queued {TASK_CROSS_ENCODER_TRAIN} as job {job_id} on queue {queue!r}")
-        return 0
+        job = {"condition": args.condition, "train_queries": args.train_queries, "config": config}
+        return send_job_from_cli(settings, TASK_CROSS_ENCODER_TRAIN, job, args.queue)
     from lodestar.evaluation.common import progress_bar
     from services.worker.cross_encoder_job import train_and_publish
 
@@ -82,11 +68,7 @@ def register(sub: Any) -> None:
     train.add_argument("--batch-size", type=int, default=8)
     train.add_argument("--loss", choices=("pointwise", "listwise"), default="pointwise")
     train.add_argument("--max-length", type=int, default=160)
-    train.add_argument(
-        "--queue",
-        choices=("auto", "cpu", "gpu"),
-        help="run as a Celery job on this queue (auto: gpu when a GPU worker is registered)",
-    )
+    add_queue_argument(train)
     train.set_defaults(handler=cmd_train)
     commands.add_parser("status", help="the published cross-encoder").set_defaults(
         handler=cmd_status

@@ -8,7 +8,8 @@ no job; every task is written to be idempotent for that reason.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import argparse
+from typing import Any, Literal, get_args
 
 from celery import Celery
 from celery.result import AsyncResult
@@ -147,6 +148,28 @@ def send_job(
     queue = route_queue(app, requested)
     job = app.send_task(task, kwargs=kwargs, queue=queue)
     return str(job.id), queue
+
+
+def add_queue_argument(parser: argparse.ArgumentParser) -> None:
+    """``--queue auto|cpu|gpu`` on a command that can also run its work in-process."""
+    parser.add_argument(
+        "--queue",
+        choices=get_args(QueueChoice),
+        help="send as a Celery job to this queue instead of running here "
+        "(auto: gpu when a GPU worker consumes it, else cpu)",
+    )
+
+
+def send_job_from_cli(settings: Settings, task: str, kwargs: dict[str, Any], requested: str) -> int:
+    """:func:`send_job` for a command line: prints where the job went, or why it was refused,
+    and returns the exit status (0, or 2 when refused)."""
+    try:
+        job_id, queue = send_job(make_celery(settings), task, kwargs, requested)
+    except LodestarError as exc:
+        print(exc.message)
+        return 2
+    print(f"queued {task} as job {job_id} on queue {queue!r}")
+    return 0
 
 
 def job_status(app: Celery, job_id: str) -> dict[str, Any]:

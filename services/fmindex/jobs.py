@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,8 @@ def train(
 
 
 def main(argv: list[str] | None = None) -> None:
+    from shared.jobs import TASK_FMINDEX_TRAIN, add_queue_argument, send_job_from_cli
+
     parser = argparse.ArgumentParser(prog="python -m services.fmindex.jobs")
     sub = parser.add_subparsers(dest="command", required=True)
     build_cmd = sub.add_parser("build", help="build and publish a collection's FM-index")
@@ -136,12 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     train_cmd.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     train_cmd.add_argument("--learning-rate", type=float, default=TrainConfig.learning_rate)
     train_cmd.add_argument("--threads", type=int, default=TrainConfig.threads)
-    train_cmd.add_argument(
-        "--queue",
-        choices=("auto", "cpu", "gpu"),
-        help="send as a Celery job to this queue instead of training here "
-        "(auto: gpu when a GPU worker consumes it, else cpu)",
-    )
+    add_queue_argument(train_cmd)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     settings = get_settings()
@@ -161,16 +159,8 @@ def main(argv: list[str] | None = None) -> None:
             "threads": args.threads,
         }
         if args.queue:
-            from shared.errors import LodestarError
-            from shared.jobs import TASK_FMINDEX_TRAIN, make_celery, send_job
-
             job = {"dataset": args.dataset, "split": args.split, "config": fields}
-            try:
-                job_id, queue = send_job(make_celery(settings), TASK_FMINDEX_TRAIN, job, args.queue)
-            except LodestarError as exc:
-                parser.exit(2, f"{exc.message}\n")
-            print(f"queued {TASK_FMINDEX_TRAIN} as job {job_id} on queue {queue!r}")
-            return
+            sys.exit(send_job_from_cli(settings, TASK_FMINDEX_TRAIN, job, args.queue))
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         result = train(settings, args.dataset, args.split, TrainConfig(**fields), progress=report)
     print(json.dumps(result, indent=2))

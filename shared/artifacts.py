@@ -179,7 +179,9 @@ class ArtifactFamily:
         try:
             files = self.read_manifest(version)["files"]
         except (OSError, ValueError, KeyError) as exc:
-            raise CorruptArtifact(self.root, version, f"unreadable manifest: {exc}") from exc
+            # The exception's text would name the absolute path; its kind says enough.
+            detail = f"unreadable {MANIFEST}: {type(exc).__name__}"
+            raise CorruptArtifact(self.root, version, detail) from exc
         for rel, meta in files.items():
             try:
                 matches = sha256_of(base / rel) == meta["sha256"]

@@ -7,14 +7,10 @@ scripted reasoner (the model tests are in ``tests/integration/test_answer_defaul
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-
 import pytest
 
 from services.orchestrator.decompose import choose_subqueries
 from services.orchestrator.prompts import (
-    DECOMPOSE_SYSTEM_PROMPT,
-    QUERY_SYSTEM_PROMPT,
     fallback_query,
     parse_query,
     parse_subqueries,
@@ -22,10 +18,8 @@ from services.orchestrator.prompts import (
 )
 from services.orchestrator.rounds import AnswerPipeline, AnswerSelection, StopPolicy
 from services.orchestrator.search import SearchPipeline
-from shared.clients import JudgeRequest, JudgeResponse
-from shared.models import Generation
-from shared.schemas import Hit, IndexSearchRequest, IndexSearchResponse
 from shared.store import Trace
+from tests.scripted import ScriptedCritic, ScriptedIndex, ScriptedReasoner
 
 MONA = "Which city is the capital of the country where the Mona Lisa is exhibited?"
 
@@ -142,10 +136,6 @@ def test_choose_subqueries_keeps_the_question_and_drops_answers() -> None:
 # --- the loop ------------------------------------------------------------------------------------
 
 
-def hit(doc_id: str) -> Hit:
-    return Hit(doc_id=doc_id, title=doc_id.title(), text=f"text of {doc_id}", score=1.0)
-
-
 CORPUS = {
     MONA: ["mona", "leonardo", "eiffel"],
     "Mona Lisa museum": ["louvre", "mona", "leonardo"],
@@ -155,80 +145,15 @@ CORPUS = {
 }
 
 
-class Searcher:
-    def __init__(self) -> None:
-        self.queries: list[str] = []
-
-    async def search(self, request: IndexSearchRequest) -> IndexSearchResponse:
-        self.queries.append(request.query)
-        ids = CORPUS.get(request.query, [])[: request.k]
-        return IndexSearchResponse(
-            collection=request.collection,
-            version="v1",
-            results={r: [hit(i) for i in ids] for r in request.retrievers},
-            timings_ms={r: 1.0 for r in request.retrievers},
-        )
-
-
-class Reasoner:
-    """Greedy-model stand-in: answers, follow-up queries and decompositions from scripts."""
-
-    model_id = "scripted"
-
-    def __init__(
-        self,
-        answers: Sequence[str],
-        queries: Sequence[str] = (),
-        decompositions: Sequence[str] = (),
-    ) -> None:
-        self.answers, self.queries = list(answers), list(queries)
-        self.decompositions = list(decompositions)
-
-    def generate(
-        self,
-        messages: Sequence[dict[str, str]],
-        *,
-        max_new_tokens: int = 64,
-        temperature: float = 0.0,
-    ) -> Generation:
-        system = messages[0]["content"]
-        script = (
-            self.queries
-            if system == QUERY_SYSTEM_PROMPT
-            else self.decompositions
-            if system == DECOMPOSE_SYSTEM_PROMPT
-            else self.answers
-        )
-        return Generation(script.pop(0), 10, 5, 0.01)
-
-    def stream(
-        self,
-        messages: Sequence[dict[str, str]],
-        *,
-        max_new_tokens: int = 64,
-        temperature: float = 0.0,
-    ) -> Iterator[str | Generation]:
-        generation = self.generate(messages)
-        yield generation.text
-        yield generation
-
-
-class Critic:
-    def __init__(self, verdicts: Sequence[bool]) -> None:
-        self.verdicts = list(verdicts)
-
-    async def judge(self, request: JudgeRequest) -> JudgeResponse:
-        accept = self.verdicts.pop(0)
-        return JudgeResponse(accept=accept, p_accept=0.9 if accept else 0.1, model_version="v")
-
-
-def pipeline(reasoner: Reasoner, critic: Critic | None = None) -> tuple[AnswerPipeline, Searcher]:
-    searcher = Searcher()
+def pipeline(
+    reasoner: ScriptedReasoner, critic: ScriptedCritic | None = None
+) -> tuple[AnswerPipeline, ScriptedIndex]:
+    searcher = ScriptedIndex(CORPUS)
     return AnswerPipeline(SearchPipeline(searcher), lambda: reasoner, critic=critic), searcher
 
 
 async def test_two_subqueries_are_retrieved_apart_and_fused() -> None:
-    reasoner = Reasoner(
+    reasoner = ScriptedReasoner(
         ["Answer: Paris\nRationale: the Louvre is in Paris"],
         decompositions=["1. Mona Lisa museum\n2. capital of France"],
     )
@@ -262,7 +187,7 @@ async def test_two_subqueries_are_retrieved_apart_and_fused() -> None:
 
 
 async def test_default_without_a_critic_is_one_round() -> None:
-    p, searcher = pipeline(Reasoner(["Answer: Paris, France"], ["The answer is: Paris"]))
+    p, searcher = pipeline(ScriptedReasoner(["Answer: Paris, France"], ["The answer is: Paris"]))
     trace = Trace(kind="answer", request={"max_rounds": None})
     outcome = await p.run_rounds(trace, question=MONA, collection="wiki", k=3)
     assert outcome.stop_reason == "no_critic" and outcome.answer == "Paris, France"
@@ -271,12 +196,12 @@ async def test_default_without_a_critic_is_one_round() -> None:
 
 
 async def test_default_with_a_critic_is_the_critics_loop_and_ids_continue() -> None:
-    reasoner = Reasoner(
+    reasoner = ScriptedReasoner(
         ["Answer: France", "Answer: Paris"],
         ["The answer is: The answer is: France"],
         decompositions=["capital of France"],
     )
-    p, _ = pipeline(reasoner, Critic([False, True]))
+    p, _ = pipeline(reasoner, ScriptedCritic([False, True]))
     trace = Trace(kind="answer", request={"max_rounds": None})
     outcome = await p.run_rounds(trace, question=MONA, collection="wiki", k=2, subqueries=2)
     assert outcome.stop_reason == "accepted" and outcome.answer == "Paris"
@@ -291,7 +216,7 @@ async def test_default_with_a_critic_is_the_critics_loop_and_ids_continue() -> N
 
 
 async def test_without_verdicts_the_first_confident_answer_is_returned() -> None:
-    reasoner = Reasoner(
+    reasoner = ScriptedReasoner(
         ["Answer: unsure", "Answer: Paris", "Answer: Rome"],
         ["capital of France", "Mona Lisa museum"],
     )
@@ -308,7 +233,7 @@ async def test_without_verdicts_the_first_confident_answer_is_returned() -> None
         "answer": "Paris",
         "rule": "first_confident",
     }
-    again = Reasoner(
+    again = ScriptedReasoner(
         ["Answer: unsure", "Answer: Paris", "Answer: Rome"],
         ["capital of France", "Mona Lisa museum"],
     )
@@ -325,8 +250,8 @@ async def test_without_verdicts_the_first_confident_answer_is_returned() -> None
 
 
 async def test_a_critic_that_rejects_every_round_returns_the_forced_last_one() -> None:
-    reasoner = Reasoner(["Answer: France", "Answer: Paris"], ["capital of France"])
-    p, _ = pipeline(reasoner, Critic([False]))
+    reasoner = ScriptedReasoner(["Answer: France", "Answer: Paris"], ["capital of France"])
+    p, _ = pipeline(reasoner, ScriptedCritic([False]))
     outcome = await p.run_rounds(
         Trace(kind="answer", request={}), question=MONA, collection="wiki", k=2, max_rounds=2
     )

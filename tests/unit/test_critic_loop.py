@@ -7,7 +7,6 @@ the real ``CriticClient`` failing the ways a service fails (refused connection, 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,6 @@ import pytest
 from services.critic.practice import PracticeRow
 from services.critic.training import balance_by_downsampling, binary_report, split_by_question
 from services.orchestrator.prompts import (
-    QUERY_SYSTEM_PROMPT,
     format_round_context,
     is_unsure,
     parse_query,
@@ -32,11 +30,10 @@ from services.orchestrator.rounds import (
     StopPolicy,
 )
 from services.orchestrator.search import SearchPipeline
-from shared.clients import CriticClient, DependencyError, JudgeRequest, JudgeResponse
-from shared.models import Generation
-from shared.schemas import Hit, IndexSearchRequest, IndexSearchResponse
+from shared.clients import CriticClient, DependencyError, JudgeRequest
 from shared.settings import Settings
 from shared.store import Trace
+from tests.scripted import ScriptedCritic, ScriptedIndex, ScriptedReasoner
 
 # --- data preparation ----------------------------------------------------------------------------
 
@@ -157,74 +154,6 @@ def test_unsure_and_query_parsing() -> None:
 # --- the loop ------------------------------------------------------------------------------------
 
 
-def hit(doc_id: str) -> Hit:
-    return Hit(doc_id=doc_id, title=doc_id.title(), text=f"text of {doc_id}", score=1.0)
-
-
-class QuerySearcher:
-    """The index service for a fixed map of query → ranked doc ids (the same list for dense and
-    BM25, so fusion keeps the order)."""
-
-    def __init__(self, by_query: dict[str, list[str]]) -> None:
-        self.by_query = by_query
-        self.queries: list[str] = []
-
-    async def search(self, request: IndexSearchRequest) -> IndexSearchResponse:
-        self.queries.append(request.query)
-        ids = self.by_query.get(request.query, [])[: request.k]
-        return IndexSearchResponse(
-            collection=request.collection,
-            version="v1",
-            results={r: [hit(i) for i in ids] for r in request.retrievers},
-            timings_ms={r: 1.0 for r in request.retrievers},
-        )
-
-
-class ScriptedReasoner:
-    """Answers and queries from two scripts, in order, like a greedy LLM would."""
-
-    model_id = "scripted"
-
-    def __init__(self, answers: Sequence[str], queries: Sequence[str]) -> None:
-        self.answers = list(answers)
-        self.queries = list(queries)
-        self.prompts: list[str] = []
-
-    def generate(
-        self,
-        messages: Sequence[dict[str, str]],
-        *,
-        max_new_tokens: int = 64,
-        temperature: float = 0.0,
-    ) -> Generation:
-        self.prompts.append(messages[-1]["content"])
-        script = self.queries if messages[0]["content"] == QUERY_SYSTEM_PROMPT else self.answers
-        return Generation(script.pop(0), 10, 5, 0.01)
-
-    def stream(
-        self,
-        messages: Sequence[dict[str, str]],
-        *,
-        max_new_tokens: int = 64,
-        temperature: float = 0.0,
-    ) -> Iterator[str | Generation]:
-        generation = self.generate(messages)
-        for word in generation.text.split(" "):
-            yield word + " "
-        yield generation
-
-
-class ScriptedCritic:
-    def __init__(self, verdicts: Sequence[bool]) -> None:
-        self.verdicts = list(verdicts)
-        self.requests: list[JudgeRequest] = []
-
-    async def judge(self, request: JudgeRequest) -> JudgeResponse:
-        self.requests.append(request)
-        accept = self.verdicts.pop(0)
-        return JudgeResponse(accept=accept, p_accept=0.9 if accept else 0.1, model_version="v")
-
-
 CORPUS = {
     "who built it": ["a", "b", "c"],
     "architect of the tower": ["b", "d", "e"],
@@ -234,7 +163,7 @@ CORPUS = {
 
 
 def pipeline(reasoner: ScriptedReasoner, critic: object | None) -> AnswerPipeline:
-    search = SearchPipeline(QuerySearcher(CORPUS))
+    search = SearchPipeline(ScriptedIndex(CORPUS))
     return AnswerPipeline(search, lambda: reasoner, critic=critic)  # type: ignore[arg-type]
 
 

@@ -1,0 +1,97 @@
+"""Scripted stand-ins for the index service, the reasoner and the critic, for unit tests that
+drive the real answer loop (``AnswerPipeline`` over ``SearchPipeline``) with no model and no
+server: each returns what its script says, in order, and records what it was asked."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+from services.orchestrator.prompts import DECOMPOSE_SYSTEM_PROMPT, QUERY_SYSTEM_PROMPT
+from shared.clients import JudgeRequest, JudgeResponse
+from shared.models import Generation
+from shared.schemas import Hit, IndexSearchRequest, IndexSearchResponse
+
+
+def hit(doc_id: str) -> Hit:
+    return Hit(doc_id=doc_id, title=doc_id.title(), text=f"text of {doc_id}", score=1.0)
+
+
+class ScriptedIndex:
+    """The index service for a fixed map of query → ranked doc ids (the same list for every
+    retriever, so fusion keeps the order); an unknown query finds nothing."""
+
+    def __init__(self, by_query: dict[str, list[str]]) -> None:
+        self.by_query = by_query
+        self.queries: list[str] = []
+
+    async def search(self, request: IndexSearchRequest) -> IndexSearchResponse:
+        self.queries.append(request.query)
+        ids = self.by_query.get(request.query, [])[: request.k]
+        return IndexSearchResponse(
+            collection=request.collection,
+            version="v1",
+            results={r: [hit(i) for i in ids] for r in request.retrievers},
+            timings_ms={r: 1.0 for r in request.retrievers},
+        )
+
+
+class ScriptedReasoner:
+    """A greedy model stand-in: follow-up queries, decompositions and answers from three
+    scripts, in order; the system prompt of each call says which script it takes from."""
+
+    model_id = "scripted"
+
+    def __init__(
+        self,
+        answers: Sequence[str],
+        queries: Sequence[str] = (),
+        decompositions: Sequence[str] = (),
+    ) -> None:
+        self.answers, self.queries = list(answers), list(queries)
+        self.decompositions = list(decompositions)
+        #: The user message of every call, in order.
+        self.prompts: list[str] = []
+
+    def generate(
+        self,
+        messages: Sequence[dict[str, str]],
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+    ) -> Generation:
+        self.prompts.append(messages[-1]["content"])
+        system = messages[0]["content"]
+        script = (
+            self.queries
+            if system == QUERY_SYSTEM_PROMPT
+            else self.decompositions
+            if system == DECOMPOSE_SYSTEM_PROMPT
+            else self.answers
+        )
+        return Generation(script.pop(0), 10, 5, 0.01)
+
+    def stream(
+        self,
+        messages: Sequence[dict[str, str]],
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+    ) -> Iterator[str | Generation]:
+        """The same text as ``generate``, a word at a time, then the whole generation."""
+        generation = self.generate(messages)
+        for word in generation.text.split(" "):
+            yield word + " "
+        yield generation
+
+
+class ScriptedCritic:
+    """Verdicts from a script, in order; records every request it judged."""
+
+    def __init__(self, verdicts: Sequence[bool]) -> None:
+        self.verdicts = list(verdicts)
+        self.requests: list[JudgeRequest] = []
+
+    async def judge(self, request: JudgeRequest) -> JudgeResponse:
+        self.requests.append(request)
+        accept = self.verdicts.pop(0)
+        return JudgeResponse(accept=accept, p_accept=0.9 if accept else 0.1, model_version="v")

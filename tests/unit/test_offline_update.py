@@ -77,15 +77,19 @@ def published(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     return calls
 
 
-def patch_models(
+def run_with_models(
     monkeypatch: pytest.MonkeyPatch,
-    settings: Settings,
-    rows: list[dict[str, Any]],
+    data_dir: Path,
+    *,
+    relevant_rank: int,
     current: str,
     trained: str,
-) -> None:
-    """``current``: the serving model (``none``: nothing published); ``trained``: what
-    training yields. ``oracle`` ranks each labelled document first, ``inverse`` last."""
+) -> dict[str, Any]:
+    """``run_offline_update`` over ``label_rows(relevant_rank)`` with fixed scorers for models.
+    ``current``: the serving model (``none``: nothing published); ``trained``: what training
+    yields. ``oracle`` ranks each labelled document first, ``inverse`` last."""
+    rows = label_rows(relevant_rank=relevant_rank)
+    settings = Settings(data_dir=data_dir)
     positives = {r["doc_id"] for r in rows}
     models = {
         "oracle": FakeModel(positives, oracle=True, version="v-old"),
@@ -99,6 +103,7 @@ def patch_models(
         ou, "_current_model", lambda settings, version: None if version is None else models[current]
     )
     monkeypatch.setattr(ou, "train_cross_encoder", lambda *args, **kwargs: models[trained])
+    return ou.run_offline_update(settings, rows, texts, ou.OfflineUpdateConfig(min_examples=4))
 
 
 def test_should_publish_only_strictly_better() -> None:
@@ -143,10 +148,10 @@ def test_a_user_label_wins_over_a_shadow_label_on_held_out() -> None:
 def test_a_worse_model_is_not_published(
     monkeypatch: pytest.MonkeyPatch, published: list[dict[str, Any]], tmp_path: Path
 ) -> None:
-    rows = label_rows(relevant_rank=1)  # the first stage is already perfect
-    settings = Settings(data_dir=tmp_path)
-    patch_models(monkeypatch, settings, rows, current="none", trained="inverse")
-    result = ou.run_offline_update(settings, rows, texts, ou.OfflineUpdateConfig(min_examples=4))
+    # The first stage is already perfect.
+    result = run_with_models(
+        monkeypatch, tmp_path, relevant_rank=1, current="none", trained="inverse"
+    )
     assert not result["published"] and result["outcome"] == "rejected"
     assert result["before"]["ndcg@10"] == pytest.approx(1.0)
     assert result["before"]["model"] == "first-stage-order"
@@ -160,10 +165,9 @@ def test_a_worse_model_is_not_published(
 def test_a_tie_is_not_published_either(
     monkeypatch: pytest.MonkeyPatch, published: list[dict[str, Any]], tmp_path: Path
 ) -> None:
-    rows = label_rows(relevant_rank=1)
-    settings = Settings(data_dir=tmp_path)
-    patch_models(monkeypatch, settings, rows, current="none", trained="oracle")
-    result = ou.run_offline_update(settings, rows, texts, ou.OfflineUpdateConfig(min_examples=4))
+    result = run_with_models(
+        monkeypatch, tmp_path, relevant_rank=1, current="none", trained="oracle"
+    )
     assert result["before"]["ndcg@10"] == result["after"]["ndcg@10"] == pytest.approx(1.0)
     assert not result["published"] and published == []
 
@@ -171,10 +175,9 @@ def test_a_tie_is_not_published_either(
 def test_a_better_model_is_published_with_both_figures(
     monkeypatch: pytest.MonkeyPatch, published: list[dict[str, Any]], tmp_path: Path
 ) -> None:
-    rows = label_rows(relevant_rank=5)
-    settings = Settings(data_dir=tmp_path)
-    patch_models(monkeypatch, settings, rows, current="inverse", trained="oracle")
-    result = ou.run_offline_update(settings, rows, texts, ou.OfflineUpdateConfig(min_examples=4))
+    result = run_with_models(
+        monkeypatch, tmp_path, relevant_rank=5, current="inverse", trained="oracle"
+    )
     assert result["published"] and result["version"] == "v-new"
     assert result["before"]["model"] == "cross-encoder:v-old"
     assert result["after"]["ndcg@10"] == pytest.approx(1.0)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from enum import StrEnum
 from functools import cache
 from typing import Any
@@ -149,15 +150,31 @@ ERROR_DESCRIPTIONS: dict[ErrorCode, str] = {
 }
 
 
-def error_responses(*codes: ErrorCode) -> dict[int | str, dict[str, Any]]:
-    """A FastAPI ``responses=`` mapping documenting ``codes`` with the error schema."""
+def error_responses(
+    *codes: ErrorCode, rules: Mapping[str, str] | None = None
+) -> dict[int | str, dict[str, Any]]:
+    """A FastAPI ``responses=`` mapping documenting ``codes`` with the error schema.
+
+    ``rules``: the endpoint's rules its schema cannot state (cross-field ones, or ones against
+    the state of what the request names), as the ``field`` their 422 ``validation`` names ->
+    the rule. They are written into the 422's description and, for tools, as its
+    ``x-lodestar-rules`` object (the contract test accepts a schema-valid request refused by one
+    of them, and no other 422; docs/api.md)."""
     by_status: dict[int, list[ErrorCode]] = {}
-    for code in codes:
+    for code in (*codes, *((ErrorCode.validation,) if rules else ())):
         by_status.setdefault(HTTP_STATUS[code], []).append(code)
-    return {
+    responses: dict[int | str, dict[str, Any]] = {
         status: {
             "model": ErrorBody,
-            "description": "; ".join(f"`{c.value}`: {ERROR_DESCRIPTIONS[c]}" for c in group),
+            "description": "; ".join(
+                f"`{c.value}`: {ERROR_DESCRIPTIONS[c]}" for c in dict.fromkeys(group)
+            ),
         }
         for status, group in sorted(by_status.items())
     }
+    if rules:
+        validation = responses[HTTP_STATUS[ErrorCode.validation]]
+        stated = "; ".join(f"`{name}`: {rule}" for name, rule in rules.items())
+        validation["description"] += f". Rules the schema cannot state: {stated}"
+        validation["x-lodestar-rules"] = dict(rules)
+    return responses

@@ -13,10 +13,10 @@ import json
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Path as PathParam
-from pydantic import Field
+from pydantic import AfterValidator, Field
 from starlette.convertors import Convertor, register_url_convertor
 
 from shared.errors import invalid, not_found
@@ -93,6 +93,35 @@ def check_doc_id(doc_id: str, field: str = "doc_id") -> str:
     if not is_valid_doc_id(doc_id):
         raise invalid("document ids are 1-256 characters without control characters", field=field)
     return doc_id
+
+
+# --- batches of documents ---------------------------------------------------------------------
+
+#: What a batch naming one id twice means, as every batch endpoint (index and orchestrator
+#: upserts, the dsi's continual index step, the fmindex build) states it in its schema.
+BATCH_IDS_RULE = (
+    "An id may appear more than once: its last occurrence wins, in the place of its first, as "
+    "if the documents were upserted one after another"
+)
+
+Item = TypeVar("Item")
+
+
+def last_occurrence_wins(items: list[Item]) -> list[Item]:
+    """``items`` with one entry per ``id``: the last occurrence's content at the first's place
+    (a dict keeps a key's first position when it is assigned again)."""
+    by_id: dict[Any, Item] = {}
+    for item in items:
+        by_id[item.id] = item  # type: ignore[attr-defined]
+    return items if len(by_id) == len(items) else list(by_id.values())
+
+
+#: A list of records with ``id`` s (``IdBatch[Document]``): JSON Schema's ``uniqueItems``
+#: compares whole items, so "ids unique" cannot be stated; instead every list is valid and means
+#: what a sequence of upserts means (``BATCH_IDS_RULE``), decided here for every endpoint.
+IdBatch = Annotated[
+    list[Item], AfterValidator(last_occurrence_wins), Field(description=BATCH_IDS_RULE)
+]
 
 
 # --- the staging folder ------------------------------------------------------------------------

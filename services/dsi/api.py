@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field
 from services.dsi.engine import DsiEngine, StepOptions, check_collection
 from shared.app import CeleryDep, SettingsDep, check_k, check_text, from_state, require_ready
 from shared.errors import ErrorCode, LodestarError, error_responses
-from shared.ids import CollectionPath, DocId
+from shared.ids import CollectionPath, DocId, IdBatch
 from shared.jobs import TASK_DSI_INDEX_STEP, QueueChoice, job_status, route_queue
 from shared.schemas import (
     Document,
@@ -72,7 +72,7 @@ class StepOptionsIn(BaseModel):
 
 
 class DsiIndexRequest(BaseModel):
-    documents: list[Document] = Field(min_length=1)
+    documents: IdBatch[Document] = Field(min_length=1)
     queries: list[TrainingQuery] = Field(default_factory=list)
     """Real (doc, query) pairs: used by the first step only (retrieval task, query generator)."""
     options: StepOptionsIn = Field(default_factory=lambda: StepOptionsIn())
@@ -153,9 +153,6 @@ async def index_batch(
 ) -> JSONResponse:
     """Stage the batch where a worker can read it and enqueue one continual step."""
     engine.family(name)  # validates the name before any work
-    ids = [doc.id for doc in body.documents]
-    if len(set(ids)) != len(ids):
-        raise LodestarError(ErrorCode.validation, "a document id appears twice", field="documents")
     options = body.options.to_options()
     queue = await run_in_threadpool(route_queue, celery, body.queue)
     job_id = uuid.uuid4().hex

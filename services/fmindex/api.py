@@ -25,7 +25,14 @@ from services.fmindex.responses import RETRIEVER, FmSearchResponse, search_respo
 from shared.app import SettingsDep, check_k, check_text, from_state, require_ready
 from shared.datasets import DATASETS
 from shared.errors import ErrorCode, LodestarError, error_responses, invalid, not_found
-from shared.ids import CollectionPath, StagedName, stage_jsonl, staged_file, staging_dir
+from shared.ids import (
+    CollectionPath,
+    IdBatch,
+    StagedName,
+    stage_jsonl,
+    staged_file,
+    staging_dir,
+)
 from shared.schemas import (
     Document,
     IndexSearchRequest,
@@ -86,8 +93,9 @@ class BuildRequest(BaseModel):
 
     dataset: Annotated[str, Field(json_schema_extra={"enum": sorted(DATASETS)})] | None = None
     """A named dataset whose corpus to index (``scifact``, ``wiki``, ...)."""
-    documents: list[Document] | None = Field(default=None, min_length=1)
-    """Or the documents themselves (bounded by the request-size limit; ids unique)."""
+    documents: IdBatch[Document] | None = Field(default=None, min_length=1)
+    """Or the documents themselves (bounded by the request-size limit; an id named twice: the
+    last occurrence wins)."""
     jsonl: StagedName | None = None
     """Or the name of a JSONL file of ``{id, title, text}`` rows in ``<data_dir>/incoming``."""
 
@@ -179,9 +187,6 @@ async def build_collection(
     if body.jsonl is not None:
         jsonl = str(await run_in_threadpool(staged_file, data_dir, body.jsonl))
     elif body.documents is not None:
-        ids = [doc.id for doc in body.documents]
-        if len(set(ids)) != len(ids):
-            raise invalid("a document id appears twice", field="documents")
         rows = [doc.model_dump() for doc in body.documents]
         name_ = f"fmindex-{uuid.uuid4().hex}.jsonl"
         jsonl = str(await run_in_threadpool(stage_jsonl, staging_dir(data_dir), name_, rows))

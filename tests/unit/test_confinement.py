@@ -160,6 +160,19 @@ def test_fmindex_build_stages_inline_documents(fm_client: tuple[TestClient, Path
     assert [r["id"] for r in rows] == ["d1", "d2"] and rows[0]["title"] == "One"
 
 
+def test_fmindex_build_keeps_the_last_occurrence_of_a_repeated_id(
+    fm_client: tuple[TestClient, Path, Any],
+) -> None:
+    client, _, celery = fm_client
+    dupes = {
+        "documents": [{"id": "a", "text": "1"}, {"id": "b", "text": "x"}, {"id": "a", "text": "2"}]
+    }
+    assert client.post("/collections/x/build", json=dupes).status_code == 202
+    [(_, (_, _, jsonl))] = celery.sent
+    rows = [json.loads(line) for line in Path(jsonl).read_text().splitlines()]
+    assert [(r["id"], r["text"]) for r in rows] == [("a", "2"), ("b", "x")]
+
+
 def test_fmindex_build_takes_only_known_datasets_and_one_source(
     fm_client: tuple[TestClient, Path, Any],
 ) -> None:
@@ -168,8 +181,6 @@ def test_fmindex_build_takes_only_known_datasets_and_one_source(
     both = {"dataset": "scifact", "jsonl": "a.jsonl"}
     assert client.post("/collections/x/build", json=both).status_code == 422
     assert client.post("/collections/x/build", json={}).status_code == 422
-    dupes = {"documents": [{"id": "a", "text": "1"}, {"id": "a", "text": "2"}]}
-    assert client.post("/collections/x/build", json=dupes).status_code == 422
     assert celery.sent == []
     assert client.post("/collections/x/build", json={"dataset": "scifact"}).status_code == 202
     assert celery.sent[0][1] == ["x", "scifact", None]

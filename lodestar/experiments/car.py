@@ -247,6 +247,8 @@ def run_car(settings: Settings, config: CarConfig, out_dir: Path) -> dict[str, A
         "provenance": provenance(),
         "data": {
             "train_pairs": len(pairs),
+            # Named so a later offline update can keep its feedback queries disjoint from these.
+            "train_qids": sorted({p.qid for p in pairs}),
             "train_queries_only_test_judged": dropped,
             "ambiguous_rule": "dense top-1 minus top-2 cosine below the training median",
             "ambiguous": len(ambiguous),
@@ -470,6 +472,7 @@ def publish_best(
             "trained_by": "lodestar experiment car",
             "condition": chosen,
             "training": result["training"][chosen],
+            "train_qids": result["data"]["train_qids"],
             "scifact_test": {
                 k: v
                 for k, v in result["scifact"].items()

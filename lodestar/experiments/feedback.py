@@ -51,7 +51,7 @@ import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from shared.settings import Settings
 
@@ -113,6 +113,13 @@ class FeedbackConfig:
     negatives: int = 3
     max_length: int = 160
     learning_rate: float = 3e-5
+    loss: Literal["pointwise", "listwise"] = "pointwise"
+    """The cross-encoder's training loss (``pointwise`` or ``listwise``); a warm start should
+    keep the loss its start model was trained with (its scores are on that loss's scale)."""
+    warm_start: bool = False
+    """Offline: start from the served cross-encoder (the data dir's ``CURRENT``) as the product's
+    job does, and keep the queries it was trained on (its manifest's ``train_qids``) out of the
+    feedback; False: from the MiniLM body, with the first stage as the model to beat."""
     seed: int = 0
     collection: str = COLLECTION
 
@@ -661,6 +668,7 @@ def run_offline(
         TextDoc,
         cross_encoder_family,
         load_cross_encoder,
+        publish_cross_encoder,
     )
     from services.reranker.offline_update import OfflineUpdateConfig, run_offline_update
 
@@ -670,16 +678,59 @@ def run_offline(
     eval_ids = list(test_ids)[: config.offline_test_limit or None]
     eval_queries = {q: dataset.queries[q] for q in eval_ids}
     first_test = first_rankings(searcher, eval_queries)
-    base_full = full_ndcg(first_test, test_qrels)
 
     def texts(collection: str, ids: Sequence[str]) -> dict[str, TextDoc]:
         del collection
         return {d: TextDoc(d, corpus[d].title, corpus[d].text) for d in ids if d in corpus}
 
+    bar = progress_bar("feedback: offline", unit="query")
+
+    def rerank(model: Any, label: str) -> dict[str, list[str]]:
+        """The test rankings with their top ``rerank_depth`` ordered by ``model``."""
+        served: dict[str, list[str]] = {}
+        for done, qid in enumerate(eval_ids, start=1):
+            ranking = first_test[qid]
+            head = ranking[: config.rerank_depth]
+            scores = model.score(eval_queries[qid], [texts("", head)[d] for d in head])
+            by_score = dict(zip(head, scores, strict=True))
+            served[qid] = sorted(head, key=lambda d: -by_score[d]) + ranking[config.rerank_depth :]
+            bar(done, len(eval_ids), f"re-rank test ({label})")
+        return served
+
+    start: dict[str, Any] | None = None
+    start_model: Any = None
+    base_served = {q: list(r) for q, r in first_test.items()}
+    if config.warm_start:
+        family = cross_encoder_family(settings)
+        version = family.current_version()
+        if version is None:
+            raise ValueError(
+                "warm start: no cross-encoder is published in the data dir; publish one first "
+                "(lodestar experiment car --publish car)"
+            )
+        manifest = family.read_manifest(version)
+        start_model = load_cross_encoder(
+            family.versions_dir / version / MODEL_DIR,
+            max_length=int(manifest.get("max_length", config.max_length)),
+            version=version,
+        )
+        seen = set(manifest.get("train_qids") or [])
+        before_filter = len(train_ids)
+        train_ids = [q for q in train_ids if q not in seen]
+        started = time.perf_counter()
+        base_served = rerank(start_model, f"served {version}")
+        start = {
+            "version": version,
+            "trained_by": manifest.get("trained_by"),
+            "condition": manifest.get("condition"),
+            "train_queries_left_out": before_filter - len(train_ids),
+            "score_seconds": round(time.perf_counter() - started, 1),
+        }
+    base_full = full_ndcg(base_served, test_qrels)
+
     sizes = sorted({n for n in config.offline_sizes if n > 0})
     largest_model: Any = None
     runs: list[dict[str, Any]] = []
-    bar = progress_bar("feedback: offline", unit="query")
     train_queries = {q: dataset.queries[q] for q in train_ids}
     for size in sizes:
         chosen = list(train_ids)[:size]
@@ -703,6 +754,7 @@ def run_offline(
                 negatives_per_query=config.negatives,
                 learning_rate=config.learning_rate,
                 max_length=config.max_length,
+                loss=config.loss,
                 seed=config.seed,
             ),
         )
@@ -712,9 +764,13 @@ def run_offline(
             "positive_labels": sum(int(r["label"]) == 1 for r in rows),
         }
         with tempfile.TemporaryDirectory(prefix="lodestar-feedback-") as scratch:
-            # A scratch model family: the update trains from the MiniLM body (nothing published
-            # there) and never touches the served cross-encoder.
+            # A scratch model family, so the update never touches the served cross-encoder: it
+            # trains from the MiniLM body, or from the start model published there first.
             scratch_settings = settings.model_copy(update={"data_dir": Path(scratch)})
+            if start_model is not None and start is not None:
+                publish_cross_encoder(
+                    scratch_settings, start_model, {"trained_on": f"warm start: {start['version']}"}
+                )
             started = time.perf_counter()
             try:
                 update = run_offline_update(
@@ -746,25 +802,20 @@ def run_offline(
                     max_length=config.max_length,
                     version=f"feedback-n{size}",
                 )
-        served: dict[str, list[str]] = {}
         if model is not None:
             started = time.perf_counter()
-            for done, qid in enumerate(eval_ids, start=1):
-                ranking = first_test[qid]
-                head = ranking[: config.rerank_depth]
-                scores = model.score(eval_queries[qid], [texts("", head)[d] for d in head])
-                by_score = dict(zip(head, scores, strict=True))
-                served[qid] = (
-                    sorted(head, key=lambda d: -by_score[d]) + ranking[config.rerank_depth :]
-                )
-                bar(done, len(eval_ids), f"re-rank test (N={size})")
+            served = rerank(model, f"N={size}")
             entry["score_seconds"] = round(time.perf_counter() - started, 1)
             largest_model = model  # sizes ascend: the last published model
         else:
-            served = {q: list(r) for q, r in first_test.items()}
+            served = base_served  # not published: what served before still serves
         after = full_ndcg(served, test_qrels)
         entry["test_ndcg@10"] = {"before": mean(base_full), "after": mean(after)}
-        entry["served"] = "published" if model is not None else "first-stage (not published)"
+        entry["served"] = (
+            "published"
+            if model is not None
+            else ("start model" if start else "first-stage") + " (not published)"
+        )
         table = significance_table(
             {
                 "after": {q: {METRIC: v} for q, v in after.items()},
@@ -788,12 +839,14 @@ def run_offline(
         {
             "test_queries": len(eval_ids),
             "rerank_depth": config.rerank_depth,
+            "start": start or "the MiniLM body; before = the first stage",
             "config": {
                 "steps": config.steps,
                 "batch_size": config.batch_size,
                 "negatives": config.negatives,
                 "max_length": config.max_length,
                 "learning_rate": config.learning_rate,
+                "loss": config.loss,
             },
             "runs": runs,
             "largest_n": largest["n"] if largest else None,
@@ -837,16 +890,15 @@ def shadow_agents(
     if "cross-encoder" in wanted or "both" in wanted:
         from services.reranker.offline_update import published_scorer
 
-        scorer: Any = published_scorer(settings)
+        # The newest model first: what this run's offline update published is what would serve.
+        scorer: Any = ModelScorer(offline_model) if offline_model is not None else None
         if scorer is not None:
-            notes["cross-encoder"] = "the published cross-encoder of the data dir"
-        elif offline_model is not None:
-            scorer = ModelScorer(offline_model)
             notes["cross-encoder"] = (
-                "no cross-encoder is published in the data dir: the model this run's offline "
-                "update published at the largest N that published (trained on train-query "
-                "feedback)"
+                "the model this run's offline update published at the largest N that published "
+                "(trained on train-query feedback)"
             )
+        elif (scorer := published_scorer(settings)) is not None:
+            notes["cross-encoder"] = "the published cross-encoder of the data dir"
         else:
             notes["cross-encoder"] = "unavailable: nothing published and no offline model"
         if scorer is not None:
@@ -1110,8 +1162,14 @@ def run_feedback(
         offline_model = None
         if "offline" in config.phases:
             t0 = time.perf_counter()
+            calibration = set(calibration_ids[: config.calibrate_queries])
             result["offline"], offline_model = run_offline(
-                searcher, settings, dataset, config, test_ids, train_ids
+                searcher,
+                settings,
+                dataset,
+                config,
+                test_ids,
+                [q for q in train_ids if q not in calibration],
             )
             result["offline"]["seconds"] = round(time.perf_counter() - t0, 1)
             save()
@@ -1289,13 +1347,27 @@ def report_markdown(result: Mapping[str, Any]) -> str:
                 f"{_fmt(e['gain_share_of_user'], 2)} | {_fmt(e['p_vs_first'], 3)} |"
             )
     if offline:
+        start = offline.get("start")
+        if isinstance(start, dict):
+            origin = (
+                f"Warm start: the update continues from the served cross-encoder "
+                f"`{start['version']}` ({start.get('trained_by')}, condition "
+                f"{start.get('condition')}); test *before* is that model's re-ranking, and the "
+                f"{start['train_queries_left_out']} train queries it was trained on give no "
+                "feedback. "
+            )
+            kept = "the start model's order"
+        else:
+            origin = "From the MiniLM body; test *before* is the first-stage order. "
+            kept = "the first-stage order"
         lines += [
             "",
             "## Offline update: feedback on N train queries → cross-encoder → test",
             "",
-            f"Re-ranking the RRF top {offline['rerank_depth']} of {offline['test_queries']} test "
-            "queries with the served cross-encoder after the update (the first-stage order when "
-            f"the update refused to publish). Training: `{offline['config']}`.",
+            origin + f"Re-ranking the RRF top {offline['rerank_depth']} of "
+            f"{offline['test_queries']} test queries with the served cross-encoder after the "
+            f"update ({kept} when the update refused to publish). Training: "
+            f"`{offline['config']}`.",
             "",
             "| N | labels (pos.) | held-out before → after | published | test before | test "
             "after | t p | boot p |",
@@ -1452,6 +1524,8 @@ def cmd_experiment_feedback(args: argparse.Namespace, settings: Settings) -> int
         negatives=args.negatives,
         max_length=args.max_length,
         learning_rate=args.lr,
+        loss=args.loss,
+        warm_start=args.warm_start,
         seed=args.seed,
     )
     from lodestar.evaluation.common import option_below_one
@@ -1502,6 +1576,12 @@ def register(group: Any) -> None:
     parser.add_argument("--negatives", type=int, default=d.negatives)
     parser.add_argument("--max-length", type=int, default=d.max_length)
     parser.add_argument("--lr", type=float, default=d.learning_rate)
+    parser.add_argument("--loss", choices=("pointwise", "listwise"), default=d.loss)
+    parser.add_argument(
+        "--warm-start",
+        action="store_true",
+        help="offline: update the served cross-encoder instead of training from the body",
+    )
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     parser.set_defaults(handler=cmd_experiment_feedback)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lodestar.experiments.feedback import FeedbackConfig, run_feedback
+from lodestar.experiments.feedback import FeedbackConfig, run_feedback, seeded_order
 from shared.datasets import BeirDataset, load_scifact
 from shared.schemas import Document
 from tests.conftest import make_settings
@@ -109,3 +109,63 @@ def test_feedback_experiment_end_to_end(tmp_path: Path) -> None:
         assert all(v is None or 0.0 <= v <= 1.0 for v in values)
         assert (entry["gain"] is None) == (entry["residual_queries"] == 0)
         assert 0.05 <= entry["threshold"] <= 0.95
+
+
+@pytest.mark.slow
+def test_offline_warm_start_updates_the_served_model(tmp_path: Path) -> None:
+    """``warm_start``: the update starts from the served cross-encoder, the test "before" is that
+    model's ranking, the queries it was trained on give no feedback, and the data dir's served
+    version is left as it was."""
+    from services.reranker.cross_encoder import (
+        CrossEncoderTrainConfig,
+        RankingExample,
+        TextDoc,
+        cross_encoder_family,
+        publish_cross_encoder,
+        train_cross_encoder,
+    )
+
+    settings = make_settings(tmp_path / "data", device="cpu")
+    dataset = scifact_slice(test=4, train=24)
+    corpus = {d.id: d for d in dataset.corpus}
+    trained_on = sorted(dataset.qrels["train"])[:4]
+    negatives = tuple(TextDoc(d.id, d.title, d.text) for d in dataset.corpus[-2:])
+    examples = [
+        RankingExample(
+            q, dataset.queries[q], TextDoc(d, corpus[d].title, corpus[d].text), negatives
+        )
+        for q in trained_on
+        for d in list(dataset.qrels["train"][q])[:1]
+    ]
+    start = publish_cross_encoder(
+        settings,
+        train_cross_encoder(
+            examples, CrossEncoderTrainConfig(steps=2, batch_size=2, max_length=64)
+        ),
+        {"train_qids": trained_on},
+    )
+    config = FeedbackConfig(
+        phases=("offline",),
+        calibrate_queries=2,  # the back of the train order; the rest is offline feedback
+        feedback_depth=2,
+        offline_sizes=(18,),
+        offline_test_limit=4,
+        steps=2,
+        batch_size=4,
+        negatives=2,
+        max_length=64,
+        warm_start=True,
+        collection="eval-scifact-slice",
+    )
+    offline = run_feedback(settings, config, tmp_path / "out", dataset=dataset)["offline"]
+
+    assert offline["start"]["version"] == start["version"]
+    calibration = seeded_order(sorted(dataset.qrels["train"]), config.seed, "train")[-2:]
+    assert offline["start"]["train_queries_left_out"] == len(set(trained_on) - set(calibration))
+    run = offline["runs"][0]
+    assert "error" not in run, run
+    assert run["rel_labels"] > 0
+    if not run["update"]["published"]:  # the start model keeps serving
+        assert run["served"] == "start model (not published)"
+        assert run["test_ndcg@10"]["after"] == run["test_ndcg@10"]["before"]
+    assert cross_encoder_family(settings).current_version() == start["version"]

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,16 @@ def built_data_dir(tmp_path_factory: pytest.TempPathFactory, wiki_sample: list[D
     settings = make_settings(data_dir)
     IndexEngine(data_dir, lambda: get_embedder(settings)).upsert("wiki", wiki_sample)
     return data_dir
+
+
+def engine_over_a_copy(built_data_dir: Path, data_dir: Path, **options: Any) -> IndexEngine:
+    """An index engine over a private copy of ``built_data_dir``'s collections, so its writes
+    do not leak into other tests; ``options`` go to ``IndexEngine``."""
+    from shared.models import get_embedder
+
+    shutil.copytree(built_data_dir / "collections", data_dir / "collections")
+    settings = make_settings(data_dir)
+    return IndexEngine(data_dir, lambda: get_embedder(settings), **options)
 
 
 # --- PostgreSQL and Redis ----------------------------------------------------------------------
@@ -215,6 +226,24 @@ def stack_env(data_dir: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def loopback(port: int) -> str:
+    return f"http://127.0.0.1:{port}"
+
+
+@contextmanager
+def running(processes: dict[str, Process], ready_at: Mapping[str, str]) -> Iterator[None]:
+    """The body runs once each process named in ``ready_at`` is ready at its URL (waited for in
+    that order); every process in ``processes`` is stopped afterwards, also when one never got
+    ready. A process the body puts in ``processes`` (a restart) is the one stopped."""
+    try:
+        for name, url in ready_at.items():
+            wait_ready(url, processes[name])
+        yield
+    finally:
+        for process in processes.values():
+            process.stop()
+
+
 @dataclass
 class Stack:
     orchestrator_url: str
@@ -222,6 +251,49 @@ class Stack:
     data_dir: Path
     processes: dict[str, Process]
     env: dict[str, str]
+    #: Each HTTP process's URL by name: ``index``, the extra services, ``orchestrator``.
+    urls: dict[str, str] = field(default_factory=dict)
+
+
+@contextmanager
+def start_stack(
+    data_dir: Path,
+    logs: Path,
+    *,
+    services: Sequence[str] = (),
+    worker_queues: str | None = None,
+    orchestrator_env: Mapping[str, str] | None = None,
+    **env: str,
+) -> Iterator[Stack]:
+    """An index, each of ``services`` (``services.<name>``) and an orchestrator as real processes
+    over ``data_dir`` on ports of their own, all ready before the body runs and stopped after it;
+    with ``worker_queues``, a Celery worker consuming them too. Every process is told each HTTP
+    process's port (``LODESTAR_<NAME>_PORT``) and, but for the orchestrator's, its URL
+    (``LODESTAR_<NAME>_URL``). ``env`` goes to every process, ``orchestrator_env`` to the
+    orchestrator alone (``Stack.env`` is the orchestrator's)."""
+    urls: dict[str, str] = {}
+    for name in ("index", *services, "orchestrator"):
+        port = free_port()
+        urls[name] = loopback(port)
+        env[f"LODESTAR_{name.upper()}_PORT"] = str(port)
+        if name != "orchestrator":
+            env[f"LODESTAR_{name.upper()}_URL"] = urls[name]
+    common = stack_env(data_dir, **env)
+    orchestrator = stack_env(data_dir, **env, **(orchestrator_env or {}))
+    processes = {
+        name: spawn(name, ["-m", f"services.{name}"], common, logs)
+        for name in urls
+        if name != "orchestrator"
+    }
+    processes["orchestrator"] = spawn(
+        "orchestrator", ["-m", "services.orchestrator"], orchestrator, logs
+    )
+    if worker_queues is not None:
+        args = ["-m", "services.worker", "--queues", worker_queues]
+        processes["worker"] = spawn("worker", args, common, logs)
+    stack = Stack(urls["orchestrator"], urls["index"], data_dir, processes, orchestrator, urls)
+    with running(processes, urls):
+        yield stack
 
 
 @pytest.fixture(scope="session")
@@ -230,63 +302,54 @@ def live_stack(built_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
     import redis
 
     redis.Redis.from_url(LIVE_REDIS_URL).flushdb()
-    logs = tmp_path_factory.mktemp("logs")
-    index_port, orchestrator_port = free_port(), free_port()
-    env = stack_env(
+    with start_stack(
         built_data_dir,
-        LODESTAR_INDEX_PORT=str(index_port),
-        LODESTAR_ORCHESTRATOR_PORT=str(orchestrator_port),
-        LODESTAR_INDEX_URL=f"http://127.0.0.1:{index_port}",
+        tmp_path_factory.mktemp("logs"),
+        worker_queues="cpu",
         LODESTAR_BROKER_URL=LIVE_REDIS_URL,
         LODESTAR_INLINE_INGEST_MAX_DOCS="3",
         LODESTAR_ANSWER_MAX_NEW_TOKENS="24",
-    )
-    processes = {
-        "index": spawn("index", ["-m", "services.index"], env, logs),
-        "orchestrator": spawn("orchestrator", ["-m", "services.orchestrator"], env, logs),
-        "worker": spawn("worker", ["-m", "services.worker", "--queues", "cpu"], env, logs),
-    }
-    stack = Stack(
-        orchestrator_url=f"http://127.0.0.1:{orchestrator_port}",
-        index_url=f"http://127.0.0.1:{index_port}",
-        data_dir=built_data_dir,
-        processes=processes,
-        env=env,
-    )
-    try:
-        wait_ready(stack.index_url, processes["index"])
-        wait_ready(stack.orchestrator_url, processes["orchestrator"])
+    ) as stack:
         yield stack
+
+
+@contextmanager
+def checking_throughout(check: Callable[[], None]) -> Iterator[None]:
+    """Call ``check`` over and over on another thread while the body runs; the first exception
+    it raises (which stops the loop) fails the test once the body is done."""
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            try:
+                check()
+            except BaseException as exc:
+                errors.append(exc)
+                return
+
+    thread = threading.Thread(target=loop)
+    thread.start()
+    try:
+        yield
     finally:
-        for process in processes.values():
-            process.stop()
+        stop.set()
+        thread.join(60)
+    assert not errors, errors
 
 
 @contextmanager
 def searching_throughout(engine: IndexEngine, collection: str = "wiki") -> Iterator[None]:
     """Search ``collection`` in a loop while the body writes; every search must see a whole
     version (documents and passage groups agree, a full result list)."""
-    errors: list[BaseException] = []
-    stop = threading.Event()
 
-    def search_loop() -> None:
-        while not stop.is_set():
-            try:
-                snapshot, results, _ = engine.search(collection, "painting", 5, ["dense", "bm25"])
-                assert snapshot.n_documents == len(snapshot.doc_starts)
-                assert len(results["dense"]) == 5
-            except BaseException as exc:
-                errors.append(exc)
-                return
+    def search() -> None:
+        snapshot, results, _ = engine.search(collection, "painting", 5, ["dense", "bm25"])
+        assert snapshot.n_documents == len(snapshot.doc_starts)
+        assert len(results["dense"]) == 5
 
-    reader = threading.Thread(target=search_loop)
-    reader.start()
-    try:
+    with checking_throughout(search):
         yield
-    finally:
-        stop.set()
-        reader.join(60)
-    assert not errors, errors
 
 
 def read_sse(response: Any) -> list[tuple[str, dict[str, Any]]]:

@@ -3,7 +3,6 @@ ANN collection lifecycle: fresh segment, tombstones, merge, concurrent search, b
 
 from __future__ import annotations
 
-import shutil
 import threading
 from pathlib import Path
 
@@ -18,9 +17,8 @@ from services.index.engine import (
     TwoStageDenseSearcher,
 )
 from shared.errors import ErrorCode, LodestarError
-from shared.models import get_embedder
 from shared.schemas import Document
-from tests.conftest import make_settings, searching_throughout
+from tests.conftest import engine_over_a_copy, make_settings, searching_throughout
 
 ANN_BACKENDS = [b for b in BACKENDS if b != "flat"]
 #: Small parameters so that every backend builds in about a second on two cores.
@@ -124,12 +122,9 @@ def test_per_request_parameters_change_the_candidate_set(
 def ann_engine(built_data_dir: Path, tmp_path: Path) -> IndexEngine:
     """The session's 80-article wiki collection, merged into an hnswlib collection (small
     thresholds so 80 passages get an index)."""
-    data_dir = tmp_path / "data"
-    shutil.copytree(built_data_dir / "collections", data_dir / "collections")
-    settings = make_settings(data_dir)
     config = AnnConfig(backend="hnswlib", candidates=40, min_passages=10, ef_search=40)
-    engine = IndexEngine(
-        data_dir, lambda: get_embedder(settings), ann=config, max_candidates=500, device="cpu"
+    engine = engine_over_a_copy(
+        built_data_dir, tmp_path / "data", ann=config, max_candidates=500, device="cpu"
     )
     engine.merge("wiki", config)
     return engine

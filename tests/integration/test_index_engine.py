@@ -9,22 +9,15 @@ import pytest
 
 from services.index.engine import IndexEngine
 from shared.errors import ErrorCode, LodestarError
-from shared.models import get_embedder
 from shared.schemas import Document
-from tests.conftest import make_settings, searching_throughout
+from tests.conftest import engine_over_a_copy, searching_throughout
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
 def engine(built_data_dir: Path, tmp_path: Path) -> IndexEngine:
-    """A private copy of the session's collection, so writes do not leak between tests."""
-    import shutil
-
-    data_dir = tmp_path / "data"
-    shutil.copytree(built_data_dir / "collections", data_dir / "collections")
-    settings = make_settings(data_dir)
-    return IndexEngine(data_dir, lambda: get_embedder(settings))
+    return engine_over_a_copy(built_data_dir, tmp_path / "data")
 
 
 def test_both_retrievers_find_the_article_a_question_is_about(engine: IndexEngine) -> None:

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
@@ -18,9 +17,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from services.index.engine import IndexEngine, _bm25_tokenize, chunk_document, search_payload
-from shared.models import get_embedder
 from shared.schemas import Document, IndexSearchResponse
-from tests.conftest import make_settings
+from tests.conftest import engine_over_a_copy, make_settings
 
 pytestmark = pytest.mark.slow
 
@@ -37,10 +35,7 @@ QUERIES = [
 
 @pytest.fixture
 def engine(built_data_dir: Path, tmp_path: Path) -> IndexEngine:
-    data_dir = tmp_path / "data"
-    shutil.copytree(built_data_dir / "collections", data_dir / "collections")
-    settings = make_settings(data_dir)
-    return IndexEngine(data_dir, lambda: get_embedder(settings))
+    return engine_over_a_copy(built_data_dir, tmp_path / "data")
 
 
 def test_bm25_equals_bm25s_retrieve_over_the_live_passages(engine: IndexEngine) -> None:

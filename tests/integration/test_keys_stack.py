@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from shared.settings import hash_api_key
-from tests.conftest import Stack, free_port, spawn, stack_env, wait_ready
+from tests.conftest import Stack, start_stack
 
 ADMIN, READER, READER_2, THROTTLED, SERVICE = (
     "admin-9f2c",
@@ -32,44 +32,22 @@ BURST = 10
 def keyed_stack(built_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     data_dir = tmp_path_factory.mktemp("keys") / "data"
     shutil.copytree(built_data_dir, data_dir)  # this module writes to its own copy
-    logs = tmp_path_factory.mktemp("keys-logs")
-    index_port, orchestrator_port = free_port(), free_port()
-    admin = f"{hash_api_key(ADMIN)},{hash_api_key(SERVICE)}"
-    common = {
-        "LODESTAR_INDEX_PORT": str(index_port),
-        "LODESTAR_ORCHESTRATOR_PORT": str(orchestrator_port),
-        "LODESTAR_INDEX_URL": f"http://127.0.0.1:{index_port}",
-        "LODESTAR_API_KEY_HASHES": admin,
-        "LODESTAR_SERVICE_API_KEY": SERVICE,
-        # Slow refill: within the test a key has its burst and nothing more.
-        "LODESTAR_RATE_LIMIT_PER_S": "0.01",
-        "LODESTAR_RATE_LIMIT_BURST": str(BURST),
-        "LODESTAR_PROTECT_DOCS": "true",
-        "LODESTAR_ANSWER_MAX_NEW_TOKENS": "8",
-    }
     readers = ",".join(hash_api_key(k) for k in (READER, READER_2, THROTTLED))
-    index_env = stack_env(data_dir, **common)  # admin keys only: no reader reaches it
-    orchestrator_env = stack_env(data_dir, **common, LODESTAR_READ_API_KEY_HASHES=readers)
-    processes = {
-        "index": spawn("index", ["-m", "services.index"], index_env, logs),
-        "orchestrator": spawn(
-            "orchestrator", ["-m", "services.orchestrator"], orchestrator_env, logs
-        ),
-    }
-    stack = Stack(
-        orchestrator_url=f"http://127.0.0.1:{orchestrator_port}",
-        index_url=f"http://127.0.0.1:{index_port}",
-        data_dir=data_dir,
-        processes=processes,
-        env=orchestrator_env,
-    )
-    try:
-        wait_ready(stack.index_url, processes["index"])  # probes need no key
-        wait_ready(stack.orchestrator_url, processes["orchestrator"])
+    # Probes need no key, so the stack gets ready as any other does.
+    with start_stack(
+        data_dir,
+        tmp_path_factory.mktemp("keys-logs"),
+        # Admin keys only for the index: no reader reaches it.
+        orchestrator_env={"LODESTAR_READ_API_KEY_HASHES": readers},
+        LODESTAR_API_KEY_HASHES=f"{hash_api_key(ADMIN)},{hash_api_key(SERVICE)}",
+        LODESTAR_SERVICE_API_KEY=SERVICE,
+        # Slow refill: within the test a key has its burst and nothing more.
+        LODESTAR_RATE_LIMIT_PER_S="0.01",
+        LODESTAR_RATE_LIMIT_BURST=str(BURST),
+        LODESTAR_PROTECT_DOCS="true",
+        LODESTAR_ANSWER_MAX_NEW_TOKENS="8",
+    ) as stack:
         yield stack
-    finally:
-        for process in processes.values():
-            process.stop()
 
 
 def call(stack: Stack, method: str, path: str, key: str | None, **kw: Any) -> httpx.Response:

@@ -11,46 +11,22 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import Stack, free_port, spawn, stack_env, wait_ready
+from tests.conftest import Stack, start_stack
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def stack(built_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    logs = tmp_path_factory.mktemp("rerun-logs")
     db = tmp_path_factory.mktemp("rerun-db") / "store.sqlite"
-    index_port, reranker_port, orchestrator_port = free_port(), free_port(), free_port()
-    env = stack_env(
+    with start_stack(
         built_data_dir,
-        LODESTAR_INDEX_PORT=str(index_port),
-        LODESTAR_RERANKER_PORT=str(reranker_port),
-        LODESTAR_ORCHESTRATOR_PORT=str(orchestrator_port),
-        LODESTAR_INDEX_URL=f"http://127.0.0.1:{index_port}",
-        LODESTAR_RERANKER_URL=f"http://127.0.0.1:{reranker_port}",
+        tmp_path_factory.mktemp("rerun-logs"),
+        services=["reranker"],
         LODESTAR_DATABASE_URL=f"sqlite:///{db}",
         LODESTAR_ANSWER_MAX_NEW_TOKENS="16",
-    )
-    processes = {
-        "index": spawn("index", ["-m", "services.index"], env, logs),
-        "reranker": spawn("reranker", ["-m", "services.reranker"], env, logs),
-        "orchestrator": spawn("orchestrator", ["-m", "services.orchestrator"], env, logs),
-    }
-    stack = Stack(
-        orchestrator_url=f"http://127.0.0.1:{orchestrator_port}",
-        index_url=f"http://127.0.0.1:{index_port}",
-        data_dir=built_data_dir,
-        processes=processes,
-        env=env,
-    )
-    try:
-        wait_ready(stack.index_url, processes["index"])
-        wait_ready(f"http://127.0.0.1:{reranker_port}", processes["reranker"])
-        wait_ready(stack.orchestrator_url, processes["orchestrator"])
+    ) as stack:
         yield stack
-    finally:
-        for process in processes.values():
-            process.stop()
 
 
 def post(stack: Stack, path: str, body: object) -> httpx.Response:

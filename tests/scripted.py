@@ -1,11 +1,13 @@
 """Scripted stand-ins for the index service, the reasoner and the critic, for unit tests that
 drive the real answer loop (``AnswerPipeline`` over ``SearchPipeline``) with no model and no
-server: each returns what its script says, in order, and records what it was asked."""
+server: each returns what its script says, in order, and records what it was asked. And
+scripted self-practice rows, for the tests that train a real critic on a few of them."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
+from services.critic.practice import PracticeRow
 from services.orchestrator.prompts import DECOMPOSE_SYSTEM_PROMPT, QUERY_SYSTEM_PROMPT
 from shared.clients import JudgeRequest, JudgeResponse
 from shared.models import Generation
@@ -52,13 +54,9 @@ class ScriptedReasoner:
         #: The user message of every call, in order.
         self.prompts: list[str] = []
 
-    def generate(
-        self,
-        messages: Sequence[dict[str, str]],
-        *,
-        max_new_tokens: int = 64,
-        temperature: float = 0.0,
-    ) -> Generation:
+    def generate(self, messages: Sequence[dict[str, str]], **_options: object) -> Generation:
+        """The next text of the script the system prompt names; a generation's options (its
+        token budget, its temperature) change nothing in a script."""
         self.prompts.append(messages[-1]["content"])
         system = messages[0]["content"]
         script = (
@@ -71,11 +69,7 @@ class ScriptedReasoner:
         return Generation(script.pop(0), 10, 5, 0.01)
 
     def stream(
-        self,
-        messages: Sequence[dict[str, str]],
-        *,
-        max_new_tokens: int = 64,
-        temperature: float = 0.0,
+        self, messages: Sequence[dict[str, str]], **_options: object
     ) -> Iterator[str | Generation]:
         """The same text as ``generate``, a word at a time, then the whole generation."""
         generation = self.generate(messages)
@@ -95,3 +89,36 @@ class ScriptedCritic:
         self.requests.append(request)
         accept = self.verdicts.pop(0)
         return JudgeResponse(accept=accept, p_accept=0.9 if accept else 0.1, model_version="v")
+
+
+def practice_turns(
+    qid: str,
+    question: str,
+    gold: str,
+    context: str,
+    hit_id: str,
+    turns: Sequence[tuple[str, str, int]],
+) -> list[PracticeRow]:
+    """One question's self-practice rows, a row per (answer, rationale, label) turn, the way
+    ``run_self_practice`` writes them: the label is both the exact match and the accuracy, an
+    "unsure" answer is the reasoner's own doubt, and the retrieval was right."""
+    return [
+        PracticeRow(
+            qid=qid,
+            turn=turn,
+            question=question,
+            golds=[gold],
+            context=context,
+            answer=answer,
+            rationale=rationale,
+            raw=f"Answer: {answer}\nRationale: {rationale}",
+            em=label,
+            acc=label,
+            self_unsure=answer == "unsure",
+            query=question,
+            hit_ids=[hit_id],
+            next_query=None,
+            correct_retrieval=True,
+        )
+        for turn, (answer, rationale, label) in enumerate(turns)
+    ]

@@ -9,6 +9,8 @@ back and report the service in ``degraded``.
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal, TypeVar, get_args
 from urllib.parse import quote
 
@@ -30,8 +32,10 @@ from shared.schemas import (
     EmbedResponse,
     IndexSearchRequest,
     IndexSearchResponse,
+    Passage,
     QueryText,
     WriteResponse,
+    chunk_document,
 )
 from shared.settings import Settings
 
@@ -175,6 +179,30 @@ class IndexClient(ServiceClient):
             "POST", f"/collections/{name}/documents/lookup", None, {"ids": doc_ids}
         )
         return [Document.model_validate(row) for row in rows]
+
+    async def passage_texts(self, name: str, wanted: Mapping[str, int | None]) -> list[Passage]:
+        """doc id -> passage number (a hit's ``passage``; ``None``: the first): those passages
+        of the current documents, in that order (unknown ones left out). The documents come
+        from the lookup endpoint (``max_k`` ids a request) and are chunked as the collection
+        was (its manifest's ``passage_words``), concurrently with reading it."""
+        ids = list(wanted)
+        size = max(1, self.settings.max_k)
+        info, batches = await asyncio.gather(
+            self.collection(name),
+            asyncio.gather(
+                *(self.documents(name, ids[i : i + size]) for i in range(0, len(ids), size))
+            ),
+        )
+        words = info.manifest.get("passage_words")
+        if not isinstance(words, int) or words < 1:  # a manifest from before the field
+            words = self.settings.passage_words
+        found = []
+        for doc in (doc for batch in batches for doc in batch):
+            chunks = chunk_document(doc, words)
+            number = wanted.get(doc.id) or 0
+            if number < len(chunks):
+                found.append(chunks[number])
+        return found
 
 
 class RetrieverClient(ServiceClient):

@@ -66,6 +66,30 @@ class Passage(BaseModel):
     text: str
 
 
+def chunk_document(doc: Document, passage_words: int) -> list[Passage]:
+    """Split into passages of at most ``passage_words`` whitespace words, keeping the last short
+    chunk (CompactDS ``keep_last_chunk``). An empty text still yields one passage (the title).
+    Here rather than in the index engine: a caller holding a looked-up document gets a hit's
+    passage back with it (``IndexClient.passage_texts``)."""
+    words = doc.text.split()
+    if not words:
+        return [Passage(passage_id=f"{doc.id}#0", doc_id=doc.id, title=doc.title, text="")]
+    return [
+        Passage(
+            passage_id=f"{doc.id}#{i // passage_words}",
+            doc_id=doc.id,
+            title=doc.title,
+            text=" ".join(words[i : i + passage_words]),
+        )
+        for i in range(0, len(words), passage_words)
+    ]
+
+
+def passage_number(passage_id: str) -> int:
+    """A passage's position in its document, from its id (``<doc id>#<n>``)."""
+    return int(passage_id.rsplit("#", 1)[1])
+
+
 class SourceRank(BaseModel):
     """Where one retriever placed a hit (1-based rank) and the score it gave."""
 
@@ -79,6 +103,9 @@ class Hit(BaseModel):
     text: str
     score: float
     sources: dict[str, SourceRank] = Field(default_factory=dict)
+    passage: int | None = None
+    """Which of the document's passages ``text`` is (0-based), where the retriever knows it (the
+    index does): a hit sent without its text (``text_k``) gets it back from this."""
 
 
 class QAExample(BaseModel):
@@ -128,6 +155,11 @@ class IndexSearchRequest(BaseModel):
     )
     """A weighted BM25 query (term -> weight > 0, e.g. RM3 expansion interpolated with the
     query) scored as sum_t weight_t * BM25(t, d) instead of ``query``; bm25 only."""
+    text_k: Annotated[int, Field(ge=0), NotBool] | None = None
+    """Text only for each list's first ``text_k`` hits (the rest: doc id, title, score, rank,
+    passage, ``text: ""``), so a caller fusing ``k`` = 100 per retriever into a final 10 does
+    not pay for 200 passages on the wire; default: every hit's text. The index service honours
+    it; the fm and dsi services answer every text."""
 
     @field_validator("query_vector")
     @classmethod

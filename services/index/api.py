@@ -45,16 +45,12 @@ def _default_retrievers() -> list[IndexRetriever]:
 
 
 class SearchRequest(IndexSearchRequest):
-    """``IndexSearchRequest`` with the retrievers this service serves as an enum (the shared
-    model also carries ``fm`` and ``dsi`` requests to their services)."""
+    """``IndexSearchRequest`` (``text_k`` included) with the retrievers this service serves as
+    an enum (the shared model also carries ``fm`` and ``dsi`` requests to their services)."""
 
     retrievers: list[IndexRetriever] = Field(  # type: ignore[assignment]
         default_factory=_default_retrievers, min_length=1
     )
-    text_k: int | None = Field(default=None, ge=0)
-    """Text only for each list's first ``text_k`` hits (the rest: doc id, title, score, rank,
-    ``text: ""``), so a caller fusing ``k`` = 100 per retriever into a final 10 does not pay
-    for 200 passages on the wire; default: every hit's text (the response before this field)."""
 
 
 def _info(snapshot: Snapshot) -> CollectionInfo:

@@ -43,7 +43,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -64,7 +64,12 @@ from shared.schemas import (
     IndexSearchResponse,
     Passage,
     is_valid_collection_name,
+    passage_number,
 )
+
+# The chunking rule lives in shared.schemas (a caller chunks a looked-up document the same way);
+# re-exported for the modules that import it from here.
+from shared.schemas import chunk_document as chunk_document
 
 if TYPE_CHECKING:
     from shared.settings import Settings
@@ -86,23 +91,6 @@ BM25_K1 = 0.9
 BM25_B = 0.4
 #: Called with (done, total, stage) during long work, for progress bars and job progress.
 Progress = Callable[[int, int, str], None]
-
-
-def chunk_document(doc: Document, passage_words: int) -> list[Passage]:
-    """Split into passages of at most ``passage_words`` whitespace words, keeping the last short
-    chunk (CompactDS ``keep_last_chunk``). An empty text still yields one passage (the title)."""
-    words = doc.text.split()
-    if not words:
-        return [Passage(passage_id=f"{doc.id}#0", doc_id=doc.id, title=doc.title, text="")]
-    return [
-        Passage(
-            passage_id=f"{doc.id}#{i // passage_words}",
-            doc_id=doc.id,
-            title=doc.title,
-            text=" ".join(words[i : i + passage_words]),
-        )
-        for i in range(0, len(words), passage_words)
-    ]
 
 
 def embedding_text(passage: Passage) -> str:
@@ -844,16 +832,35 @@ class IndexEngine:
 
     def documents(self, name: str, doc_ids: Sequence[str]) -> list[Document]:
         """The live documents among ``doc_ids`` (in that order; unknown ids are left out).
-        One pass over the collection's document records, read from disk."""
-        wanted = set(doc_ids)
-        found: dict[str, Document] = {}
-        if wanted:
-            for doc in self.snapshot(name).documents:
-                if doc.id in wanted:
-                    found[doc.id] = doc
-                    if len(found) == len(wanted):
-                        break
-        return [found[d] for d in dict.fromkeys(doc_ids) if d in found]
+        Through the version's doc id -> rows map (built once per version, as ``embed`` uses
+        it): a lookup reads the records it returns, not the whole collection, since the
+        orchestrator looks up the few fused hits the index sent without text on the search
+        path."""
+        snapshot = self.snapshot(name)
+        rows_of = self._rows_by_doc(name, snapshot)
+        found = []
+        for doc_id in dict.fromkeys(doc_ids):
+            rows = rows_of.get(doc_id)
+            if rows:
+                doc = snapshot.documents[int(snapshot.passage_doc_index[rows[0]])]
+                if doc.id == doc_id:
+                    found.append(doc)
+        return found
+
+    def passages(self, name: str, wanted: Mapping[str, int | None]) -> list[Passage]:
+        """doc id -> passage number (``None``: the first): those live passages, in that order
+        (unknown ones left out). What ``InProcessIndex.passage_texts`` answers."""
+        snapshot = self.snapshot(name)
+        rows_of = self._rows_by_doc(name, snapshot)
+        found = []
+        for doc_id, number in wanted.items():
+            target = f"{doc_id}#{number or 0}"
+            for row in rows_of.get(doc_id, ()):
+                passage = snapshot.passages[row]
+                if passage.passage_id == target:
+                    found.append(passage)
+                    break
+        return found
 
     def delete(self, name: str, doc_id: str) -> WriteResult:
         if not self.exists(name):
@@ -1163,8 +1170,9 @@ def search_payload(
     """Engine results in the wire format as plain JSON-ready objects (one document-level hit
     list per retriever), built from the hits' passage records alone (each carries its doc id
     and title): the service serialises this once, with no model round trip. Hits ranked past
-    ``text_k`` in their list carry ``text: ""`` (ids, titles and scores only: what fusion
-    needs); ``None`` gives every hit its text."""
+    ``text_k`` in their list carry ``text: ""`` (ids, titles, scores and passage numbers only:
+    what fusion needs, and what fetches the text of a fused hit later); ``None`` gives every
+    hit its text."""
     passages = snapshot.passages
     raw = passages.raw if isinstance(passages, JsonlRecords) else None
     hits: dict[str, list[dict[str, Any]]] = {}
@@ -1183,6 +1191,7 @@ def search_payload(
                     "text": record["text"] if text_k is None or rank <= text_k else "",
                     "score": scored.score,
                     "sources": {retriever: {"rank": rank, "score": scored.score}},
+                    "passage": passage_number(record["passage_id"]),
                 }
             )
         hits[retriever] = rows
@@ -1222,7 +1231,11 @@ class InProcessIndex:
             query_vector=request.query_vector,
             bm25_terms=request.bm25_terms,
         )
-        return search_response(snapshot, results, timings)
+        return search_response(snapshot, results, timings, request.text_k)
 
     async def embed(self, request: EmbedRequest) -> EmbedResponse:
         return self.engine.embed(request)
+
+    async def passage_texts(self, name: str, wanted: Mapping[str, int | None]) -> list[Passage]:
+        """The passages the search sent without text (``IndexClient.passage_texts``)."""
+        return self.engine.passages(name, wanted)

@@ -49,12 +49,12 @@ _UPSTREAM: dict[str, dict[str, tuple[str, ...]]] = {
     "search": {
         "retrieve": (),
         "fusion": ("adapt", "retrieve"),
-        "rerank": ("adapt", "retrieve", "fusion"),
+        "rerank": ("adapt", "retrieve", "fusion", "lookup"),
     },
     "answer": {
         "decompose": (),
         "retrieve": (),
-        "generate": ("adapt", "retrieve", "fusion", "rerank"),
+        "generate": ("adapt", "retrieve", "fusion", "lookup", "rerank"),
     },
 }
 #: How far up the parent chain feedback is collected (a rerun of a rerun keeps earlier pins).
@@ -85,19 +85,28 @@ def trace_query(trace: Mapping[str, Any]) -> str:
 
 
 def trace_documents(traces: Iterable[Mapping[str, Any]]) -> dict[str, Hit]:
-    """doc id -> title and text, from the retrieve stages of ``traces`` (first seen wins)."""
+    """doc id -> title, text and passage number, from the retrieve and ``lookup`` stages of
+    ``traces`` (the first seen with a text wins). A document that a retriever listed past the
+    ``text_k`` it was asked with, and that no lookup fetched, is kept with an empty text: a
+    search that shows or ranks it looks the text up (``SearchPipeline.with_texts``)."""
     documents: dict[str, Hit] = {}
     for trace in traces:
         for stage in trace.get("stages", []):
-            if stage["stage"] != "retrieve":
+            if stage["stage"] == "retrieve":
+                rows = stage["outputs"].get("hits", [])
+            elif stage["stage"] == "lookup":
+                rows = stage["outputs"].get("documents", [])
+            else:
                 continue
-            for row in stage["outputs"].get("hits", []):
-                if "text" in row and row["doc_id"] not in documents:
+            for row in rows:
+                known = documents.get(row["doc_id"])
+                if "text" in row and (known is None or (not known.text and row["text"])):
                     documents[row["doc_id"]] = Hit(
                         doc_id=row["doc_id"],
                         title=row.get("title", ""),
                         text=row["text"],
                         score=float(row.get("score", 0.0)),
+                        passage=row.get("passage"),
                     )
     return documents
 
@@ -230,13 +239,15 @@ def reuse_retrieval(parent: Mapping[str, Any]) -> Callable[[Trace, SubQuery], Se
         stages = [
             s
             for s in parent.get("stages", [])
-            if s.get("params", {}).get("sq_id") == sq.sq_id and s["outputs"].get("hits")
+            if s.get("params", {}).get("sq_id") == sq.sq_id
+            and (s["outputs"].get("hits") or s["outputs"].get("documents"))
         ]
-        if not stages:
+        ranked = [s for s in stages if s["outputs"].get("hits")]
+        if not ranked:
             return None
-        for stage in stages:
+        for stage in stages:  # the lookups too: the texts the reused list was given
             trace.stages.append(copied_stage(stage))
-        return SearchOutcome(hits=stage_hits(stages[-1], documents), timings_ms={})
+        return SearchOutcome(hits=stage_hits(ranked[-1], documents), timings_ms={})
 
     return reuse
 
@@ -377,6 +388,7 @@ def retrieved_lists(parent: Mapping[str, Any]) -> dict[str, list[Hit]]:
                 text=row.get("text", ""),
                 score=float(row["score"]),
                 sources={retriever: SourceRank(rank=int(row["rank"]), score=float(row["score"]))},
+                passage=row.get("passage"),
             )
             for row in rows
         ]
@@ -384,7 +396,8 @@ def retrieved_lists(parent: Mapping[str, Any]) -> dict[str, list[Hit]]:
 
 
 def fused_list(parent: Mapping[str, Any], documents: Mapping[str, Hit]) -> list[Hit]:
-    """The parent's fused list (its last fusion stage) with texts from its retrieve stages."""
+    """The parent's fused list (its last fusion stage) with texts from its retrieve and lookup
+    stages."""
     stages = [s for s in parent.get("stages", []) if s["stage"] == "fusion"]
     if not stages:
         raise _invalid("trace has no fusion stage to re-rank", "from_stage")
@@ -392,7 +405,8 @@ def fused_list(parent: Mapping[str, Any], documents: Mapping[str, Hit]) -> list[
 
 
 def stage_hits(stage: Mapping[str, Any], documents: Mapping[str, Hit]) -> list[Hit]:
-    """A persisted stage's ranked hits with their texts from the retrieve stages."""
+    """A persisted stage's ranked hits with their texts from the retrieve and lookup stages
+    (``""`` for one that only a retriever past ``text_k`` listed: ``rank`` looks it up)."""
     hits = []
     for row in stage["outputs"].get("hits", []):
         doc = documents.get(row["doc_id"])
@@ -451,9 +465,12 @@ async def rerun_search(
     degraded = [d for d in response.get("degraded", []) if d not in ("reranker", "adaptation")]
     results = retrieved_lists(parent)
     fused = fused_list(parent, trace_documents([parent])) if from_stage == "rerank" else None
+    # Texts the parent's retrievers did not send (past ``text_k``) are looked up in ``rank``
+    # for the hits it keeps: a lookup, not a retrieval call.
     return await pipeline.rank(
         trace,
         query=query,
+        collection=str(request.get("collection", "wiki")),
         results=results,
         k=k,
         rerank=rerank,
@@ -521,7 +538,10 @@ async def rerun_answer(
     generates = [s for s in parent.get("stages", []) if s["stage"] == "generate"]
     documents = trace_documents([parent])
     read = [documents[d] for d in generates[-1]["inputs"].get("doc_ids", []) if d in documents]
-    hits = adaptation.apply(read)
+    degraded: list[str] = []
+    hits = await pipeline.search.with_texts(  # a pin the parent saw only past ``text_k``
+        trace, str(request.get("collection", "wiki")), adaptation.apply(read), {}, degraded
+    )
     generator = pipeline.generator_factory()
     generation = await asyncio.to_thread(
         generator.generate,
@@ -546,7 +566,7 @@ async def rerun_answer(
         citations=outcome.citations,
         stop_reason="rerun_generate",
         timings_ms=dict(outcome.timings_ms),
-        degraded=[],
+        degraded=degraded,
     )
 
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 
@@ -32,7 +33,9 @@ from shared.schemas import (
     Hit,
     IndexSearchRequest,
     IndexSearchResponse,
+    Passage,
     SourceRank,
+    passage_number,
 )
 from shared.store import StageRun, Trace
 
@@ -49,6 +52,13 @@ RERANK_DEPTH = 20
 
 class IndexSearcher(Protocol):
     async def search(self, request: IndexSearchRequest) -> IndexSearchResponse: ...
+
+
+class PassageLookup(Protocol):
+    """An index that can send a hit's text later (``IndexClient``, ``InProcessIndex``): the
+    pipeline then asks it for text only down to the pool it keeps (``text_k``)."""
+
+    async def passage_texts(self, name: str, wanted: Mapping[str, int | None]) -> list[Passage]: ...
 
 
 class Reranker(Protocol):
@@ -78,11 +88,15 @@ class QueryAdaptation:
 
 def retrieve_outputs(hits: Sequence[Hit]) -> list[dict[str, Any]]:
     """A retriever's list as its stage persists it: enough to fuse and re-rank again later
-    without retrieving (title and text included; a rerank needs the text)."""
-    return [
-        {"doc_id": h.doc_id, "rank": i, "score": h.score, "title": h.title, "text": h.text}
-        for i, h in enumerate(hits, 1)
-    ]
+    without retrieving (title, text and passage number included; the text is ``""`` past the
+    ``text_k`` the index was asked with, and a later stage that needs it looks it up)."""
+    rows: list[dict[str, Any]] = []
+    for i, h in enumerate(hits, 1):
+        row = {"doc_id": h.doc_id, "rank": i, "score": h.score, "title": h.title, "text": h.text}
+        if h.passage is not None:
+            row["passage"] = h.passage
+        rows.append(row)
+    return rows
 
 
 def fusion_outputs(hits: Sequence[Hit]) -> list[dict[str, Any]]:
@@ -139,6 +153,15 @@ class SearchPipeline:
     def retrievers(self) -> tuple[str, ...]:
         return INDEX_RETRIEVERS + tuple(self.external)
 
+    @property
+    def lookup(self) -> PassageLookup | None:
+        """The index, when it can send texts later (``PassageLookup``): it is then asked for
+        text only down to the pool kept, and the few kept hits that every list ranked past it
+        get theirs looked up. An index that cannot is asked for every text, as before."""
+        if callable(getattr(self.index, "passage_texts", None)):
+            return cast(PassageLookup, self.index)
+        return None
+
     async def _retrieve(
         self,
         collection: str,
@@ -146,14 +169,20 @@ class SearchPipeline:
         depth: int,
         retrievers: Sequence[str],
         adapted: QueryAdaptation | None = None,
+        text_k: int | None = None,
     ) -> tuple[list[tuple[str, IndexSearchResponse]], list[str]]:
         """Ask the index service and each external retriever concurrently; name who answered.
-        An adapted query (Rocchio vector, RM3 terms) goes to the index service only."""
+        An adapted query (Rocchio vector, RM3 terms) and ``text_k`` go to the index service
+        only."""
         calls: list[tuple[str, IndexSearcher, IndexSearchRequest]] = []
         on_index = [r for r in retrievers if r in INDEX_RETRIEVERS]
         if on_index:
             request = IndexSearchRequest(
-                collection=collection, query=query, k=depth, retrievers=on_index
+                collection=collection,
+                query=query,
+                k=depth,
+                retrievers=on_index,
+                text_k=text_k if self.lookup is not None else None,
             )
             if adapted is not None:
                 request.query_vector = adapted.query_vector
@@ -223,7 +252,8 @@ class SearchPipeline:
         """Stages ``adapt`` (when there is feedback to apply), ``retrieve`` (one per retriever),
         ``fusion``, ``rerank`` (when asked). Each stage's persisted output is enough to recompute
         the stages after it (``services.orchestrator.rerun``): retrieve lists carry the hits'
-        title and text, the fusion list each hit's per-retriever ranks."""
+        title, passage number and (down to the pool kept) text, the fusion list each hit's
+        per-retriever ranks, ``lookup`` the texts fetched for the rest."""
         self.check(retrievers, rerank)
         adaptation = adaptation or self.default_adaptation
         adaptation = adaptation if adaptation is None or not adaptation.empty else None
@@ -235,12 +265,23 @@ class SearchPipeline:
         depth = max(depth, pool) + extra
         adapted = None
         if adaptation is not None:
+            if adaptation.adapts_query:
+                # Judged documents a trace saw only past ``text_k`` get their text first:
+                # Rocchio embeds them and RM3 reads them (pins get theirs in ``rank``).
+                adaptation = await self._documents_with_texts(
+                    trace,
+                    collection,
+                    adaptation,
+                    adaptation.relevant + adaptation.irrelevant,
+                    timings,
+                    degraded,
+                )
             adapted = await self.adapt_query(
                 trace, query, collection, retrievers, adaptation, timings, degraded
             )
         started = time.perf_counter()
         responses, failed = await self._retrieve(
-            collection, query, depth, list(dict.fromkeys(retrievers)), adapted
+            collection, query, depth, list(dict.fromkeys(retrievers)), adapted, pool + extra
         )
         degraded.extend(failed)
         timings["retrieve"] = (time.perf_counter() - started) * 1000
@@ -269,6 +310,7 @@ class SearchPipeline:
         return await self.rank(
             trace,
             query=query,
+            collection=collection,
             results=results,
             k=k,
             rerank=rerank,
@@ -282,6 +324,7 @@ class SearchPipeline:
         trace: Trace,
         *,
         query: str,
+        collection: str,
         results: Mapping[str, list[Hit]],
         k: int,
         rerank: str | None = None,
@@ -291,7 +334,8 @@ class SearchPipeline:
         fused: list[Hit] | None = None,
     ) -> SearchOutcome:
         """The stages after retrieval: ``fusion`` of ``results`` (skipped when ``fused``, the
-        output of an earlier fusion, is given), removals, ``rerank``, pins first."""
+        output of an earlier fusion, is given), removals, ``lookup`` of the texts the kept hits
+        and pins lack (``with_texts``), ``rerank``, pins first."""
         timings = {} if timings is None else timings
         degraded = [] if degraded is None else degraded
         adaptation = adaptation if adaptation is None or not adaptation.empty else None
@@ -323,6 +367,17 @@ class SearchPipeline:
         if adaptation is not None:
             hits = adaptation.candidates(hits)
         hits = hits[:pool]
+        # One lookup for the kept hits and the pins: every hit ranked or shown has its text.
+        pinned = (
+            []
+            if adaptation is None
+            else [adaptation.documents[d] for d in adaptation.pins if d in adaptation.documents]
+        )
+        filled = await self.with_texts(trace, collection, [*hits, *pinned], timings, degraded)
+        hits = filled[: len(hits)]
+        if adaptation is not None and pinned:
+            documents = {**adaptation.documents, **{h.doc_id: h for h in filled[len(hits) :]}}
+            adaptation = dataclasses.replace(adaptation, documents=documents)
         if rerank is not None:
             hits = await self._rerank(trace, query, rerank, hits, timings, degraded)
         judged: dict[str, Judgement] = {}
@@ -330,6 +385,78 @@ class SearchPipeline:
             hits = adaptation.apply(hits)
             judged = adaptation.judged()
         return SearchOutcome(hits=hits[:k], timings_ms=timings, degraded=degraded, judged=judged)
+
+    async def with_texts(
+        self,
+        trace: Trace,
+        collection: str,
+        hits: Sequence[Hit],
+        timings: dict[str, float],
+        degraded: list[str],
+    ) -> list[Hit]:
+        """``hits``, those without text (the index sent none past ``text_k``) with the text of
+        their passage looked up from the index, recorded as a ``lookup`` stage so that reruns,
+        feedback and the debug pages read it from the trace. No call when none lacks text; a
+        failed lookup leaves them without it, with ``lookup`` in ``degraded``."""
+        missing = {h.doc_id: h.passage for h in hits if not h.text}
+        lookup = self.lookup
+        if not missing or lookup is None:
+            return list(hits)
+        started = time.perf_counter()
+        stage = StageRun(
+            stage="lookup",
+            inputs={"doc_ids": list(missing), "passages": list(missing.values())},
+            outputs={},
+            targets=[],
+            params={"collection": collection},
+        )
+        found: dict[str, Passage] = {}
+        try:
+            found = {p.doc_id: p for p in await lookup.passage_texts(collection, missing)}
+            stage.outputs = {
+                "documents": [
+                    {
+                        "doc_id": p.doc_id,
+                        "title": p.title,
+                        "text": p.text,
+                        "passage": passage_number(p.passage_id),
+                    }
+                    for p in found.values()
+                ]
+            }
+        except DependencyError as exc:
+            if "lookup" not in degraded:
+                degraded.append("lookup")
+            stage.outputs = {"error": exc.message}
+        elapsed = (time.perf_counter() - started) * 1000
+        timings["lookup"] = timings.get("lookup", 0.0) + elapsed
+        stage.latency_ms = elapsed
+        trace.stages.append(stage)
+        return [
+            h.model_copy(update={"text": found[h.doc_id].text})
+            if not h.text and h.doc_id in found
+            else h
+            for h in hits
+        ]
+
+    async def _documents_with_texts(
+        self,
+        trace: Trace,
+        collection: str,
+        adaptation: FeedbackAdaptation,
+        doc_ids: Sequence[str],
+        timings: dict[str, float],
+        degraded: list[str],
+    ) -> FeedbackAdaptation:
+        """``adaptation`` with the texts its documents ``doc_ids`` lack looked up."""
+        wanted = [
+            adaptation.documents[d] for d in dict.fromkeys(doc_ids) if d in adaptation.documents
+        ]
+        if all(h.text for h in wanted):
+            return adaptation
+        filled = await self.with_texts(trace, collection, wanted, timings, degraded)
+        documents = {**adaptation.documents, **{h.doc_id: h for h in filled}}
+        return dataclasses.replace(adaptation, documents=documents)
 
     async def adapt_query(
         self,

@@ -407,11 +407,14 @@ def shadow_task(trace: Mapping[str, Any], top_k: int) -> ShadowTask:
 
 
 def stage_texts(trace: Mapping[str, Any]) -> dict[str, ShadowDoc]:
-    """Document texts a trace already holds (stage outputs that carry ``title``/``text``)."""
+    """Document texts a trace already holds (stage outputs that carry ``title``/``text``: the
+    retrieve lists, ``""`` past the ``text_k`` the index was asked with, and ``lookup`` stages'
+    documents); an empty text is not one, so the caller looks that document up."""
     found: dict[str, ShadowDoc] = {}
     for run in trace.get("stages", []):
-        for hit in (run.get("outputs") or {}).get("hits") or []:
-            if isinstance(hit, dict) and "text" in hit and hit.get("doc_id") not in found:
+        outputs = run.get("outputs") or {}
+        for hit in [*(outputs.get("hits") or []), *(outputs.get("documents") or [])]:
+            if isinstance(hit, dict) and hit.get("text") and hit.get("doc_id") not in found:
                 doc_id = str(hit["doc_id"])
                 found[doc_id] = ShadowDoc(doc_id, str(hit.get("title") or ""), str(hit["text"]))
     return found

@@ -39,6 +39,7 @@ PIPELINE_ORDER = (
     "adapt",
     "retrieve",
     "fusion",
+    "lookup",
     "rerank",
     "generate",
     "critic",

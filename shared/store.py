@@ -3,6 +3,8 @@
 SQLite in WAL mode with ``synchronous=FULL`` by default (a committed row survives power loss);
 PostgreSQL when ``LODESTAR_DATABASE_URL`` is set. A write returns only after its transaction has
 committed, so an API that answers 201 after ``add_feedback`` has made the feedback durable.
+Trace writes are group-committed: concurrent ``save_trace`` calls share one transaction (one
+fsync), and each still returns only once its trace is committed.
 
 Traces follow NExT-Search's data model: a trace has stage runs (retrieve, fusion, rerank,
 generate, ...), each with inputs, outputs, the model and parameters used, its latency, and the
@@ -12,6 +14,7 @@ at exactly one output of one stage.
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -34,7 +37,7 @@ from sqlalchemy import (
     insert,
     select,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from shared.errors import ErrorCode, LodestarError, not_found
@@ -154,6 +157,16 @@ class FeedbackIn:
     idempotency_key: str | None = None
 
 
+@dataclass
+class _PendingTrace:
+    """A trace waiting for the group commit that writes it."""
+
+    trace: Trace
+    committed: bool = False
+    done: bool = False
+    error: Exception | None = None
+
+
 def database_url(configured: str | None, data_dir: Path) -> str:
     if configured:
         return configured
@@ -172,6 +185,39 @@ def _sqlite_durability(engine: Engine) -> None:
         cursor.close()
 
 
+def _insert_trace(conn: Connection, trace: Trace) -> None:
+    conn.execute(
+        insert(traces).values(
+            trace_id=trace.trace_id,
+            kind=trace.kind,
+            session_id=trace.session_id,
+            parent_trace_id=trace.parent_trace_id,
+            request=trace.request,
+            response=trace.response,
+            created_at=time.time(),
+        )
+    )
+    if trace.stages:
+        conn.execute(
+            insert(stage_runs),
+            [
+                {
+                    "stage_run_id": run.stage_run_id,
+                    "trace_id": trace.trace_id,
+                    "seq": seq,
+                    "stage": run.stage,
+                    "inputs": run.inputs,
+                    "outputs": run.outputs,
+                    "targets": run.targets,
+                    "model_id": run.model_id,
+                    "params": run.params,
+                    "latency_ms": run.latency_ms,
+                }
+                for seq, run in enumerate(trace.stages)
+            ],
+        )
+
+
 class Store:
     def __init__(self, url: str) -> None:
         self.url = url
@@ -179,6 +225,11 @@ class Store:
         if self.engine.dialect.name == "sqlite":
             _sqlite_durability(self.engine)
         self._create_schema()
+        self._trace_lock = threading.Condition()
+        self._trace_queue: list[_PendingTrace] = []
+        self._trace_writing = False
+        self.trace_commits = 0
+        """Transactions that wrote traces (fewer than traces when writes were grouped)."""
 
     def _create_schema(self) -> None:
         """Create missing tables. Several processes (replicas of a service) may start at once
@@ -199,39 +250,59 @@ class Store:
     # --- traces ---------------------------------------------------------------------------------
 
     def save_trace(self, trace: Trace) -> str:
-        now = time.time()
-        with self.engine.begin() as conn:
-            conn.execute(
-                insert(traces).values(
-                    trace_id=trace.trace_id,
-                    kind=trace.kind,
-                    session_id=trace.session_id,
-                    parent_trace_id=trace.parent_trace_id,
-                    request=trace.request,
-                    response=trace.response,
-                    created_at=now,
-                )
-            )
-            if trace.stages:
-                conn.execute(
-                    insert(stage_runs),
-                    [
-                        {
-                            "stage_run_id": run.stage_run_id,
-                            "trace_id": trace.trace_id,
-                            "seq": seq,
-                            "stage": run.stage,
-                            "inputs": run.inputs,
-                            "outputs": run.outputs,
-                            "targets": run.targets,
-                            "model_id": run.model_id,
-                            "params": run.params,
-                            "latency_ms": run.latency_ms,
-                        }
-                        for seq, run in enumerate(trace.stages)
-                    ],
-                )
+        """Write ``trace``; it is committed when this returns, so feedback may name it at once.
+
+        Group commit: a caller that finds no trace write running commits every trace queued so
+        far in one transaction (one fsync); callers that arrive meanwhile queue theirs and wait
+        for the next one, which the first of them to wake runs. A caller runs at most one
+        commit, the one holding its trace. When a grouped transaction fails, each of its traces
+        is written alone, so only a bad one's caller sees the error."""
+        pending = _PendingTrace(trace)
+        batch: list[_PendingTrace] = []
+        with self._trace_lock:
+            self._trace_queue.append(pending)
+            while self._trace_writing and not pending.done:
+                self._trace_lock.wait()
+            if not pending.done:  # still queued and no commit running: this caller runs one
+                batch, self._trace_queue = self._trace_queue, []
+                self._trace_writing = True
+        if batch:
+            try:
+                self._commit_traces(batch)
+            finally:
+                with self._trace_lock:
+                    self._trace_writing = False
+                    self._trace_lock.notify_all()
+        if pending.error is not None:
+            raise pending.error
         return trace.trace_id
+
+    def _commit_traces(self, batch: list[_PendingTrace]) -> None:
+        try:
+            try:
+                with self.engine.begin() as conn:
+                    for pending in batch:
+                        _insert_trace(conn, pending.trace)
+                self.trace_commits += 1
+                for pending in batch:
+                    pending.committed = True
+            except Exception as exc:
+                if len(batch) == 1:
+                    batch[0].error = exc
+                    return
+                for pending in batch:  # find the bad one: each written alone
+                    try:
+                        with self.engine.begin() as conn:
+                            _insert_trace(conn, pending.trace)
+                        self.trace_commits += 1
+                        pending.committed = True
+                    except Exception as alone:
+                        pending.error = alone
+        finally:
+            for pending in batch:
+                if not pending.committed and pending.error is None:  # interrupted
+                    pending.error = RuntimeError("the trace write did not complete")
+                pending.done = True
 
     def get_trace(self, trace_id: str) -> dict[str, Any]:
         with self.engine.connect() as conn:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -15,12 +16,14 @@ from services.critic.training import TrainConfig, train_critic
 from tests.conftest import (
     Process,
     free_port,
+    loopback,
     make_settings,
     read_sse,
+    running,
     spawn,
     stack_env,
-    wait_ready,
 )
+from tests.scripted import practice_turns
 
 pytestmark = pytest.mark.slow
 
@@ -43,32 +46,12 @@ def tiny_practice_rows() -> list[PracticeRow]:
             f"Query: {question}\nRetrieved Document [1]: Title: {title} Content: "
             f"The answer to '{question}' is {answer}."
         )
-        for turn, (given, rationale, label) in enumerate(
-            [
-                (answer, f"Document 1 states that the answer is {answer}.", 1),
-                ("unsure", "The documents do not say.", 0),
-                ("Napoleon", "I guessed.", 0),
-            ]
-        ):
-            rows.append(
-                PracticeRow(
-                    qid=f"q{i}",
-                    turn=turn,
-                    question=question,
-                    golds=[answer],
-                    context=context,
-                    answer=given,
-                    rationale=rationale,
-                    raw=f"Answer: {given}\nRationale: {rationale}",
-                    em=label,
-                    acc=label,
-                    self_unsure=given == "unsure",
-                    query=question,
-                    hit_ids=[title],
-                    next_query=None,
-                    correct_retrieval=True,
-                )
-            )
+        turns = [
+            (answer, f"Document 1 states that the answer is {answer}.", 1),
+            ("unsure", "The documents do not say.", 0),
+            ("Napoleon", "I guessed.", 0),
+        ]
+        rows += practice_turns(f"q{i}", question, answer, context, title, turns)
     return rows
 
 
@@ -116,10 +99,8 @@ def critic_stack(
             LODESTAR_CRITIC_URL=f"http://127.0.0.1:{ports[critic]}",
         )
         processes[name] = spawn(name, ["-m", "services.orchestrator"], env, logs)
-    url = {n: f"http://127.0.0.1:{p}" for n, p in ports.items()}
-    try:
-        for name, process in processes.items():
-            wait_ready(url[name], process)
+    url = {n: loopback(p) for n, p in ports.items()}
+    with running(processes, {name: url[name] for name in processes}):
         yield CriticStack(
             critic_url=url["critic"],
             untrained_url=url["untrained"],
@@ -128,13 +109,18 @@ def critic_stack(
             critic_dir=critic_dir,
             first_version=manifest["version"],
         )
-    finally:
-        for process in processes.values():
-            process.stop()
 
 
 def judge(url: str, **body: str) -> httpx.Response:
     return httpx.post(f"{url}/judge", json=body, timeout=60)
+
+
+def ask_two_rounds(orchestrator_url: str, question: str) -> dict[str, Any]:
+    """The body of a 200 from ``/answer`` with up to two rounds."""
+    body = {"question": question, "max_rounds": 2}
+    response = httpx.post(f"{orchestrator_url}/answer", json=body, timeout=300)
+    assert response.status_code == 200, response.text
+    return dict(response.json())
 
 
 def test_judge_answers_with_the_published_critic(critic_stack: CriticStack) -> None:
@@ -166,13 +152,7 @@ def test_an_untrained_critic_is_ready_and_refuses_to_judge(critic_stack: CriticS
 
 
 def test_answer_rounds_are_governed_by_the_critic(critic_stack: CriticStack) -> None:
-    response = httpx.post(
-        f"{critic_stack.orchestrator_url}/answer",
-        json={"question": "Who painted the Mona Lisa?", "max_rounds": 2},
-        timeout=300,
-    )
-    assert response.status_code == 200, response.text
-    body = response.json()
+    body = ask_two_rounds(critic_stack.orchestrator_url, "Who painted the Mona Lisa?")
     assert "critic" not in body["degraded"]
     first = body["rounds"][0]
     assert first["round"] == 1 and first["query"] == "Who painted the Mona Lisa?"
@@ -191,13 +171,7 @@ def test_answer_rounds_are_governed_by_the_critic(critic_stack: CriticStack) -> 
 def test_without_a_trained_critic_the_loop_runs_to_max_rounds_degraded(
     critic_stack: CriticStack,
 ) -> None:
-    response = httpx.post(
-        f"{critic_stack.orchestrator_untrained_url}/answer",
-        json={"question": "Where is the Eiffel Tower?", "max_rounds": 2},
-        timeout=300,
-    )
-    assert response.status_code == 200, response.text
-    body = response.json()
+    body = ask_two_rounds(critic_stack.orchestrator_untrained_url, "Where is the Eiffel Tower?")
     assert body["degraded"] == ["critic"] and body["answer"]
     assert all(r["accept"] is None for r in body["rounds"])
     # Only retrieval running dry or a repeated query may end it before max_rounds.

@@ -17,7 +17,7 @@ import pytest
 
 from lodestar.keys import ADMIN_KEY_FILE, READ_KEY_FILE, SECRET_FILES
 from shared.settings import SECRETS_DIR_ENV
-from tests.conftest import ROOT, Process, free_port, spawn, stack_env, wait_ready
+from tests.conftest import ROOT, stack_env, start_stack
 
 
 def keys_init(directory: Path) -> None:
@@ -39,26 +39,14 @@ def secrets_stack(
     shutil.copytree(built_data_dir, data_dir)
     secrets = root / "secrets"
     keys_init(secrets)
-    index_port, orchestrator_port = free_port(), free_port()
-    env = stack_env(
+    with start_stack(
         data_dir,
+        root,
         LODESTAR_ENV="production",
-        LODESTAR_INDEX_PORT=str(index_port),
-        LODESTAR_ORCHESTRATOR_PORT=str(orchestrator_port),
-        LODESTAR_INDEX_URL=f"http://127.0.0.1:{index_port}",
         LODESTAR_ANSWER_MAX_NEW_TOKENS="8",
         **{SECRETS_DIR_ENV: str(secrets)},
-    )
-    processes: list[Process] = []
-    try:
-        processes.append(spawn("index", ["-m", "services.index"], env, root))
-        wait_ready(f"http://127.0.0.1:{index_port}", processes[0])
-        processes.append(spawn("orchestrator", ["-m", "services.orchestrator"], env, root))
-        wait_ready(f"http://127.0.0.1:{orchestrator_port}", processes[1])
-        yield f"http://127.0.0.1:{orchestrator_port}", f"http://127.0.0.1:{index_port}", secrets
-    finally:
-        for process in processes:
-            process.stop()
+    ) as stack:
+        yield stack.orchestrator_url, stack.index_url, secrets
 
 
 def test_keys_init_writes_the_mounted_files_and_refuses_to_overwrite(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from shared.jobs import TASK_CRITIC_TRAIN, TASK_FMINDEX_TRAIN, job_status, make_
 from shared.models import LLM_DIRNAME
 from shared.settings import Settings
 from tests.conftest import MODELS_DIR, ROOT, spawn, stack_env
+from tests.scripted import practice_turns
 
 pytestmark = pytest.mark.slow
 
@@ -43,28 +44,8 @@ def practice_rows() -> list[PracticeRow]:
     rows = []
     for i, (question, gold) in enumerate(FACTS):
         context = f"Query: {question}\nRetrieved Document [1]: The answer is {gold}."
-        for turn, (answer, rationale, label) in enumerate(
-            [(gold, f"Document 1 says {gold}.", 1), ("unsure", "The documents do not say.", 0)]
-        ):
-            rows.append(
-                PracticeRow(
-                    qid=f"q{i}",
-                    turn=turn,
-                    question=question,
-                    golds=[gold],
-                    context=context,
-                    answer=answer,
-                    rationale=rationale,
-                    raw=f"Answer: {answer}\nRationale: {rationale}",
-                    em=label,
-                    acc=label,
-                    self_unsure=answer == "unsure",
-                    query=question,
-                    hit_ids=[f"d{i}"],
-                    next_query=None,
-                    correct_retrieval=True,
-                )
-            )
+        turns = [(gold, f"Document 1 says {gold}.", 1), ("unsure", "The documents do not say.", 0)]
+        rows += practice_turns(f"q{i}", question, gold, context, f"d{i}", turns)
     return rows
 
 

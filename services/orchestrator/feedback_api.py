@@ -102,8 +102,9 @@ class OfflineUpdateRequest(BaseModel):
     since: Annotated[float, Field(ge=0), NotBool] | None = None
     """Use feedback created at or after this Unix time only."""
     min_examples: Annotated[int, Field(ge=1, le=1_000_000), NotBool] = 8
-    """Fewest positive relevance labels to train on; fewer answers 422 here (and fails the job
-    if feedback went away in between)."""
+    """Fewest positive relevance labels to train on; fewer in the store answers 409 `conflict`
+    here (the request is valid, the feedback is not there yet), and fails the job if feedback
+    went away in between."""
     eval_fraction: Annotated[float, Field(gt=0, lt=1), NotBool] = 0.25
     min_gain: Annotated[float, Field(ge=0, le=1), NotBool] = 0.0
     """Held-out nDCG@10 gain a new model must exceed to be published."""
@@ -392,7 +393,12 @@ class OfflineUpdateAccepted(BaseModel):
     queue: str
 
 
-@router.post("/jobs/offline-update", status_code=202, response_model=OfflineUpdateAccepted)
+@router.post(
+    "/jobs/offline-update",
+    status_code=202,
+    response_model=OfflineUpdateAccepted,
+    responses=error_responses(ErrorCode.conflict),
+)
 async def offline_update(
     body: OfflineUpdateRequest,
     settings: SettingsDep,
@@ -412,8 +418,10 @@ async def offline_update(
     )
     positives = sum(1 for e in examples if e["label"] == 1 and e["hard_negatives"])
     if positives < body.min_examples:
+        # A valid request that meets the store's state: 409, and the same request succeeds
+        # once enough feedback is in (docs/api.md, "The contract test").
         raise LodestarError(
-            ErrorCode.validation,
+            ErrorCode.conflict,
             f"{positives} positive relevance labels with hard negatives in the feedback"
             f"{'' if body.since is None else f' since {body.since}'}; the offline update needs "
             f"at least min_examples={body.min_examples}",

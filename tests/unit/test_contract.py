@@ -169,3 +169,48 @@ def test_real_services_answer_405_with_allow(
         assert response.status_code == 405, response.text
         assert response.json()["error"]["code"] == "method_not_allowed"
         assert {m.strip() for m in response.headers["allow"].split(",")} == allowed
+
+
+# --- what the schema cannot state: batches and stated rules ------------------------------------
+
+BATCH_MODELS = [
+    ("services.dsi.api", "DsiIndexRequest"),
+    ("services.fmindex.api", "BuildRequest"),
+    ("services.orchestrator.api", "UpsertDocumentsRequest"),
+]
+
+
+@pytest.mark.parametrize("module,model", BATCH_MODELS)
+def test_a_batch_naming_an_id_twice_keeps_its_last_occurrence(module: str, model: str) -> None:
+    """``uniqueItems`` cannot say "ids unique", so every batch is valid and means a sequence of
+    upserts: the last occurrence's content, at the first one's place (``shared.ids.IdBatch``)."""
+    import importlib
+
+    from shared.ids import BATCH_IDS_RULE
+
+    cls = getattr(importlib.import_module(module), model)
+    documents = [
+        {"id": "a", "text": "first"},
+        {"id": "b", "text": "other"},
+        {"id": "a", "text": "last"},
+    ]
+    body = cls.model_validate({"documents": documents})
+    assert [(d.id, d.text) for d in body.documents] == [("a", "last"), ("b", "other")]
+    assert BATCH_IDS_RULE in str(cls.model_json_schema()["properties"]["documents"])
+
+
+def test_rules_the_schema_cannot_state_are_in_the_422(tmp_path: Path) -> None:
+    """A route's rules against state or across fields are listed in its 422 (``x-lodestar-rules``,
+    what the contract test accepts); a valid request meeting invalid state documents 409."""
+    import importlib
+
+    routers = [importlib.import_module(m).router for m in SERVICE_ROUTERS["orchestrator"]]
+    paths = create_app("orchestrator", make_settings(tmp_path), routers).openapi()["paths"]
+    rerun = paths["/traces/{trace_id}/rerun"]["post"]["responses"]["422"]
+    assert {"from_stage", "overrides.pin"} <= set(rerun["x-lodestar-rules"])
+    assert "Rules the schema cannot state" in rerun["description"]
+    assert rerun["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ErrorBody"
+    }
+    offline = paths["/jobs/offline-update"]["post"]["responses"]
+    assert "409" in offline and "conflict" in offline["409"]["description"]

@@ -14,7 +14,7 @@ import pytest
 from services.orchestrator.prompts import _query_key, is_unsure, query_problem
 from services.orchestrator.rounds import AnswerPipeline, RoundsOutcome
 from shared.store import Trace
-from tests.conftest import Stack, free_port, make_settings, spawn, stack_env, wait_ready
+from tests.conftest import Stack, free_port, loopback, make_settings, start_stack
 
 pytestmark = pytest.mark.slow
 
@@ -84,35 +84,14 @@ async def test_the_default_answer_is_a_confident_round_and_never_an_echo(
 def slow_stack(built_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """index + orchestrator over loopback with no critic listening and a request deadline that
     a decomposition and an answer on a shared CPU fit in (``live_stack`` keeps 60 s)."""
-    logs = tmp_path_factory.mktemp("answer-logs")
-    index_port, orchestrator_port, nobody = free_port(), free_port(), free_port()
-    env = stack_env(
+    with start_stack(
         built_data_dir,
-        LODESTAR_INDEX_PORT=str(index_port),
-        LODESTAR_ORCHESTRATOR_PORT=str(orchestrator_port),
-        LODESTAR_INDEX_URL=f"http://127.0.0.1:{index_port}",
-        LODESTAR_CRITIC_URL=f"http://127.0.0.1:{nobody}",
+        tmp_path_factory.mktemp("answer-logs"),
+        LODESTAR_CRITIC_URL=loopback(free_port()),  # nobody listens there
         LODESTAR_ANSWER_MAX_NEW_TOKENS="24",
         LODESTAR_REQUEST_TIMEOUT_S="600",
-    )
-    processes = {
-        "index": spawn("index", ["-m", "services.index"], env, logs),
-        "orchestrator": spawn("orchestrator", ["-m", "services.orchestrator"], env, logs),
-    }
-    stack = Stack(
-        orchestrator_url=f"http://127.0.0.1:{orchestrator_port}",
-        index_url=f"http://127.0.0.1:{index_port}",
-        data_dir=built_data_dir,
-        processes=processes,
-        env=env,
-    )
-    try:
-        wait_ready(stack.index_url, processes["index"])
-        wait_ready(stack.orchestrator_url, processes["orchestrator"])
+    ) as stack:
         yield stack
-    finally:
-        for process in processes.values():
-            process.stop()
 
 
 def post(stack: Stack, path: str, body: object) -> httpx.Response:

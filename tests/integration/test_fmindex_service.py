@@ -15,7 +15,7 @@ import pytest
 from services.fmindex.corpus import CollectionStore
 from shared.models import LLM_ID, llm_dir
 from shared.schemas import Document
-from tests.conftest import Process, free_port, make_settings, spawn, stack_env, wait_ready
+from tests.conftest import make_settings, start_stack
 
 pytestmark = pytest.mark.slow
 
@@ -41,15 +41,10 @@ def fm_stack(
     CollectionStore(built_data_dir / "fmindex").build(
         "wiki", wiki_sample, tokenizer, tokenizer_id=LLM_ID
     )
-    logs = tmp_path_factory.mktemp("fmindex-logs")
-    ports = {name: free_port() for name in ("fmindex", "index", "orchestrator")}
-    env = stack_env(
+    with start_stack(
         built_data_dir,
-        LODESTAR_FMINDEX_PORT=str(ports["fmindex"]),
-        LODESTAR_INDEX_PORT=str(ports["index"]),
-        LODESTAR_ORCHESTRATOR_PORT=str(ports["orchestrator"]),
-        LODESTAR_INDEX_URL=f"http://127.0.0.1:{ports['index']}",
-        LODESTAR_FMINDEX_URL=f"http://127.0.0.1:{ports['fmindex']}",
+        tmp_path_factory.mktemp("fmindex-logs"),
+        services=["fmindex"],
         LODESTAR_DOWNSTREAM_TIMEOUT_S="300",
         LODESTAR_REQUEST_TIMEOUT_S="300",
         # Small beams keep the test quick on a shared 2-core machine; SEAL's defaults are 15/10.
@@ -58,24 +53,12 @@ def fm_stack(
         LODESTAR_FMINDEX_TITLE_LENGTH="10",
         LODESTAR_FMINDEX_THREADS="1",
         LODESTAR_FMINDEX_GENERATOR="base",
-    )
-    processes: dict[str, Process] = {
-        "fmindex": spawn("fmindex", ["-m", "services.fmindex"], env, logs),
-        "index": spawn("index", ["-m", "services.index"], env, logs),
-        "orchestrator": spawn("orchestrator", ["-m", "services.orchestrator"], env, logs),
-    }
-    stack = FmStack(
-        fmindex_url=f"http://127.0.0.1:{ports['fmindex']}",
-        orchestrator_url=f"http://127.0.0.1:{ports['orchestrator']}",
-        docs={d.id: d for d in wiki_sample},
-    )
-    try:
-        for name, process in processes.items():
-            wait_ready(f"http://127.0.0.1:{ports[name]}", process)
-        yield stack
-    finally:
-        for process in processes.values():
-            process.stop()
+    ) as stack:
+        yield FmStack(
+            fmindex_url=stack.urls["fmindex"],
+            orchestrator_url=stack.orchestrator_url,
+            docs={d.id: d for d in wiki_sample},
+        )
 
 
 def post(url: str, body: dict[str, Any]) -> httpx.Response:

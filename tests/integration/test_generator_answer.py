@@ -8,7 +8,6 @@ generator down ``/answer`` is a clear 424 naming ``generator``."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -23,64 +22,26 @@ from shared.llm import RemoteGenerator, chat_generator
 from shared.models import Generation, get_generator
 from shared.schemas import Document
 from shared.store import Trace
-from tests.conftest import (
-    Process,
-    free_port,
-    make_settings,
-    read_sse,
-    spawn,
-    stack_env,
-    wait_ready,
-)
+from tests.conftest import Stack, free_port, loopback, make_settings, read_sse, start_stack
 
 pytestmark = pytest.mark.slow
 
 QUESTION = "Who painted the Mona Lisa?"
 
 
-@dataclass
-class Processes:
-    generator_url: str
-    orchestrator_url: str
-    generator: Process
-    others: list[Process]
-
-
 @pytest.fixture(scope="module")
-def processes(
-    built_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Processes]:
-    logs = tmp_path_factory.mktemp("answer-logs")
-    generator_port, index_port, orchestrator_port = free_port(), free_port(), free_port()
-    env = stack_env(
+def stack(built_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """generator + index + orchestrator, the orchestrator generating on the generator."""
+    with start_stack(
         built_data_dir,
-        LODESTAR_GENERATOR_PORT=str(generator_port),
-        LODESTAR_INDEX_PORT=str(index_port),
-        LODESTAR_ORCHESTRATOR_PORT=str(orchestrator_port),
-        LODESTAR_INDEX_URL=f"http://127.0.0.1:{index_port}",
-        LODESTAR_GENERATOR_URL=f"http://127.0.0.1:{generator_port}",
-        LODESTAR_CRITIC_URL=f"http://127.0.0.1:{free_port()}",  # no critic: one round
+        tmp_path_factory.mktemp("answer-logs"),
+        services=["generator"],
+        LODESTAR_CRITIC_URL=loopback(free_port()),  # no critic: one round
         LODESTAR_ANSWER_MAX_NEW_TOKENS="16",
         LODESTAR_REQUEST_TIMEOUT_S="300",
         OMP_NUM_THREADS="1",
-    )
-    generator = spawn("generator", ["-m", "services.generator"], env, logs)
-    index = spawn("index", ["-m", "services.index"], env, logs)
-    orchestrator = spawn("orchestrator", ["-m", "services.orchestrator"], env, logs)
-    running = Processes(
-        f"http://127.0.0.1:{generator_port}",
-        f"http://127.0.0.1:{orchestrator_port}",
-        generator,
-        [index, orchestrator],
-    )
-    try:
-        wait_ready(running.generator_url, generator)
-        wait_ready(f"http://127.0.0.1:{index_port}", index)
-        wait_ready(running.orchestrator_url, orchestrator)
-        yield running
-    finally:
-        for process in (generator, index, orchestrator):
-            process.stop()
+    ) as stack:
+        yield stack
 
 
 def pipeline(data_dir: Path, generator: ChatGenerator) -> AnswerPipeline:
@@ -97,9 +58,9 @@ def batches(url: str) -> float:
 
 
 async def test_the_answer_pipeline_answers_the_same_over_the_protocol(
-    processes: Processes, built_data_dir: Path
+    stack: Stack, built_data_dir: Path
 ) -> None:
-    settings = make_settings(built_data_dir, generator_url=processes.generator_url)
+    settings = make_settings(built_data_dir, generator_url=stack.urls["generator"])
     remote = chat_generator(settings)
     assert isinstance(remote, RemoteGenerator)
     local = get_generator(make_settings(built_data_dir))
@@ -140,13 +101,13 @@ async def test_the_answer_pipeline_answers_the_same_over_the_protocol(
 
 
 def test_the_orchestrator_process_generates_through_the_generator_service(
-    processes: Processes,
+    stack: Stack,
 ) -> None:
-    ready = httpx.get(f"{processes.orchestrator_url}/readyz", timeout=10).json()
-    assert ready["generator_url"] == processes.generator_url
-    before = batches(processes.generator_url)
+    ready = httpx.get(f"{stack.orchestrator_url}/readyz", timeout=10).json()
+    assert ready["generator_url"] == stack.urls["generator"]
+    before = batches(stack.urls["generator"])
     response = httpx.post(
-        f"{processes.orchestrator_url}/answer",
+        f"{stack.orchestrator_url}/answer",
         json={"question": QUESTION, "collection": "wiki", "k": 3, "max_rounds": 1},
         timeout=300,
     )
@@ -154,16 +115,16 @@ def test_the_orchestrator_process_generates_through_the_generator_service(
     body = response.json()
     assert body["answer"] and "Mona Lisa" in body["rounds"][0]["hit_ids"]
     assert "generator" not in body["degraded"]
-    assert batches(processes.generator_url) == before + 1
+    assert batches(stack.urls["generator"]) == before + 1
 
 
 def test_the_car_rewriter_rewrites_the_same_over_the_protocol(
-    processes: Processes, tmp_path_factory: pytest.TempPathFactory
+    stack: Stack, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     config = RewriterConfig(max_new_tokens=16, context_tokens=96)
     document = PairDocument("jaguar", "Jaguar", "The jaguar is a large cat of the Americas.")
     rewrites = []
-    for url in (processes.generator_url, ""):
+    for url in (stack.urls["generator"], ""):
         # Separate data directories: separate caches, so both really generate.
         settings = make_settings(tmp_path_factory.mktemp("car"), generator_url=url)
         engine = RewriterEngine.from_settings(settings, config)
@@ -173,7 +134,7 @@ def test_the_car_rewriter_rewrites_the_same_over_the_protocol(
     over_http, in_process = rewrites
     assert isinstance(
         RewriterEngine.from_settings(
-            make_settings(tmp_path_factory.mktemp("car"), generator_url=processes.generator_url)
+            make_settings(tmp_path_factory.mktemp("car"), generator_url=stack.urls["generator"])
         ).generator,
         RemoteGenerator,
     )
@@ -183,7 +144,7 @@ def test_the_car_rewriter_rewrites_the_same_over_the_protocol(
 
 
 def test_dsi_pseudo_queries_are_the_same_over_the_protocol(
-    processes: Processes, tmp_path_factory: pytest.TempPathFactory
+    stack: Stack, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     # DSI++'s generative memory only needs text from the LM: its engine asks chat_generator.
     from services.dsi.continual import generate_pseudo_queries_lm
@@ -194,24 +155,24 @@ def test_dsi_pseudo_queries_are_the_same_over_the_protocol(
         Document(id="nile", title="Nile", text="The Nile is a river that flows through Egypt."),
     ]
     demonstrations = [("The Eiffel Tower is in Paris.", "where is the eiffel tower")]
-    remote = make_settings(tmp_path_factory.mktemp("dsi"), generator_url=processes.generator_url)
+    remote = make_settings(tmp_path_factory.mktemp("dsi"), generator_url=stack.urls["generator"])
     assert isinstance(DsiEngine.from_settings(remote)._llm(), RemoteGenerator)  # type: ignore[misc]
-    before = batches(processes.generator_url)
+    before = batches(stack.urls["generator"])
     # Greedy (one query a document), so both ends must write the same text.
     over_http, in_process = (
         generate_pseudo_queries_lm(llm, docs, 1, demonstrations)
         for llm in (chat_generator(remote), get_generator(remote))
     )
     assert over_http == in_process and all(over_http.values())
-    assert batches(processes.generator_url) >= before + len(docs)
+    assert batches(stack.urls["generator"]) >= before + len(docs)
 
 
 async def test_with_the_generator_down_answer_is_a_clear_424(
-    processes: Processes, built_data_dir: Path
+    stack: Stack, built_data_dir: Path
 ) -> None:
-    processes.generator.kill()
+    stack.processes["generator"].kill()
     response = httpx.post(
-        f"{processes.orchestrator_url}/answer",
+        f"{stack.orchestrator_url}/answer",
         json={"question": QUESTION, "collection": "wiki", "k": 3, "max_rounds": 1},
         timeout=300,
     )
@@ -222,7 +183,7 @@ async def test_with_the_generator_down_answer_is_a_clear_424(
     # Streamed, the round's retrieval arrives, then an error event with the same body.
     with httpx.stream(
         "POST",
-        f"{processes.orchestrator_url}/answer",
+        f"{stack.orchestrator_url}/answer",
         json={"question": QUESTION, "collection": "wiki", "k": 3, "max_rounds": 1, "stream": True},
         timeout=300,
     ) as streamed:
@@ -231,7 +192,7 @@ async def test_with_the_generator_down_answer_is_a_clear_424(
     assert events[-1][1]["error"]["code"] == "dependency_failed"
     assert events[-1][1]["error"]["message"].startswith("generator: unreachable")
     # The pipeline itself raises the error that names the service (what `degraded` would use).
-    remote = RemoteGenerator(make_settings(built_data_dir, generator_url=processes.generator_url))
+    remote = RemoteGenerator(make_settings(built_data_dir, generator_url=stack.urls["generator"]))
     with pytest.raises(DependencyError) as caught:
         await pipeline(built_data_dir, remote).run_rounds(
             Trace(kind="answer", request={}), question=QUESTION, collection="wiki", k=3
@@ -239,7 +200,7 @@ async def test_with_the_generator_down_answer_is_a_clear_424(
     assert caught.value.service == "generator" and caught.value.status == 424
     # Search needs no generator and keeps working.
     search = httpx.post(
-        f"{processes.orchestrator_url}/search",
+        f"{stack.orchestrator_url}/search",
         json={"query": QUESTION, "collection": "wiki", "k": 3},
         timeout=60,
     )

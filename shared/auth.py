@@ -56,7 +56,7 @@ READ_POSTS = frozenset(
         "/shadow/simulate",
         # index: the orchestrator's and the evaluators' reads
         "/embed",
-        "/collections/{name}/documents/lookup",
+        "/collections/{name}/lookup",
         # model services: one inference each
         "/rerank",
         "/judge",

@@ -175,9 +175,7 @@ class IndexClient(ServiceClient):
 
     async def documents(self, name: str, doc_ids: list[str]) -> list[Document]:
         """The stored documents with these ids, in that order (unknown ids left out)."""
-        rows = await self._call(
-            "POST", f"/collections/{name}/documents/lookup", None, {"ids": doc_ids}
-        )
+        rows = await self._call("POST", f"/collections/{name}/lookup", None, {"ids": doc_ids})
         return [Document.model_validate(row) for row in rows]
 
     async def passage_texts(self, name: str, wanted: Mapping[str, int | None]) -> list[Passage]:

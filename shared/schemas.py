@@ -10,7 +10,7 @@ from pydantic import BaseModel, BeforeValidator, Field, StringConstraints, field
 # The naming rule lives in shared.ids; re-exported here for the modules that import it from here.
 from shared.ids import COLLECTION_NAME_PATTERN as COLLECTION_NAME_PATTERN
 from shared.ids import DOC_ID_MAX_CHARS as DOC_ID_MAX_CHARS
-from shared.ids import CollectionName, DocId
+from shared.ids import CollectionName, DocId, IdBatch
 from shared.ids import is_valid_collection_name as is_valid_collection_name
 from shared.settings import Settings
 
@@ -201,7 +201,7 @@ class EmbedRequest(BaseModel):
     """Vectors the index's embedder gives a query and passages (passages embedded exactly as the
     index embeds its own, title prepended, so a hit's text gets its stored vector back)."""
 
-    query: str | None = Field(default=None, max_length=4_000)
+    query: QueryText | None = None
     passages: list[EmbedPassage] = Field(default_factory=list, max_length=64)
     collection: CollectionName | None = None
     """Where the passages' ``doc_id`` s point (their stored vectors are read, not recomputed)."""
@@ -215,7 +215,7 @@ class EmbedResponse(BaseModel):
 
 
 class UpsertRequest(BaseModel):
-    documents: list[Document] = Field(min_length=1)
+    documents: IdBatch[Document] = Field(min_length=1)
 
 
 class WriteResponse(BaseModel):

@@ -28,9 +28,11 @@ from shared.schemas import (
     EmbedResponse,
     IndexSearchRequest,
     IndexSearchResponse,
+    NotBool,
     UpsertRequest,
     WriteResponse,
 )
+from shared.settings import Settings
 
 EngineDep = Annotated[IndexEngine, Depends(from_state("engine"))]
 
@@ -44,6 +46,12 @@ def _default_retrievers() -> list[IndexRetriever]:
     return ["dense", "bm25"]
 
 
+MAX_CANDIDATES_DEFAULT: int = Settings.model_fields["index_max_candidates"].default
+SearchBreadth = Annotated[
+    int, Field(json_schema_extra={"minimum": 1, "maximum": MAX_CANDIDATES_DEFAULT}), NotBool
+]
+
+
 class SearchRequest(IndexSearchRequest):
     """``IndexSearchRequest`` (``text_k`` included) with the retrievers this service serves as
     an enum (the shared model also carries ``fm`` and ``dsi`` requests to their services)."""
@@ -51,6 +59,21 @@ class SearchRequest(IndexSearchRequest):
     retrievers: list[IndexRetriever] = Field(  # type: ignore[assignment]
         default_factory=_default_retrievers, min_length=1
     )
+    # The dense knobs' bounds, stated (the limit is the setting ``index_max_candidates``, shown
+    # with its default as ``k``'s is; ``SearchParams.check`` enforces the configured one).
+    candidates: SearchBreadth | None = None
+    """K, passages the ANN proposes for exact re-scoring: at least ``k`` (a rule across fields,
+    stated in the 422)."""
+    nprobe: SearchBreadth | None = None
+    ef_search: SearchBreadth | None = None
+
+
+#: Rules of ``POST /search`` JSON Schema cannot state (``x-lodestar-rules`` in its 422).
+SEARCH_RULES = {
+    "query_vector": "of the collection's embedding dimension (`GET /collections/{name}`: the "
+    "manifest's `dim`)",
+    "candidates": "at least `k`",
+}
 
 
 def _info(snapshot: Snapshot) -> CollectionInfo:
@@ -80,7 +103,7 @@ def _write_response(result: WriteResult) -> WriteResponse:
 @router.post(
     "/search",
     response_model=IndexSearchResponse,
-    responses=error_responses(ErrorCode.empty, ErrorCode.not_found),
+    responses=error_responses(ErrorCode.empty, ErrorCode.not_found, rules=SEARCH_RULES),
 )
 async def search(body: SearchRequest, engine: EngineDep, settings: SettingsDep) -> Response:
     """Search, then one serialisation of plain objects (``search_payload``): the response is
@@ -158,7 +181,9 @@ class LookupRequest(BaseModel):
 
 
 @router.post(
-    "/collections/{name}/documents/lookup",
+    # Not under .../documents/: DELETE .../documents/{doc_id:path} would also match it (so its
+    # Allow named DELETE, and a document with that id could not be told from the route).
+    "/collections/{name}/lookup",
     response_model=list[Document],
     responses=error_responses(ErrorCode.not_found),
 )

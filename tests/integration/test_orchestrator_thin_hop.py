@@ -247,10 +247,10 @@ async def test_search_asks_for_the_pool_and_looks_up_the_rest(
                 for document in given:  # every candidate carries its passage's text
                     assert document.text in passages_of(corpus[document.doc_id])
     # The queries do reach the case this is about (kept hits no list sent the text of), and
-    # each lookup is one /documents/lookup request (with one /collections/wiki for the
+    # each lookup is one /collections/{name}/lookup request (with one /collections/wiki for the
     # collection's passage size): never another search.
     assert looked_up_total > 0
-    lookup_calls = index.calls["/collections/wiki/documents/lookup"]
+    lookup_calls = index.calls["/collections/wiki/lookup"]
     assert 0 < lookup_calls == index.calls["/collections/wiki"]
     assert index.calls["/search"] == 2 * 3 * len(QUERIES)
 

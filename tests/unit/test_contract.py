@@ -155,6 +155,9 @@ def test_each_service_documents_its_errors_with_the_error_schema(
     [
         ("critic", "PUT", "/judge", {"POST"}),
         ("index", "POST", "/collections/wiki", {"GET"}),
+        # The lookup is not under .../documents/, where DELETE {doc_id:path} would match it too.
+        ("index", "DELETE", "/collections/wiki/lookup", {"POST"}),
+        ("index", "PATCH", "/collections/wiki/documents/lookup", {"DELETE"}),
         ("orchestrator", "PATCH", "/collections/wiki/documents/d1", {"DELETE"}),
     ],
 )
@@ -177,6 +180,7 @@ BATCH_MODELS = [
     ("services.dsi.api", "DsiIndexRequest"),
     ("services.fmindex.api", "BuildRequest"),
     ("services.orchestrator.api", "UpsertDocumentsRequest"),
+    ("shared.schemas", "UpsertRequest"),  # the index's PUT .../documents
 ]
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import Process, free_port, spawn, stack_env, wait_ready
+from tests.conftest import Process, free_port, loopback, running, spawn, stack_env
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +43,7 @@ def rerank_stack(
     ports = {name: free_port() for name in ("index", "reranker", "orch", "orch_down", "closed")}
     common = {
         "LODESTAR_INDEX_PORT": str(ports["index"]),
-        "LODESTAR_INDEX_URL": f"http://127.0.0.1:{ports['index']}",
+        "LODESTAR_INDEX_URL": loopback(ports["index"]),
         "LODESTAR_RERANK_DEPTH": "4",
         "LODESTAR_RERANK_MAX_DOCUMENTS": "5",
         "LODESTAR_RERANK_MAX_DOC_TOKENS": "48",
@@ -58,23 +58,12 @@ def rerank_stack(
             built_data_dir,
             **common,
             LODESTAR_ORCHESTRATOR_PORT=str(ports[name]),
-            LODESTAR_RERANKER_URL=f"http://127.0.0.1:{target}",
+            LODESTAR_RERANKER_URL=loopback(target),
         )
         processes[name] = spawn(name, ["-m", "services.orchestrator"], orch_env, logs)
-    stack = RerankStack(
-        reranker_url=f"http://127.0.0.1:{ports['reranker']}",
-        orchestrator_url=f"http://127.0.0.1:{ports['orch']}",
-        orchestrator_down_url=f"http://127.0.0.1:{ports['orch_down']}",
-    )
-    try:
-        wait_ready(f"http://127.0.0.1:{ports['index']}", processes["index"])
-        wait_ready(stack.reranker_url, processes["reranker"])
-        wait_ready(stack.orchestrator_url, processes["orch"])
-        wait_ready(stack.orchestrator_down_url, processes["orch_down"])
-        yield stack
-    finally:
-        for process in processes.values():
-            process.stop()
+    url = {name: loopback(port) for name, port in ports.items()}
+    with running(processes, {name: url[name] for name in processes}):
+        yield RerankStack(url["reranker"], url["orch"], url["orch_down"])
 
 
 def rerank(stack: RerankStack, body: object) -> httpx.Response:

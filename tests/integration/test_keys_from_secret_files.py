@@ -44,7 +44,7 @@ def secrets_stack(
         root,
         LODESTAR_ENV="production",
         LODESTAR_ANSWER_MAX_NEW_TOKENS="8",
-        **{SECRETS_DIR_ENV: str(secrets)},
+        LODESTAR_SECRETS_DIR=str(secrets),  # SECRETS_DIR_ENV
     ) as stack:
         yield stack.orchestrator_url, stack.index_url, secrets
 

@@ -11,25 +11,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy.exc import IntegrityError
 
-from shared.store import FeedbackIn, StageRun, Store, Trace, _PendingTrace, database_url
+from shared.store import Store, Trace, _PendingTrace, database_url
+from tests.unit.test_store import a_trace, feedback_on
 
 WRITERS = 8
-
-
-def a_trace() -> Trace:
-    return Trace(
-        kind="search",
-        request={"query": "mona lisa"},
-        stages=[
-            StageRun(
-                stage="retrieve",
-                inputs={"query": "mona lisa"},
-                outputs={"hits": [{"doc_id": "Mona Lisa", "rank": 1}]},
-                targets=[{"type": "doc", "id": "Mona Lisa"}],
-                params={"retriever": "bm25"},
-            )
-        ],
-    )
 
 
 class HeldStore(Store):
@@ -58,15 +43,7 @@ def run_writers(store: Store, traces: list[Trace]) -> dict[int, Exception | None
     def write(i: int) -> None:
         try:
             store.save_trace(traces[i])
-            store.add_feedback(
-                FeedbackIn(
-                    trace_id=traces[i].trace_id,
-                    stage="retrieve",
-                    target_type="doc",
-                    target_id="Mona Lisa",
-                    action="relevant",
-                )
-            )
+            store.add_feedback(feedback_on(traces[i]))
             outcomes[i] = None
         except Exception as exc:  # the test reads it
             outcomes[i] = exc
@@ -94,7 +71,7 @@ def test_concurrent_traces_share_one_commit_and_accept_feedback_on_return(
     assert store.trace_commits == 2
     for trace in traces:
         stored = store.get_trace(trace.trace_id)
-        assert [s["stage"] for s in stored["stages"]] == ["retrieve"]
+        assert [s["stage"] for s in stored["stages"]] == ["retrieve", "generate"]
         assert len(stored["feedback"]) == 1
     store.close()
 

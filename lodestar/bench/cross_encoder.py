@@ -24,7 +24,6 @@ from shared.settings import Settings, get_settings
 
 DEFAULT_OUT = Path("benchmarks/results/cross_encoder_latency.json")
 CANDIDATES = 50
-INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def _quantised(trained: Any) -> Any:
@@ -47,6 +46,8 @@ class OnnxCrossEncoder:
     def __init__(self, trained: Any, directory: Path, *, int8: bool = False) -> None:
         import onnxruntime as ort
         import torch
+
+        from shared.onnx_encoder import INPUT_NAMES, OPSET
 
         self.max_length = trained.max_length
         self.tokenizer = trained.model.tokenizer
@@ -75,7 +76,7 @@ class OnnxCrossEncoder:
                 output_names=["logit"],
                 dynamic_axes={n: {0: "batch", 1: "tokens"} for n in INPUT_NAMES}
                 | {"logit": {0: "batch"}},
-                opset_version=17,
+                opset_version=OPSET,
                 dynamo=False,
             )
         if int8:
@@ -98,6 +99,8 @@ class OnnxCrossEncoder:
             max_length=self.max_length,
             return_tensors="np",
         )
+        from shared.onnx_encoder import INPUT_NAMES
+
         return {n: batch[n].astype("int64") for n in INPUT_NAMES}
 
     def score(self, query: str, documents: list[Any], *, batch_size: int = 32) -> list[float]:

@@ -144,12 +144,20 @@ class ArtifactFamily:
         self._point_current_at(version)
 
     def _seal(self, scratch: Path, version: str, manifest: dict[str, Any]) -> None:
+        linked = self._linked_checksums()
         files: dict[str, dict[str, Any]] = {}
         for path in sorted(p for p in scratch.rglob("*") if p.is_file()):
+            rel = str(path.relative_to(scratch))
+            stat = path.stat()
+            known = linked.get(rel)
+            if known is not None and known[0] == (stat.st_dev, stat.st_ino, stat.st_size):
+                # A hard link to the serving version's file: the same bytes, already durable
+                # and already checked, so its checksum carries over (no re-read, no fsync).
+                files[rel] = known[1]
+                continue
             with path.open("rb") as handle:
                 os.fsync(handle.fileno())
-            rel = str(path.relative_to(scratch))
-            files[rel] = {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
+            files[rel] = {"bytes": stat.st_size, "sha256": sha256_of(path)}
         for directory in {p.parent for p in scratch.rglob("*")} | {scratch}:
             _fsync_dir(directory)
         full = {**manifest, "version": version, "created_at": time.time(), "files": files}
@@ -159,6 +167,30 @@ class ArtifactFamily:
             handle.flush()
             os.fsync(handle.fileno())
         _fsync_dir(scratch)
+
+    def _linked_checksums(self) -> dict[str, tuple[tuple[int, int, int], dict[str, Any]]]:
+        """The serving version's files as (device, inode, size) → manifest entry, when this
+        process has verified or sealed that version (else nothing: its recorded checksums are
+        not trusted without a read). A new version's file with the same inode is a hard link."""
+        base = self.current_path()
+        if base is None:
+            return {}
+        with _VERIFIED_LOCK:
+            if base.resolve() not in _VERIFIED:
+                return {}
+        try:
+            files: dict[str, dict[str, Any]] = self.read_manifest(base.name)["files"]
+        except (OSError, ValueError, KeyError):
+            return {}
+        out: dict[str, tuple[tuple[int, int, int], dict[str, Any]]] = {}
+        for rel, meta in files.items():
+            try:
+                stat = (base / rel).stat()
+            except OSError:
+                continue
+            if stat.st_size == meta.get("bytes"):
+                out[rel] = ((stat.st_dev, stat.st_ino, stat.st_size), meta)
+        return out
 
     def _point_current_at(self, version: str) -> None:
         tmp = self.root / f"{CURRENT}.tmp"

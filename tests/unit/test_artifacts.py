@@ -72,6 +72,60 @@ def test_a_version_this_process_sealed_is_not_hashed_again(tmp_path: Path) -> No
     assert (family.loadable(version) / "data.txt").read_text() == "two"
 
 
+def publish_linked(family: ArtifactFamily, new_content: str) -> str:
+    """A version that hard-links the serving version's ``big.bin`` and writes a new file."""
+    base = family.current_path()
+    assert base is not None
+    with family.lock(), family.build({"kind": "test"}) as scratch:
+        os.link(base / "big.bin", scratch / "big.bin")
+        (scratch / "data.txt").write_text(new_content)
+    version = family.current_version()
+    assert version is not None
+    return version
+
+
+def test_a_hard_linked_file_keeps_its_checksum_without_a_re_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What an index upsert does: link the unchanged files of the serving version. Sealing
+    hashes only the new files; the linked one's entry is the verified version's, and a reader
+    in another process still checks every byte of it."""
+    import shared.artifacts as artifacts
+
+    family = ArtifactFamily(tmp_path / "fam")
+    with family.lock(), family.build({"kind": "test"}) as scratch:
+        (scratch / "big.bin").write_bytes(os.urandom(1 << 16))
+        (scratch / "data.txt").write_text("one")
+    first = family.read_manifest()["files"]
+    hashed: list[str] = []
+    real = artifacts.sha256_of
+    monkeypatch.setattr(artifacts, "sha256_of", lambda path: hashed.append(path.name) or real(path))
+    version = publish_linked(family, "two")
+    assert hashed == ["data.txt"]
+    files = family.read_manifest(version)["files"]
+    assert files["big.bin"] == first["big.bin"] and files["data.txt"] != first["data.txt"]
+    monkeypatch.undo()
+    check = "from shared.artifacts import ArtifactFamily; import sys; from pathlib import Path; "
+    check += "ArtifactFamily(Path(sys.argv[1])).verify()"
+    subprocess.run([sys.executable, "-c", check, str(family.root)], check=True)
+
+
+def test_a_link_into_a_version_not_checked_here_is_hashed(tmp_path: Path) -> None:
+    """A serving version published by another process and not loaded here: its recorded
+    checksums are not trusted, so a corrupted linked file is not sealed as sound."""
+    family = ArtifactFamily(tmp_path / "fam")
+    publish_big = PUBLISH_ELSEWHERE.replace('"data.txt"', '"big.bin"')
+    subprocess.run([sys.executable, "-c", publish_big, str(family.root), "sound"], check=True)
+    base = family.current_path()
+    assert base is not None
+    (base / "big.bin").write_text("bent!")  # same size, other bytes
+    version = publish_linked(family, "two")
+    assert (
+        family.read_manifest(version)["files"]["big.bin"]["sha256"]
+        != (family.read_manifest(base.name)["files"]["big.bin"]["sha256"])
+    )
+
+
 def test_failed_build_keeps_the_previous_version(tmp_path: Path) -> None:
     family = ArtifactFamily(tmp_path / "fam")
     first = publish(family, "one")

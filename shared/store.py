@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic_core import to_json
 from sqlalchemy import (
     JSON,
     Column,
@@ -218,10 +219,22 @@ def _insert_trace(conn: Connection, trace: Trace) -> None:
         )
 
 
+def _json_text(value: Any) -> str:
+    return to_json(value).decode()
+
+
 class Store:
     def __init__(self, url: str) -> None:
         self.url = url
-        self.engine = create_engine(url, pool_pre_ping=True, future=True)
+        sqlite = url.startswith("sqlite")
+        self.engine = create_engine(
+            url,
+            # A file database's connections do not drop: a ping per checkout is pure cost.
+            pool_pre_ping=not sqlite,
+            future=True,
+            # Trace stages are the bulk of every write: pydantic-core's serialiser, not json's.
+            json_serializer=_json_text,
+        )
         if self.engine.dialect.name == "sqlite":
             _sqlite_durability(self.engine)
         self._create_schema()

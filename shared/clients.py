@@ -35,7 +35,6 @@ from shared.schemas import (
     Passage,
     QueryText,
     WriteResponse,
-    chunk_document,
 )
 from shared.settings import Settings
 
@@ -105,8 +104,9 @@ class ServiceClient:
             raise DependencyError(self.service, f"unreachable ({type(exc).__name__})") from exc
         if response.status_code >= 400:
             raise self._error(response)
-        payload = response.json()
-        return payload if model is None else model.model_validate(payload)
+        if model is not None:  # parsed and validated in one pass by pydantic-core
+            return model.model_validate_json(response.content)
+        return response.json()
 
     def _error(self, response: httpx.Response) -> LodestarError:
         try:
@@ -179,28 +179,17 @@ class IndexClient(ServiceClient):
         return [Document.model_validate(row) for row in rows]
 
     async def passage_texts(self, name: str, wanted: Mapping[str, int | None]) -> list[Passage]:
-        """doc id -> passage number (a hit's ``passage``; ``None``: the first): those passages
-        of the current documents, in that order (unknown ones left out). The documents come
-        from the lookup endpoint (``max_k`` ids a request) and are chunked as the collection
-        was (its manifest's ``passage_words``), concurrently with reading it."""
-        ids = list(wanted)
+        """doc id -> passage number (a hit's ``passage``; ``None``: the first): those stored
+        passages, in that order (unknown ones left out), ``max_k`` refs a request."""
+        refs = [{"doc_id": doc_id, "passage": number} for doc_id, number in wanted.items()]
         size = max(1, self.settings.max_k)
-        info, batches = await asyncio.gather(
-            self.collection(name),
-            asyncio.gather(
-                *(self.documents(name, ids[i : i + size]) for i in range(0, len(ids), size))
-            ),
+        batches = await asyncio.gather(
+            *(
+                self._call("POST", f"/collections/{name}/passages", None, {"passages": part})
+                for part in (refs[i : i + size] for i in range(0, len(refs), size))
+            )
         )
-        words = info.manifest.get("passage_words")
-        if not isinstance(words, int) or words < 1:  # a manifest from before the field
-            words = self.settings.passage_words
-        found = []
-        for doc in (doc for batch in batches for doc in batch):
-            chunks = chunk_document(doc, words)
-            number = wanted.get(doc.id) or 0
-            if number < len(chunks):
-                found.append(chunks[number])
-        return found
+        return [Passage.model_validate(row) for batch in batches for row in batch]
 
 
 class RetrieverClient(ServiceClient):

@@ -66,25 +66,6 @@ class Passage(BaseModel):
     text: str
 
 
-def chunk_document(doc: Document, passage_words: int) -> list[Passage]:
-    """Split into passages of at most ``passage_words`` whitespace words, keeping the last short
-    chunk (CompactDS ``keep_last_chunk``). An empty text still yields one passage (the title).
-    Here rather than in the index engine: a caller holding a looked-up document gets a hit's
-    passage back with it (``IndexClient.passage_texts``)."""
-    words = doc.text.split()
-    if not words:
-        return [Passage(passage_id=f"{doc.id}#0", doc_id=doc.id, title=doc.title, text="")]
-    return [
-        Passage(
-            passage_id=f"{doc.id}#{i // passage_words}",
-            doc_id=doc.id,
-            title=doc.title,
-            text=" ".join(words[i : i + passage_words]),
-        )
-        for i in range(0, len(words), passage_words)
-    ]
-
-
 def passage_number(passage_id: str) -> int:
     """A passage's position in its document, from its id (``<doc id>#<n>``)."""
     return int(passage_id.rsplit("#", 1)[1])
@@ -178,6 +159,19 @@ class IndexSearchRequest(BaseModel):
                 if not (math.isfinite(weight) and weight > 0):
                     raise ValueError("bm25_terms weights must be finite and > 0")
         return value
+
+
+class PassageRef(BaseModel):
+    doc_id: DocId
+    passage: Annotated[int, Field(ge=0, le=100_000), NotBool] | None = None
+    """Which of the document's passages (a hit's ``passage``); ``None``: the first."""
+
+
+class PassageLookupRequest(BaseModel):
+    """Passages by document and number: the texts of fused hits that every retriever's list
+    ranked past the ``text_k`` it was asked with (``IndexClient.passage_texts``)."""
+
+    passages: list[PassageRef] = Field(min_length=1)
 
 
 class IndexSearchResponse(BaseModel):

@@ -29,6 +29,8 @@ from shared.schemas import (
     IndexSearchRequest,
     IndexSearchResponse,
     NotBool,
+    Passage,
+    PassageLookupRequest,
     UpsertRequest,
     WriteResponse,
 )
@@ -194,3 +196,24 @@ async def lookup_documents(
     documents a trace ranked; at most ``max_k`` ids per request."""
     check_k(len(body.ids), settings)
     return await run_in_threadpool(engine.documents, name, body.ids)
+
+
+@router.post(
+    "/collections/{name}/passages",
+    response_model=list[Passage],
+    responses=error_responses(ErrorCode.not_found),
+)
+async def lookup_passages(
+    name: CollectionPath, body: PassageLookupRequest, engine: EngineDep, settings: SettingsDep
+) -> Response:
+    """The stored passages these refs name, as the serving version chunked them, in request
+    order (unknown documents or numbers left out; a repeated document, its last ref); at most
+    ``max_k`` refs per request. What a caller fusing hits sent without text (``text_k``) asks
+    for the few it keeps."""
+    check_k(len(body.passages), settings)
+    wanted = {ref.doc_id: ref.passage for ref in body.passages}
+
+    def run() -> bytes:
+        return to_json(engine.passage_records(name, wanted))
+
+    return Response(content=await run_in_threadpool(run), media_type="application/json")

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import json
 import math
+import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,9 +113,29 @@ class TermStats:
 
     @classmethod
     def load(cls, directory: Path) -> TermStats:
+        """The segment's statistics; shared while any snapshot holds them. A segment is written
+        once and every later version hard-links its files, so one loaded per inode serves all
+        versions (an upsert then loads only its own new segment)."""
+        arrays_file = directory / ARRAYS_FILE
+        stat = arrays_file.stat()
+        key = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        with _LOADED_LOCK:
+            cached = _LOADED.get(key)
+        if cached is not None:
+            return cached
         vocab = json.loads((directory / VOCAB_FILE).read_text())
-        with np.load(directory / ARRAYS_FILE) as arrays:
-            return cls(vocab, arrays["indptr"], arrays["rows"], arrays["tf"], arrays["doc_len"])
+        with np.load(arrays_file) as arrays:
+            loaded = cls(vocab, arrays["indptr"], arrays["rows"], arrays["tf"], arrays["doc_len"])
+        with _LOADED_LOCK:
+            return _LOADED.setdefault(key, loaded)
+
+
+#: Loaded segments by (device, inode, size, mtime) of their postings; an entry goes with the
+#: last snapshot that holds it.
+_LOADED: weakref.WeakValueDictionary[tuple[int, int, int, int], TermStats] = (
+    weakref.WeakValueDictionary()
+)
+_LOADED_LOCK = threading.Lock()
 
 
 class SegmentedBM25:

@@ -41,6 +41,8 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -51,6 +53,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from services.index.ann import ANN_FILE, AnnConfig, AnnIndex, build_ann, load_ann
+from services.index.batching import QueryBatcher
 from services.index.bm25seg import SegmentedBM25, TermStats, tokenize
 from services.index.records import JsonlRecords
 from shared.artifacts import ArtifactFamily
@@ -69,7 +72,6 @@ from shared.schemas import (
 
 # The chunking rule lives in shared.schemas (a caller chunks a looked-up document the same way);
 # re-exported for the modules that import it from here.
-from shared.schemas import chunk_document as chunk_document
 
 if TYPE_CHECKING:
     from shared.settings import Settings
@@ -482,6 +484,24 @@ def _doc_ids(base: Path, documents: Sequence[Any]) -> list[str]:
     return _record_ids(documents, "id")
 
 
+def chunk_document(doc: Document, passage_words: int) -> list[Passage]:
+    """Split into passages of at most ``passage_words`` whitespace words, keeping the last short
+    chunk (CompactDS ``keep_last_chunk``). An empty text still yields one passage (the title).
+    """
+    words = doc.text.split()
+    if not words:
+        return [Passage(passage_id=f"{doc.id}#0", doc_id=doc.id, title=doc.title, text="")]
+    return [
+        Passage(
+            passage_id=f"{doc.id}#{i // passage_words}",
+            doc_id=doc.id,
+            title=doc.title,
+            text=" ".join(words[i : i + passage_words]),
+        )
+        for i in range(0, len(words), passage_words)
+    ]
+
+
 def _write_records(
     path: Path,
     source: Sequence[Any] | None,
@@ -643,6 +663,11 @@ class IndexEngine:
         self._snapshots: dict[str, Snapshot] = {}
         self._doc_rows: dict[str, tuple[str, dict[str, list[int]]]] = {}
         self._load_lock = threading.Lock()
+        # One query encoding per core at a time; concurrent queries share batches.
+        self._query_batcher = QueryBatcher(
+            lambda texts: self.embedder.encode_queries(texts),
+            slots=max(1, min(os.cpu_count() or 1, 4)),
+        )
 
     @classmethod
     def from_settings(cls, settings: Settings) -> IndexEngine:
@@ -704,11 +729,23 @@ class IndexEngine:
                 )
             return cached
 
+    def _serving(self, name: str, family: ArtifactFamily) -> Snapshot | None:
+        """The current version as a writer (holding the family lock) reads it: the snapshot
+        searches use when it is the current one (nothing loaded again), else loaded without
+        the ANN index."""
+        version = family.current_version()
+        if version is None:
+            return None
+        cached = self._snapshots.get(name)
+        if cached is not None and cached.version == version:
+            return cached
+        return self._load(name, family, with_ann=False)
+
     def embed_query(self, query: str) -> np.ndarray:
         """The query's vector from the embedder's query path (ONNX Runtime when exported, else
-        sentence-transformers fp32: the same vectors, cosine 1.000 on real passages)."""
-        vector: np.ndarray = self.embedder.encode_queries([query])[0]
-        return vector
+        sentence-transformers fp32: the same vectors, cosine 1.000 on real passages), in one
+        batch with the queries other threads are encoding at the same time."""
+        return self._query_batcher.encode(query)
 
     def embed(self, request: EmbedRequest) -> EmbedResponse:
         """The query's vector (as ``search`` embeds it) and the passages' (their text as
@@ -850,15 +887,22 @@ class IndexEngine:
     def passages(self, name: str, wanted: Mapping[str, int | None]) -> list[Passage]:
         """doc id -> passage number (``None``: the first): those live passages, in that order
         (unknown ones left out). What ``InProcessIndex.passage_texts`` answers."""
+        return [Passage.model_validate(r) for r in self.passage_records(name, wanted)]
+
+    def passage_records(self, name: str, wanted: Mapping[str, int | None]) -> list[dict[str, Any]]:
+        """``passages`` as the stored JSON objects (no model round trip: what the service
+        serialises)."""
         snapshot = self.snapshot(name)
         rows_of = self._rows_by_doc(name, snapshot)
+        records = snapshot.passages
+        raw = records.raw if isinstance(records, JsonlRecords) else None
         found = []
         for doc_id, number in wanted.items():
             target = f"{doc_id}#{number or 0}"
             for row in rows_of.get(doc_id, ()):
-                passage = snapshot.passages[row]
-                if passage.passage_id == target:
-                    found.append(passage)
+                record = raw(row) if raw is not None else records[row].model_dump()
+                if record["passage_id"] == target:
+                    found.append(record)
                     break
         return found
 
@@ -905,9 +949,7 @@ class IndexEngine:
         started = time.perf_counter()
         family = self.family(name)
         with family.lock():
-            previous = (
-                self._load(name, family, with_ann=False) if family.current_version() else None
-            )
+            previous = self._serving(name, family)
             config = (config or (previous.ann_config if previous else self.ann)).validated()
             replaced = {doc.id for doc in upserts} | deletes
             # Previous documents by id from their raw records (no models): which lines stay.
@@ -1145,10 +1187,7 @@ class IndexEngine:
 
     @staticmethod
     def _link(source: Path, target: Path) -> None:
-        """Share the previous version's immutable ANN file (a hard link; a copy across devices)."""
-        import os
-        import shutil
-
+        """Share the previous version's immutable file (a hard link; a copy across devices)."""
         try:
             os.link(source, target)
         except OSError:

@@ -111,3 +111,36 @@ def test_service_search_answers_the_same_with_and_without_text_k(built_data_dir:
     for retriever, hits in thin_body.results.items():
         assert [h.doc_id for h in hits] == [h.doc_id for h in full_body.results[retriever]]
         assert all(h.text for h in hits[:2]) and not any(h.text for h in hits[2:])
+
+
+def test_service_passages_answers_the_stored_passages_named(built_data_dir: Path) -> None:
+    """``POST /collections/{name}/passages``: the passages a thin search left without text, as
+    stored (the number selects the passage), in request order; unknown ids and numbers left
+    out; typed errors for an unknown collection, an empty or oversized request."""
+    from services.index.app import build_app
+
+    settings = make_settings(built_data_dir)
+    with TestClient(build_app(settings)) as client:
+        for _ in range(200):
+            if client.get("/readyz").status_code == 200:
+                break
+            time.sleep(0.1)
+        hits = client.post("/search", json={"query": "painting", "collection": "wiki", "k": 6})
+        listed = hits.json()["results"]["bm25"]
+        refs = [{"doc_id": h["doc_id"], "passage": h["passage"]} for h in reversed(listed)]
+        refs.append({"doc_id": "no such document"})
+        refs.append({"doc_id": listed[0]["doc_id"], "passage": 9999})  # no such passage
+        found = client.post("/collections/wiki/passages", json={"passages": refs[:-1]})
+        too_deep = client.post("/collections/wiki/passages", json={"passages": refs[-1:]})
+        missing = client.post("/collections/nope/passages", json={"passages": refs[:1]})
+        empty = client.post("/collections/wiki/passages", json={"passages": []})
+        many = [{"doc_id": f"d{i}"} for i in range(settings.max_k + 1)]
+        oversized = client.post("/collections/wiki/passages", json={"passages": many})
+    assert found.status_code == 200
+    assert [p["doc_id"] for p in found.json()] == [h["doc_id"] for h in reversed(listed)]
+    for passage, hit in zip(found.json(), reversed(listed), strict=True):
+        assert passage["passage_id"] == f"{hit['doc_id']}#{hit['passage'] or 0}"
+        assert passage["text"] == hit["text"] and passage["title"] == hit["title"]
+    assert too_deep.status_code == 200 and too_deep.json() == []
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    assert empty.status_code == 422 and oversized.status_code == 422

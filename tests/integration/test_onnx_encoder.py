@@ -98,6 +98,25 @@ def test_embedder_serves_queries_with_onnx_by_default(reference: Embedder) -> No
     assert float(embedder.encode_queries(query)[0] @ reference.encode(query)[0]) > 0.9999
 
 
+def test_concurrent_queries_share_batches_and_keep_their_vectors(tmp_path: Path) -> None:
+    """The index engine's query path under 16 concurrent callers: fewer encode calls than
+    queries, and each caller's vector equals its query encoded alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from services.index.engine import IndexEngine
+
+    embedder = Embedder("cpu", 64, query_encoder="onnx", models_dir=MODELS_DIR)
+    engine = IndexEngine(tmp_path, lambda: embedder)
+    questions = [f"who wrote the book number {i} of the series" for i in range(16)]
+    embedder.encode_queries(questions[:1])  # load the session before the threads start
+    alone = np.stack([embedder.encode_queries([q])[0] for q in questions])
+    with ThreadPoolExecutor(16) as pool:
+        together = np.stack(list(pool.map(engine.embed_query, questions)))
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+    batcher = engine._query_batcher
+    assert batcher.queries == 16 and batcher.batches < 16
+
+
 def test_embed_gives_a_hit_its_stored_vector_back(built_data_dir: Path) -> None:
     # /embed serves Rocchio's judged passages: named by doc id, a shown hit gets the vector it
     # was indexed with; by text alone it is encoded on the ONNX path, close to that vector.

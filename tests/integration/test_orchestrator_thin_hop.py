@@ -23,7 +23,7 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from services.index.engine import IndexEngine, InProcessIndex
+from services.index.engine import IndexEngine, InProcessIndex, chunk_document
 from services.orchestrator.adapt import FeedbackAdaptation
 from services.orchestrator.rerun import new_trace, rerun_search
 from services.orchestrator.search import SearchOutcome, SearchPipeline
@@ -34,7 +34,6 @@ from shared.schemas import (
     Hit,
     IndexSearchRequest,
     IndexSearchResponse,
-    chunk_document,
 )
 from shared.store import Store, Trace
 from tests.conftest import make_settings
@@ -90,8 +89,8 @@ class CountedIndex:
                 headers={"content-type": answer.headers["content-type"]},
             )
 
-        # The orchestrator's settings: passage_words is the default (256), so the client must
-        # chunk looked-up documents as the collection's manifest says (40).
+        # The orchestrator's settings: passage_words is the default (256), the collection's 40:
+        # a looked-up passage must be the one the index stored, not a re-chunking.
         settings = make_settings(data_dir, index_url="http://index")
         self.client = IndexClient(settings, transport=httpx.MockTransport(forward))
 
@@ -247,11 +246,11 @@ async def test_search_asks_for_the_pool_and_looks_up_the_rest(
                 for document in given:  # every candidate carries its passage's text
                     assert document.text in passages_of(corpus[document.doc_id])
     # The queries do reach the case this is about (kept hits no list sent the text of), and
-    # each lookup is one /collections/{name}/lookup request (with one /collections/wiki for the
-    # collection's passage size): never another search.
+    # each lookup is one /collections/{name}/passages request: no collection or document read,
+    # never another search.
     assert looked_up_total > 0
-    lookup_calls = index.calls["/collections/wiki/lookup"]
-    assert 0 < lookup_calls == index.calls["/collections/wiki"]
+    assert index.calls["/collections/wiki/passages"] > 0
+    assert set(index.calls) == {"/search", "/collections/wiki/passages"}
     assert index.calls["/search"] == 2 * 3 * len(QUERIES)
 
 

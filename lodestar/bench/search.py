@@ -31,7 +31,7 @@ import subprocess
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -243,10 +243,12 @@ async def closed_loop(
     clients: int,
     duration_s: float,
     warmup_s: float,
+    processes: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
     """``clients`` loops, each on its own keep-alive connection, each sending its next request
     when the last returns; latencies of requests started after the warm-up and finished before
-    the end."""
+    the end. ``processes`` (name -> pid): each one's CPU time over the measured window per
+    request (``cpu_ms_per_request``), what says which process the load saturates."""
     import httpx
 
     latencies: list[float] = []
@@ -278,14 +280,39 @@ async def closed_loop(
                     else:
                         errors += 1
 
-    await asyncio.gather(*(client(i) for i in range(clients)))
-    return {
+    cpu: dict[str, float] = {}
+
+    async def cpu_window() -> None:
+        await asyncio.sleep(max(0.0, measure_from - time.perf_counter()))
+        first = {name: cpu_seconds(pid) for name, pid in (processes or {}).items()}
+        first_here = time.process_time()
+        await asyncio.sleep(max(0.0, end - time.perf_counter()))
+        cpu.update(
+            {name: cpu_seconds(pid) - first[name] for name, pid in (processes or {}).items()}
+        )
+        if cpu:
+            cpu["load generator"] = time.process_time() - first_here
+
+    await asyncio.gather(cpu_window(), *(client(i) for i in range(clients)))
+    row: dict[str, Any] = {
         "clients": clients,
         "requests": len(latencies),
         "errors": errors,
         "throughput_rps": round(len(latencies) / duration_s, 2),
         **_percentiles(latencies),
     }
+    if cpu:
+        row["cpu_ms_per_request"] = {
+            name: round(seconds * 1000 / max(len(latencies), 1), 2) for name, seconds in cpu.items()
+        }
+    return row
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its waited-for children (``/proc/PID/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _lodestar_send(collection: str, k: int) -> Callable[[Any, str], Any]:
@@ -407,8 +434,9 @@ def cmd_bench_search(args: argparse.Namespace, settings: Settings) -> int:
                     raise SystemExit(f"unknown system {system!r}")
                 rows = []
                 for clients in levels:
+                    pids = {p.name: p.popen.pid for p in processes}
                     row = asyncio.run(
-                        closed_loop(send, url, queries, clients, args.duration, args.warmup)
+                        closed_loop(send, url, queries, clients, args.duration, args.warmup, pids)
                     )
                     print(f"{system} {json.dumps(row)}", flush=True)
                     rows.append(row)
@@ -453,15 +481,16 @@ def render_table(report: dict[str, Any]) -> str:
     lines = [
         f"bare fp32 encode p50: {report['baseline']['encode_p50_ms']} ms",
         "| system | clients | requests | errors | req/s | p50 ms | p95 ms | p99 ms | "
-        "p50 ÷ encode p50 | req/s × encode p50 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "p50 ÷ encode p50 | req/s × encode p50 | CPU ms a request |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for system, entry in report["systems"].items():
         for row in entry["levels"]:
+            cpu = ", ".join(f"{k} {v}" for k, v in row.get("cpu_ms_per_request", {}).items())
             lines.append(
                 f"| {system} | {row['clients']} | {row['requests']} | {row['errors']} | "
                 f"{row['throughput_rps']} | {row['p50']} | {row['p95']} | {row['p99']} | "
-                f"{row['p50_over_encode']} | {row['throughput_x_encode']} |"
+                f"{row['p50_over_encode']} | {row['throughput_x_encode']} | {cpu or '-'} |"
             )
     return "\n".join(lines)
 

@@ -57,6 +57,7 @@ READ_POSTS = frozenset(
         # index: the orchestrator's and the evaluators' reads
         "/embed",
         "/collections/{name}/lookup",
+        "/collections/{name}/passages",
         # model services: one inference each
         "/rerank",
         "/judge",

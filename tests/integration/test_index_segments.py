@@ -119,6 +119,22 @@ def test_tombstones_make_a_merge_due_on_a_flat_collection(engine: IndexEngine) -
     _assert_scores_equal_from_scratch(engine)
 
 
+def test_many_small_segments_make_a_merge_due(engine: IndexEngine) -> None:
+    """One-document upserts add a BM25 segment each (far below the row fraction): past
+    ``MAX_FRESH_BM25_SEGMENTS`` of them a merge is due, and the merge leaves one segment."""
+    from services.index.engine import MAX_FRESH_BM25_SEGMENTS
+
+    due = []
+    for i in range(MAX_FRESH_BM25_SEGMENTS + 1):
+        doc = Document(id=f"small-{i}", title=f"Small {i}", text=f"quokka number {i} is small")
+        due.append(engine.upsert("wiki", [doc]).merge_due)
+    assert due == [False] * MAX_FRESH_BM25_SEGMENTS + [True]
+    assert len(_segments(engine)) == MAX_FRESH_BM25_SEGMENTS + 2
+    assert not engine.merge("wiki").merge_due
+    assert len(_segments(engine)) == 1
+    _assert_scores_equal_from_scratch(engine)
+
+
 def test_search_during_writes_and_merges_never_returns_deleted_nor_misses_acknowledged(
     engine: IndexEngine,
 ) -> None:

@@ -56,8 +56,11 @@ POSITIVE = frozenset({"relevant", "pin"})
 
 
 class InsufficientFeedback(LodestarError):
+    """Too few usable labels: the job's request was valid, the feedback store's state is not
+    enough yet (409 ``conflict``, as ``POST /jobs/offline-update`` answers before enqueueing)."""
+
     def __init__(self, message: str) -> None:
-        super().__init__(ErrorCode.validation, message, field="min_examples")
+        super().__init__(ErrorCode.conflict, message, field="min_examples")
 
 
 @dataclass(frozen=True)

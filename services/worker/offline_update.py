@@ -63,9 +63,16 @@ def run_offline_update_job(
                 settings, rows, texts, config, job_id=job_id, progress=progress
             )
         except (LodestarError, ValueError) as exc:
-            message = exc.message if isinstance(exc, LodestarError) else str(exc)
-            store.record_offline_update(job_id, component, "failed", {"error": message})
-            raise RuntimeError(f"offline update of the {component} failed: {message}") from None
+            # The refusal as the API would answer it: code and field beside the message.
+            failure: dict[str, Any] = (
+                {"error": exc.message, "code": exc.code.value, "field": exc.field}
+                if isinstance(exc, LodestarError)
+                else {"error": str(exc), "code": "validation"}
+            )
+            store.record_offline_update(job_id, component, "failed", failure)
+            raise RuntimeError(
+                f"offline update of the {component} failed: {failure['error']}"
+            ) from None
         except Exception as exc:
             store.record_offline_update(job_id, component, "failed", {"error": repr(exc)})
             raise

@@ -53,5 +53,7 @@ def test_closed_loop_reports_latencies_and_cpu_per_request() -> None:
     assert 0 < row["p50"] <= row["p95"] <= row["p99"]
     cpu = row["cpu_ms_per_request"]
     assert set(cpu) == {"server", "load generator"}
-    # The server runs in this process: its CPU includes the load generator's.
-    assert cpu["server"] >= cpu["load generator"] > 0
+    # The server runs in this process, so both figures are this process's CPU time over the
+    # window: /proc counts it in 10 ms ticks, time.process_time() exactly.
+    assert cpu["server"] > 0 and cpu["load generator"] > 0
+    assert abs(cpu["server"] - cpu["load generator"]) * row["requests"] <= 30

@@ -71,9 +71,6 @@ from shared.schemas import (
     passage_number,
 )
 
-# The chunking rule lives in shared.schemas (a caller chunks a looked-up document the same way);
-# re-exported for the modules that import it from here.
-
 if TYPE_CHECKING:
     from shared.settings import Settings
 
@@ -89,7 +86,7 @@ SEGMENTS_FILE = "segments.json"
 #: Each row's document index in the version (-1 for tombstoned rows): loading needs no parse.
 ROW_DOCS = "row_docs.npy"
 #: BM25 segments written since the last merge before one is due: each costs every BM25 query a
-#: pass (ten one-row segments with their tombstones added ~1.2 ms to a 8.4 ms search of wiki).
+#: pass (ten one-row segments with their tombstones added ~1.2 ms to an 8.4 ms search of wiki).
 MAX_FRESH_BM25_SEGMENTS = 8
 #: The documents' ids in record order: upserts and deletes find their rows without a parse.
 DOC_IDS = "doc_ids.json"

@@ -40,7 +40,8 @@ class QueryBatcher:
             self._pending.append((query, mine))
         while not mine.done():
             with self._changed:
-                while not mine.done() and self._busy >= self._slots:
+                # Nothing queued while ours is not done: another caller's batch holds it.
+                while not mine.done() and (self._busy >= self._slots or not self._pending):
                     self._changed.wait()
                 if mine.done():
                     break
@@ -52,17 +53,18 @@ class QueryBatcher:
 
     def _run(self, batch: list[tuple[str, Future[np.ndarray]]]) -> None:
         try:
-            vectors = self._encode([query for query, _ in batch]) if batch else None
+            vectors = self._encode([query for query, _ in batch])
+            if len(vectors) != len(batch):
+                raise ValueError(f"the encoder gave {len(vectors)} vectors for {len(batch)}")
         except BaseException as exc:  # every caller of the batch gets the error
             for _, future in batch:
                 future.set_exception(exc)
         else:
-            for i, (_, future) in enumerate(batch):
-                assert vectors is not None
-                future.set_result(vectors[i])
+            for (_, future), vector in zip(batch, vectors, strict=True):
+                future.set_result(vector)
         finally:
             with self._changed:
                 self._busy -= 1
-                self.batches += bool(batch)
+                self.batches += 1
                 self.queries += len(batch)
                 self._changed.notify_all()

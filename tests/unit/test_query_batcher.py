@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import pytest
@@ -93,3 +94,58 @@ def test_an_encode_error_reaches_every_caller_of_the_batch_and_the_next_batch_ru
 def test_bad_sizes_are_refused() -> None:
     with pytest.raises(ValueError):
         QueryBatcher(vector_of, slots=0)  # type: ignore[arg-type]
+
+
+class CallGates:
+    """Encodes as ``vector_of``; call i waits for ``release[i]``."""
+
+    def __init__(self, calls: int) -> None:
+        self.started = [threading.Event() for _ in range(calls)]
+        self.release = [threading.Event() for _ in range(calls)]
+        self.batches: list[list[str]] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        with self._lock:
+            i = len(self.batches)
+            self.batches.append(list(texts))
+        self.started[i].set()
+        assert self.release[i].wait(10)
+        return np.stack([vector_of(t) for t in texts])
+
+
+class CountingBatcher(QueryBatcher):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.runs: list[int] = []
+
+    def _run(self, batch: list[Any]) -> None:
+        self.runs.append(len(batch))
+        super()._run(batch)
+
+
+def test_a_caller_whose_query_another_batch_holds_waits_instead_of_taking_a_slot() -> None:
+    """Both slots busy, c and d queue; when a slot frees, c's caller encodes [c, d]; when the
+    second slot frees, d's caller must wait for that batch, not run empty ones meanwhile."""
+    encode = CallGates(3)
+    batcher = CountingBatcher(encode, slots=2, max_batch=16)
+    with ThreadPoolExecutor(4) as pool:
+        a = pool.submit(batcher.encode, "a")
+        assert encode.started[0].wait(10)
+        b = pool.submit(batcher.encode, "b")
+        assert encode.started[1].wait(10)
+        c = pool.submit(batcher.encode, "c")
+        d = pool.submit(batcher.encode, "d")
+        while len(batcher._pending) < 2:
+            threading.Event().wait(0.01)
+        encode.release[0].set()  # a done: one slot frees, [c, d] starts
+        assert encode.started[2].wait(10)
+        encode.release[1].set()  # b done: a slot is free and nothing is queued
+        assert b.result(10) is not None
+        threading.Event().wait(0.2)  # time for a spinning caller to run empty batches
+        encode.release[2].set()
+        results = [f.result(10) for f in (a, b, c, d)]
+    for query, vector in zip("abcd", results, strict=True):
+        assert np.array_equal(vector, vector_of(query))
+    assert sorted(encode.batches[2]) == ["c", "d"]
+    assert batcher.runs == [1, 1, 2]

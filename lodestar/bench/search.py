@@ -280,17 +280,16 @@ async def closed_loop(
                     else:
                         errors += 1
 
+    watched = dict(processes or {})
     cpu: dict[str, float] = {}
 
     async def cpu_window() -> None:
         await asyncio.sleep(max(0.0, measure_from - time.perf_counter()))
-        first = {name: cpu_seconds(pid) for name, pid in (processes or {}).items()}
+        first = {name: cpu_seconds(pid) for name, pid in watched.items()}
         first_here = time.process_time()
         await asyncio.sleep(max(0.0, end - time.perf_counter()))
-        cpu.update(
-            {name: cpu_seconds(pid) - first[name] for name, pid in (processes or {}).items()}
-        )
-        if cpu:
+        cpu.update({name: cpu_seconds(pid) - first[name] for name, pid in watched.items()})
+        if watched:
             cpu["load generator"] = time.process_time() - first_here
 
     await asyncio.gather(cpu_window(), *(client(i) for i in range(clients)))

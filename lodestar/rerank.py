@@ -30,7 +30,12 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     if args.queue:
         from shared.jobs import TASK_CROSS_ENCODER_TRAIN, send_job_from_cli
 
-        job = {"condition": args.condition, "train_queries": args.train_queries, "config": config}
+        job = {
+            "condition": args.condition,
+            "train_queries": args.train_queries,
+            "synthetic": args.synthetic,
+            "config": config,
+        }
         return send_job_from_cli(settings, TASK_CROSS_ENCODER_TRAIN, job, args.queue)
     from lodestar.evaluation.common import progress_bar
     from services.worker.cross_encoder_job import train_and_publish
@@ -39,6 +44,7 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
         settings,
         condition=args.condition,
         train_queries=args.train_queries,
+        synthetic=args.synthetic,
         config=CrossEncoderTrainConfig(**config),  # type: ignore[arg-type]
         progress=progress_bar("cross-encoder"),
     )
@@ -64,6 +70,12 @@ def register(sub: Any) -> None:
     train = commands.add_parser("train", help="train on SciFact train and publish")
     train.add_argument("--condition", default="car", help="original, car, query-only, ...")
     train.add_argument("--train-queries", type=int, default=250)
+    train.add_argument(
+        "--synthetic",
+        type=int,
+        default=0,
+        help="InPars queries SmolLM2 writes for sampled documents (+synthetic conditions)",
+    )
     train.add_argument("--steps", type=int, default=200)
     train.add_argument("--batch-size", type=int, default=8)
     train.add_argument("--loss", choices=("pointwise", "listwise"), default="pointwise")

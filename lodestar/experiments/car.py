@@ -13,7 +13,11 @@ Protocol (METHODS.md §6, Anand et al. 2023), on SciFact:
    documents below the training set's median (a query-performance predictor: a flat top means
    the query does not single out its document).
 4. One cross-encoder per condition at **equal training steps** and the same seed: ``original``,
-   ``car``, ``query-only``, ``original+car``, ``car-ambiguous``.
+   ``car``, ``query-only``, ``original+car``, ``car-ambiguous``; and with InPars / doc2query
+   training queries (``--synthetic N``: SmolLM2 writes a query for N sampled SciFact documents
+   no test claim is judged on, kept if the hybrid first stage finds the document in its top
+   ``--synthetic-filter``), ``original+synthetic`` (as written) and ``car+synthetic`` (each
+   synthetic query CAR-rewritten with its document too).
 5. Evaluation on the **original** test claims only (no LLM on the query path): the cross-encoder
    re-ranks the RRF top 50 (the rest of the top 100 follows in RRF order) and, the published
    anchors' protocol, the BM25 top 100; plus CAR's follow-up fusion of the specialised ranker
@@ -36,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from services.reranker.training_data import CONDITIONS, TrainPair
+from services.worker.cross_encoder_job import SYNTHETIC_FILTER_DEPTH
 from shared.settings import Settings
 
 DEFAULT_OUT = Path("benchmarks/results/car")
@@ -59,6 +64,10 @@ class CarConfig:
     second_limit: int = 100
     seed: int = 0
     publish: str | None = "best"
+    synthetic: int = 0
+    """InPars queries to write for sampled corpus documents (the ``+synthetic`` conditions)."""
+    synthetic_filter: int = SYNTHETIC_FILTER_DEPTH
+    """Keep a synthetic query only if the hybrid first stage ranks its document this high."""
 
 
 def rank_run(ranking: Sequence[str]) -> dict[str, float]:
@@ -99,13 +108,8 @@ def run_car(settings: Settings, config: CarConfig, out_dir: Path) -> dict[str, A
         publish_cross_encoder,
         train_cross_encoder,
     )
-    from services.reranker.training_data import (
-        examples_for,
-        low_margin,
-        mine,
-        training_pairs,
-    )
-    from services.rewriter.engine import PairDocument, RewritePair, RewriterEngine
+    from services.reranker.training_data import examples_for, low_margin, rewrite_modes
+    from services.worker.cross_encoder_job import scifact_training_pairs
     from shared.datasets import load_scifact
     from shared.metrics import evaluate_run
 
@@ -115,7 +119,6 @@ def run_car(settings: Settings, config: CarConfig, out_dir: Path) -> dict[str, A
     test_qrels = dict(dataset.qrels["test"])
     if config.test_limit:
         test_qrels = dict(sorted(test_qrels.items())[: config.test_limit])
-    train_qrels = dataset.qrels["train"]
     forbidden_docs = {d for docs in dataset.qrels["test"].values() for d in docs}
     forbidden_qids = set(dataset.qrels["test"])
 
@@ -128,32 +131,28 @@ def run_car(settings: Settings, config: CarConfig, out_dir: Path) -> dict[str, A
         )
         return result.doc_ids, result.scores
 
-    # 1. training pairs, hard negatives and margins from the hybrid retriever
-    pairs, dropped = training_pairs(
-        dataset.queries, train_qrels, forbidden_docs, config.train_queries, config.seed
+    # 1–2. training pairs (+ InPars queries), hard negatives and margins from the hybrid
+    # retriever, rewrites (cached: a rerun costs no generation)
+    prepared = scifact_training_pairs(
+        settings,
+        dataset,
+        search,
+        conditions=config.conditions,
+        train_queries=config.train_queries,
+        seed=config.seed,
+        synthetic=config.synthetic,
+        synthetic_filter=config.synthetic_filter,
+        # A bar per stage; the stage text names it ("car: rewrite", "car: synthetic").
+        progress_for=lambda stage: _one_bar(progress_bar("car", unit="query")),
     )
-    mine(pairs, train_qrels, search, forbidden_docs, progress_bar("car: mine", unit="query"))
+    pairs = prepared.pairs
+    real_pairs = [p for p in pairs if not p.synthetic]
     ambiguous = low_margin(pairs)
-
-    # 2. rewrites (cached: a rerun costs no generation)
-    rewriter = RewriterEngine.from_settings(settings)
-    rewrite_pairs = [
-        RewritePair(
-            p.qid, p.query, PairDocument(p.doc_id, corpus[p.doc_id].title, corpus[p.doc_id].text)
-        )
-        for p in pairs
-    ]
     modes = rewrite_modes(config.conditions)
-    for mode in modes:
-        records = rewriter.rewrite_batch(
-            rewrite_pairs,
-            mode,
-            forbidden_doc_ids=forbidden_docs,
-            progress=_one_bar(progress_bar(f"car: rewrite ({mode})", unit="query")),
-        )
-        for pair, record in zip(pairs, records, strict=True):
-            pair.rewrites[mode] = record.rewritten_query
-    rewrite_stats = rewrite_effects(pairs, corpus, search, modes)
+    rewrite_stats = rewrite_effects(real_pairs, corpus, search, modes)
+    synthetic_stats = synthetic_effects(
+        pairs, prepared.synthetic_requested, config.synthetic_filter
+    )
 
     # 3. first-stage candidates of the original test claims
     first: dict[str, dict[str, list[str]]] = {"rrf": {}, "bm25": {}}
@@ -246,10 +245,11 @@ def run_car(settings: Settings, config: CarConfig, out_dir: Path) -> dict[str, A
         "config": asdict(config),
         "provenance": provenance(),
         "data": {
-            "train_pairs": len(pairs),
+            "train_pairs": len(real_pairs),
             # Named so a later offline update can keep its feedback queries disjoint from these.
-            "train_qids": sorted({p.qid for p in pairs}),
-            "train_queries_only_test_judged": dropped,
+            "train_qids": sorted({p.qid for p in real_pairs}),
+            "train_queries_only_test_judged": prepared.dropped,
+            "synthetic": synthetic_stats,
             "ambiguous_rule": "dense top-1 minus top-2 cosine below the training median",
             "ambiguous": len(ambiguous),
             "test_queries": len(test_qrels),
@@ -308,12 +308,23 @@ def score_candidates(
     return scores
 
 
-def rewrite_modes(conditions: Sequence[str]) -> tuple[str, ...]:
-    """The rewrite modes the conditions train on (only those are generated: minutes each)."""
-    needed = {"context"} if set(conditions) - {"original", "query-only"} else set()
-    if "query-only" in conditions:
-        needed.add("query-only")
-    return tuple(m for m in ("context", "query-only") if m in needed)
+def synthetic_effects(
+    pairs: Sequence[TrainPair], requested: int, filter_depth: int
+) -> dict[str, Any]:
+    """How many InPars queries were asked for and kept (the rest fell back or failed the
+    retrieval filter), and a few of them with their CAR rewrite where there is one."""
+    synthetic = [p for p in pairs if p.synthetic]
+    if not requested:
+        return {}
+    return {
+        "requested": requested,
+        "kept": len(synthetic),
+        "filter_depth": filter_depth or None,
+        "examples": [
+            {"doc_id": p.doc_id, "query": p.query, "car": p.rewrites.get("context")}
+            for p in synthetic[:5]
+        ],
+    }
 
 
 def rewrite_effects(
@@ -418,8 +429,8 @@ def comparisons(
     *,
     dataset_name: str = "scifact",
 ) -> list[dict[str, Any]]:
-    """Paired tests: each re-ranked system against its first stage and against the same
-    protocol's original-trained model."""
+    """Paired tests: each re-ranked system against its first stage, against the same
+    protocol's original-trained model and, for a ``+synthetic`` condition, against its base."""
     from lodestar.evaluation.common import significance_table
 
     rows: list[dict[str, Any]] = []
@@ -429,9 +440,14 @@ def comparisons(
         protocol, _, rest = name.partition("+ce:")
         base = "rrf" if protocol.startswith("rrf") else "bm25"
         references = [base]
-        original = f"{protocol}+ce:original" + ("+fusion" if rest.endswith("+fusion") else "")
-        if original != name and original in per_query:
-            references.append(original)
+        suffix = "+fusion" if rest.endswith("+fusion") else ""
+        condition = rest.removesuffix("+fusion")
+        # Against the original-trained model; a +synthetic one also against its base condition
+        # (what the InPars queries add).
+        for other in ("original", condition.removesuffix("+synthetic")):
+            reference = f"{protocol}+ce:{other}{suffix}"
+            if reference != name and reference in per_query and reference not in references:
+                references.append(reference)
         for reference in references:
             for row in significance_table(
                 {name: per_query[name], reference: per_query[reference]},
@@ -450,9 +466,10 @@ def publish_best(
     publish: Callable[..., dict[str, Any]],
 ) -> dict[str, Any]:
     """Publish one condition's model as the served cross-encoder: the one named, or ``best`` by
-    SciFact nDCG@10 of RRF top-50 re-ranking, and then only if it beats the first stage."""
+    SciFact nDCG@10 of RRF top-50 re-ranking, and then only if it beats the first stage
+    (``best-trained``: the best condition even so, e.g. to warm-start an offline update)."""
     chosen = config.publish or "best"
-    if chosen == "best":
+    if chosen in ("best", "best-trained"):
         chosen = max(models, key=lambda c: result["scifact"][f"rrf50+ce:{c}"]["ndcg@10"])
     if chosen not in models:
         raise ValueError(f"--publish {chosen!r}: not a trained condition ({', '.join(models)})")
@@ -528,6 +545,17 @@ def report_markdown(result: Mapping[str, Any]) -> str:
     rewrites = result["rewrites"]
     if rewrites:
         lines += _rewrite_lines(rewrites)
+    synthetic = result["data"].get("synthetic")
+    if synthetic:
+        lines += [
+            "",
+            "## InPars synthetic queries",
+            "",
+            f"{synthetic['kept']} of {synthetic['requested']} kept (filter: the hybrid first "
+            f"stage's top {synthetic['filter_depth']}). Examples (written → CAR rewrite):",
+            "",
+        ]
+        lines += [f"- {e['doc_id']}: “{e['query']}” → “{e['car']}”" for e in synthetic["examples"]]
     lines += ["", "## Training", "", "| condition | examples | sources | train s | loss |"]
     lines.append("|---|---:|---|---:|---|")
     for condition, info in result["training"].items():
@@ -609,8 +637,11 @@ def cmd_experiment_car(args: argparse.Namespace, settings: Settings) -> int:
     if unknown:
         print(f"unknown condition {unknown[0]!r}; known: {', '.join(CONDITIONS)}")
         return 2
-    if args.publish not in (None, "none", "best", *conditions):
-        print(f"--publish must be best, none or one of the conditions: {', '.join(conditions)}")
+    if args.publish not in (None, "none", "best", "best-trained", *conditions):
+        print(
+            "--publish must be best, best-trained, none or one of the conditions: "
+            + ", ".join(conditions)
+        )
         return 2
     config = CarConfig(
         train_queries=args.train_queries,
@@ -625,6 +656,8 @@ def cmd_experiment_car(args: argparse.Namespace, settings: Settings) -> int:
         second_limit=args.second_limit,
         seed=args.seed,
         publish=None if args.publish == "none" else args.publish,
+        synthetic=args.synthetic,
+        synthetic_filter=args.synthetic_filter,
     )
     from lodestar.evaluation.common import option_below_one
 
@@ -662,9 +695,23 @@ def register(group: Any) -> None:
     parser.add_argument("--second-limit", type=int, default=defaults.second_limit)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument(
+        "--synthetic",
+        type=int,
+        default=defaults.synthetic,
+        help="InPars queries SmolLM2 writes for sampled SciFact documents (+synthetic conditions)",
+    )
+    parser.add_argument(
+        "--synthetic-filter",
+        type=int,
+        default=defaults.synthetic_filter,
+        help="keep a synthetic query if the hybrid first stage ranks its document in this top k "
+        "(0: keep all)",
+    )
+    parser.add_argument(
         "--publish",
         default="best",
-        help="publish this condition's model as the served cross-encoder (best, none, a name)",
+        help="publish this condition's model as the served cross-encoder: best (only if it "
+        "beats the first stage), best-trained (the best condition regardless), none, a name",
     )
     parser.add_argument("--out", default=str(DEFAULT_OUT))
     parser.set_defaults(handler=cmd_experiment_car)

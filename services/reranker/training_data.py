@@ -28,12 +28,27 @@ from services.reranker.cross_encoder import (
 
 Search = Callable[[str, int, tuple[str, ...]], tuple[list[str], list[float]]]
 Progress = Callable[[int, int, str], None]
+#: ``rewrite(pairs, mode, progress) -> one rewritten query per pair``.
+Rewrite = Callable[[Sequence["TrainPair"], str, Progress | None], list[str]]
+#: ``synthesize(n, progress) -> (qid, query, doc id)`` InPars queries, at most ``n``.
+Synthesize = Callable[[int, Progress | None], list[tuple[str, str, str]]]
 #: Hard negatives kept per pair (each training step samples from them).
 NEGATIVE_POOL = 8
 #: First-stage depth the negatives are mined from.
 MINING_DEPTH = 30
-#: Training variants, by which query each pair contributes (CAR's conditions).
-CONDITIONS = ("original", "car", "query-only", "original+car", "car-ambiguous")
+#: Training variants, by which query each pair contributes (CAR's conditions). The
+#: ``+synthetic`` ones add InPars / doc2query pairs: written by the LLM for sampled corpus
+#: documents, as written or CAR-rewritten with their document like the real ones.
+CONDITIONS = (
+    "original",
+    "car",
+    "query-only",
+    "original+car",
+    "car-ambiguous",
+    "original+synthetic",
+    "car+synthetic",
+)
+SYNTHETIC_CONDITIONS = frozenset(c for c in CONDITIONS if c.endswith("+synthetic"))
 
 
 @dataclass
@@ -45,6 +60,20 @@ class TrainPair:
     margin: float = 0.0
     """Dense top-1 minus top-2 cosine of the original query (the ambiguity predictor)."""
     rewrites: dict[str, str] = field(default_factory=dict)
+    synthetic: bool = False
+    """An InPars / doc2query query generated for ``doc_id``, not a judged train query."""
+
+
+def synthetic_pairs(
+    queries: Sequence[tuple[str, str, str]], qrels: dict[str, dict[str, int]]
+) -> list[TrainPair]:
+    """Training pairs from ``(qid, query, doc_id)`` synthetic queries; each query's document
+    becomes its only judgment in ``qrels`` (so mining never takes it as a negative)."""
+    for qid, _, doc_id in queries:
+        if qid in qrels:
+            raise ValueError(f"synthetic query id {qid!r} collides with a judged query")
+        qrels[qid] = {doc_id: 1}
+    return [TrainPair(qid, query, doc_id, synthetic=True) for qid, query, doc_id in queries]
 
 
 def training_pairs(
@@ -91,18 +120,29 @@ def mine(
 
 
 def low_margin(pairs: Sequence[TrainPair]) -> set[str]:
-    """The ambiguity rule: dense top-1 minus top-2 cosine below the median of the set (a flat
-    top means the query does not single out one document)."""
-    if not pairs:
+    """The ambiguity rule: dense top-1 minus top-2 cosine below the median of the judged train
+    queries (a flat top means the query does not single out one document)."""
+    real = [p for p in pairs if not p.synthetic]
+    if not real:
         return set()
-    median = statistics.median(p.margin for p in pairs)
-    return {p.qid for p in pairs if p.margin < median}
+    median = statistics.median(p.margin for p in real)
+    return {p.qid for p in real if p.margin < median}
 
 
 def condition_queries(
     condition: str, pair: TrainPair, ambiguous: AbstractSet[str]
 ) -> list[tuple[str, str]]:
-    """``(query, source)`` pairs a condition trains on for one training pair."""
+    """``(query, source)`` pairs a condition trains on for one training pair. Synthetic pairs
+    feed only the ``+synthetic`` conditions, which take the real pairs as their base does."""
+    if condition in SYNTHETIC_CONDITIONS:
+        base = condition.removesuffix("+synthetic")
+        if not pair.synthetic:
+            return condition_queries(base, pair, ambiguous)
+        if base == "original":
+            return [(pair.query, "synthetic")]
+        return [(pair.rewrites["context"], "synthetic-car")]
+    if pair.synthetic:
+        return []
     if condition == "original":
         return [(pair.query, "original")]
     if condition == "car":
@@ -116,6 +156,59 @@ def condition_queries(
             return [(pair.rewrites["context"], "car")]
         return [(pair.query, "original")]
     raise ValueError(f"unknown condition {condition!r}; known: {', '.join(CONDITIONS)}")
+
+
+def rewrite_modes(conditions: Sequence[str]) -> tuple[str, ...]:
+    """The rewrite modes the conditions train on (only those are generated: minutes each)."""
+    needed = set()
+    if set(conditions) - {"original", "query-only", "original+synthetic"}:
+        needed.add("context")
+    if "query-only" in conditions:
+        needed.add("query-only")
+    return tuple(m for m in ("context", "query-only") if m in needed)
+
+
+@dataclass
+class PreparedPairs:
+    pairs: list[TrainPair]
+    dropped: int
+    """Train queries left out because all their relevant documents are test-judged."""
+    synthetic_requested: int = 0
+
+
+def prepare_pairs(
+    queries: Mapping[str, str],
+    qrels: Mapping[str, Mapping[str, int]],
+    forbidden_docs: AbstractSet[str],
+    *,
+    conditions: Sequence[str],
+    limit: int,
+    seed: int,
+    search: Search,
+    rewrite: Rewrite,
+    synthesize: Synthesize | None = None,
+    synthetic: int = 0,
+    progress_for: Callable[[str], Progress | None] = lambda stage: None,
+) -> PreparedPairs:
+    """Everything the conditions train on: judged train pairs, InPars pairs when a
+    ``+synthetic`` condition asks for them, hard negatives for all, and the rewrites the
+    conditions use (synthetic pairs get the context rewrite only, for ``car+synthetic``)."""
+    pairs, dropped = training_pairs(queries, qrels, forbidden_docs, limit, seed)
+    judged: dict[str, dict[str, int]] = {q: dict(docs) for q, docs in qrels.items()}
+    requested = synthetic if SYNTHETIC_CONDITIONS & set(conditions) else 0
+    if requested:
+        if synthesize is None:
+            raise ValueError("a +synthetic condition needs a synthesize callable")
+        pairs += synthetic_pairs(synthesize(requested, progress_for("synthetic")), judged)
+    mine(pairs, judged, search, forbidden_docs, progress_for("mine"))
+    for mode in rewrite_modes(conditions):
+        rewrite_synthetic = mode == "context" and "car+synthetic" in conditions
+        targets = [p for p in pairs if rewrite_synthetic or not p.synthetic]
+        for pair, rewritten in zip(
+            targets, rewrite(targets, mode, progress_for(f"rewrite ({mode})")), strict=True
+        ):
+            pair.rewrites[mode] = rewritten
+    return PreparedPairs(pairs, dropped, requested)
 
 
 def examples_for(

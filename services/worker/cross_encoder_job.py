@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -20,20 +20,93 @@ from services.reranker.cross_encoder import (
     publish_cross_encoder,
     train_cross_encoder,
 )
-from services.reranker.training_data import CONDITIONS, examples_for, mine, training_pairs
+from services.reranker.training_data import (
+    CONDITIONS,
+    PreparedPairs,
+    Search,
+    TrainPair,
+    examples_for,
+    prepare_pairs,
+    rewrite_modes,
+    training_pairs,
+)
 from shared.settings import Settings
 
 Progress = Callable[[int, int, str], None]
 #: The collection the first stage searches (the evaluation harness's name for SciFact).
 COLLECTION = "eval-scifact"
-#: The rewrites each condition needs.
-REWRITE_MODES = {
-    "original": [],
-    "car": ["context"],
-    "query-only": ["query-only"],
-    "original+car": ["context"],
-    "car-ambiguous": ["context"],
-}
+#: InPars consistency filter: a synthetic query is kept only if the hybrid first stage ranks
+#: its source document within this depth (0 keeps every query the model wrote).
+SYNTHETIC_FILTER_DEPTH = 10
+
+
+def scifact_training_pairs(
+    settings: Settings,
+    dataset: Any,
+    search: Search,
+    *,
+    conditions: Sequence[str],
+    train_queries: int,
+    seed: int,
+    synthetic: int = 0,
+    synthetic_filter: int = SYNTHETIC_FILTER_DEPTH,
+    documents: Sequence[Any] | None = None,
+    progress_for: Callable[[str], Progress | None] = lambda stage: None,
+) -> PreparedPairs:
+    """SciFact train pairs for ``conditions``, rewrites and InPars queries from the rewriter
+    engine (cached on disk). Synthetic queries are written for ``documents`` (the searched
+    corpus; all of SciFact by default) that no test claim is judged on, sampled with ``seed``.
+    Shared by the experiment and the training job."""
+    from services.rewriter.engine import PairDocument, RewritePair, RewriterEngine, sample_documents
+
+    corpus = {doc.id: doc for doc in dataset.corpus}
+    forbidden_docs = {d for docs in dataset.qrels["test"].values() for d in docs}
+    rewriter = RewriterEngine.from_settings(settings)
+
+    def rewrite(pairs: Sequence[TrainPair], mode: str, progress: Progress | None) -> list[str]:
+        batch = [
+            RewritePair(
+                p.qid,
+                p.query,
+                PairDocument(p.doc_id, corpus[p.doc_id].title, corpus[p.doc_id].text),
+            )
+            for p in pairs
+        ]
+        records = rewriter.rewrite_batch(
+            batch, mode, forbidden_doc_ids=forbidden_docs, progress=progress
+        )
+        return [r.rewritten_query for r in records]
+
+    def synthesize(n: int, progress: Progress | None) -> list[tuple[str, str, str]]:
+        searched = dataset.corpus if documents is None else documents
+        allowed = [doc for doc in searched if doc.id not in forbidden_docs]
+        retrieve = None
+        if synthetic_filter > 0:
+
+            def retrieve(query: str, k: int) -> list[str]:
+                return search(query, k, ("dense", "bm25"))[0]
+
+        batch = rewriter.generate_queries(
+            sample_documents(allowed, n, seed),
+            retrieve=retrieve,
+            top_k=max(1, synthetic_filter),
+            progress=progress,
+        )
+        return [(q.qid, q.query, q.doc_id) for q in batch.kept]
+
+    return prepare_pairs(
+        dataset.queries,
+        dataset.qrels["train"],
+        forbidden_docs,
+        conditions=conditions,
+        limit=train_queries,
+        seed=seed,
+        search=search,
+        rewrite=rewrite,
+        synthesize=synthesize,
+        synthetic=synthetic,
+        progress_for=progress_for,
+    )
 
 
 def train_and_publish(
@@ -43,16 +116,18 @@ def train_and_publish(
     train_queries: int = 250,
     config: CrossEncoderTrainConfig | None = None,
     seed: int = 0,
+    synthetic: int = 0,
     corpus_limit: int | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Train one condition's cross-encoder on SciFact train and publish it; the manifest.
+    ``synthetic``: InPars queries to add for a ``+synthetic`` condition.
 
     ``corpus_limit`` (tests, smoke runs) searches a slice instead of the whole corpus: its first
     documents plus those judged for the sampled train queries, in a collection of its own."""
     from services.index.engine import IndexEngine
     from services.orchestrator.pipeline import in_process_search
-    from services.rewriter.engine import PairDocument, RewritePair, RewriterEngine
+    from services.rewriter.engine import RewriterEngine
     from shared.datasets import load_scifact
     from shared.store import Trace
 
@@ -64,10 +139,12 @@ def train_and_publish(
     corpus = {doc.id: doc for doc in dataset.corpus}
     forbidden_docs = {d for docs in dataset.qrels["test"].values() for d in docs}
     train_qrels = dataset.qrels["train"]
-    pairs, _ = training_pairs(dataset.queries, train_qrels, forbidden_docs, train_queries, seed)
     collection, documents = COLLECTION, dataset.corpus
     if corpus_limit is not None:
-        judged = {d for p in pairs for d in train_qrels[p.qid]}
+        sampled, _ = training_pairs(
+            dataset.queries, train_qrels, forbidden_docs, train_queries, seed
+        )
+        judged = {d for p in sampled for d in train_qrels[p.qid]}
         documents = [
             doc for i, doc in enumerate(dataset.corpus) if i < corpus_limit or doc.id in judged
         ]
@@ -84,30 +161,25 @@ def train_and_publish(
         )
         return [h.doc_id for h in outcome.hits], [h.score for h in outcome.hits]
 
-    mine(pairs, train_qrels, search, forbidden_docs, progress)
-    modes = REWRITE_MODES[condition]
-    rewriter = RewriterEngine.from_settings(settings)
-    for mode in modes:
-        batch = [
-            RewritePair(
-                p.qid,
-                p.query,
-                PairDocument(p.doc_id, corpus[p.doc_id].title, corpus[p.doc_id].text),
-            )
-            for p in pairs
-        ]
-        records = rewriter.rewrite_batch(
-            batch, mode, forbidden_doc_ids=forbidden_docs, progress=progress
-        )
-        for pair, record in zip(pairs, records, strict=True):
-            pair.rewrites[mode] = record.rewritten_query
+    prepared = scifact_training_pairs(
+        settings,
+        dataset,
+        search,
+        conditions=[condition],
+        train_queries=train_queries,
+        seed=seed,
+        synthetic=synthetic,
+        documents=documents,
+        progress_for=lambda stage: progress,
+    )
+    uses_llm = bool(rewrite_modes([condition]) or prepared.synthetic_requested)
 
     def text_doc(doc_id: str) -> TextDoc:
         return TextDoc(doc_id, corpus[doc_id].title, corpus[doc_id].text)
 
     examples = examples_for(
         condition,
-        pairs,
+        prepared.pairs,
         text_doc,
         forbidden_qids=set(dataset.qrels["test"]),
         forbidden_docs=forbidden_docs,
@@ -127,7 +199,8 @@ def train_and_publish(
             "config": asdict(config),
             "examples": len(examples),
             "sources": sources,
-            "rewriter_model": rewriter.model_id if modes else None,
+            "synthetic_pairs": sum(p.synthetic for p in prepared.pairs),
+            "rewriter_model": RewriterEngine.from_settings(settings).model_id if uses_llm else None,
             "seconds": round(time.perf_counter() - started, 1),
         },
     )

@@ -235,6 +235,7 @@ def cross_encoder_train(
     train_queries: int = 250,
     config: dict[str, Any] | None = None,
     corpus_limit: int | None = None,
+    synthetic: int = 0,
 ) -> dict[str, Any]:
     """Train the CAR cross-encoder (one condition of ``lodestar experiment car``) and publish it;
     the reranker serves it from its next request. Idempotent: rewrites are cached, and a
@@ -248,5 +249,6 @@ def cross_encoder_train(
         train_queries=train_queries,
         config=CrossEncoderTrainConfig(**(config or {})),
         corpus_limit=corpus_limit,
+        synthetic=synthetic,
         progress=self.progress,
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
 
 from lodestar.experiments.car import fuse, rank_run, rerank_top
@@ -12,6 +14,9 @@ from services.reranker.training_data import (
     examples_for,
     low_margin,
     mine,
+    prepare_pairs,
+    rewrite_modes,
+    synthetic_pairs,
     training_pairs,
 )
 
@@ -79,10 +84,78 @@ def test_reranking_keeps_the_tail_and_fusion_mixes_both_orders() -> None:
 
 
 def test_only_the_rewrites_the_conditions_train_on_are_generated() -> None:
-    from lodestar.experiments.car import rewrite_modes
-
     assert rewrite_modes(["original"]) == ()
     assert rewrite_modes(["original", "car", "original+car"]) == ("context",)
     assert rewrite_modes(["car-ambiguous"]) == ("context",)
     assert rewrite_modes(["query-only"]) == ("query-only",)
     assert rewrite_modes(["original", "car", "query-only"]) == ("context", "query-only")
+    assert rewrite_modes(["original+synthetic"]) == ()
+    assert rewrite_modes(["car+synthetic"]) == ("context",)
+
+
+def test_synthetic_pairs_feed_only_the_synthetic_conditions() -> None:
+    qrels: dict[str, dict[str, int]] = {"q1": {"d1": 1}}
+    made = synthetic_pairs([("syn-d7", "what does d7 say", "d7")], qrels)
+    assert qrels["syn-d7"] == {"d7": 1}  # its own document is never mined as a negative
+    real = TrainPair("q1", "claim one", "d1", rewrites={"context": "car one"})
+    syn = made[0]
+    syn.rewrites["context"] = "car seven"
+    assert condition_queries("car", syn, set()) == []
+    assert condition_queries("original+synthetic", syn, set()) == [
+        ("what does d7 say", "synthetic")
+    ]
+    assert condition_queries("car+synthetic", syn, set()) == [("car seven", "synthetic-car")]
+    assert condition_queries("car+synthetic", real, set()) == [("car one", "car")]
+    assert condition_queries("original+synthetic", real, set()) == [("claim one", "original")]
+    # The ambiguity median is the judged queries' alone.
+    real.margin, syn.margin = 0.5, 0.0
+    assert low_margin([real, syn]) == set()
+    with pytest.raises(ValueError, match="collides"):
+        synthetic_pairs([("q1", "x", "d1")], qrels)
+
+
+def test_prepare_pairs_adds_synthetic_pairs_and_rewrites_only_what_the_conditions_use() -> None:
+    rewritten: list[tuple[str, tuple[str, ...]]] = []
+
+    def search(query: str, k: int, retrievers: tuple[str, ...]) -> tuple[list[str], list[float]]:
+        return ["d1", "d3", "d7", "n1", "n2"][:k], [5.0, 4.0, 3.0, 2.0, 1.0][:k]
+
+    def rewrite(pairs: Sequence[TrainPair], mode: str, progress: object) -> list[str]:
+        rewritten.append((mode, tuple(p.qid for p in pairs)))
+        return [f"{mode}: {p.query}" for p in pairs]
+
+    def synthesize(n: int, progress: object) -> list[tuple[str, str, str]]:
+        return [("syn-d7", "what does d7 say", "d7")][:n]
+
+    plain = prepare_pairs(
+        QUERIES,
+        QRELS,
+        {"test-doc"},
+        conditions=["car"],
+        limit=10,
+        seed=0,
+        search=search,
+        rewrite=rewrite,
+        synthesize=synthesize,
+        synthetic=5,
+    )
+    assert plain.synthetic_requested == 0 and not any(p.synthetic for p in plain.pairs)
+    assert [(mode, sorted(qids)) for mode, qids in rewritten] == [("context", ["q1", "q3"])]
+    rewritten.clear()
+    both = prepare_pairs(
+        QUERIES,
+        QRELS,
+        {"test-doc"},
+        conditions=["car+synthetic", "query-only"],
+        limit=10,
+        seed=0,
+        search=search,
+        rewrite=rewrite,
+        synthesize=synthesize,
+        synthetic=5,
+    )
+    syn = next(p for p in both.pairs if p.synthetic)
+    assert syn.doc_id == "d7" and "d7" not in syn.negatives
+    assert syn.rewrites == {"context": "context: what does d7 say"}
+    assert {mode: len(qids) for mode, qids in rewritten} == {"context": 3, "query-only": 2}
+    assert QRELS == {"q1": {"d1": 1, "d9": 1}, "q2": {"test-doc": 1}, "q3": {"d3": 1}}

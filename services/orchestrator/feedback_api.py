@@ -111,6 +111,9 @@ class OfflineUpdateRequest(BaseModel):
     source: Literal["user", "shadow"] | None = None
     """Train on one source's feedback only (default: both, shadow weighted lower)."""
     train: TrainOverrides = TrainOverrides()
+    queries: Literal["original", "car", "original+car"] = "original"
+    """Which queries the labels train on: as typed, CAR-rewritten by the rewriter's LLM with the
+    document marked relevant (no LLM at query time), or both."""
     queue: QueueChoice = "auto"
     """``auto``: ``gpu`` when a GPU worker is registered, else ``cpu`` (``route_queue``)."""
 

@@ -19,6 +19,11 @@ feedback_export``; plain dicts, so this package does not depend on the orchestra
    (or from the MiniLM body);
 5. publish atomically iff ``after > before + min_gain`` (a tie is not an improvement). If another
    version was published while training, "before" is measured again on it first.
+
+``queries`` applies CAR to the feedback (step 2): ``car`` trains on each labelled query rewritten
+by the LLM with the document the user marked relevant, ``original+car`` on both, ``original``
+on the query as typed. The rewrite is an injected callable (the worker composes the rewriter);
+test and serving queries are never rewritten.
 """
 
 from __future__ import annotations
@@ -51,6 +56,10 @@ Progress = Callable[[int, int, str], None]
 #: ``texts(collection, doc_ids)`` → the documents found (unknown ids left out).
 TextSource = Callable[[str, Sequence[str]], Mapping[str, TextDoc]]
 Scorer = Callable[[str, Sequence[TextDoc]], list[float]]
+#: ``rewrite(items) -> one query per item``; an item is (query key, query, its positive).
+Rewrite = Callable[[Sequence[tuple[str, str, TextDoc]]], list[str]]
+#: Which queries the feedback examples train on (CAR's conditions, applied to feedback).
+QUERY_MODES = ("original", "car", "original+car")
 METRIC = "ndcg@10"
 POSITIVE = frozenset({"relevant", "pin"})
 
@@ -73,8 +82,13 @@ class OfflineUpdateConfig:
     """Publish only when held-out nDCG@10 rises by more than this."""
     seed: int = 13
     train: CrossEncoderTrainConfig = field(default_factory=CrossEncoderTrainConfig)
+    queries: str = "original"
+    """``original``, ``car`` (the LLM rewrite of each labelled query with its relevant document)
+    or ``original+car``; the CAR modes need a ``rewrite`` callable."""
 
     def __post_init__(self) -> None:
+        if self.queries not in QUERY_MODES:
+            raise ValueError(f"queries must be one of {', '.join(QUERY_MODES)}")
         if self.min_examples < 1:
             raise ValueError("min_examples must be at least 1")
         if not 0.0 < self.eval_fraction < 1.0:
@@ -178,6 +192,23 @@ def training_examples(
     return examples
 
 
+def with_rewrites(
+    examples: Sequence[RankingExample], queries: str, rewrite: Rewrite | None
+) -> list[RankingExample]:
+    """The examples ``queries`` trains on: as typed, CAR-rewritten with their positive, or
+    both (the rewritten copy keeps the label's weight; its source gains ``+car``)."""
+    if queries == "original":
+        return list(examples)
+    if rewrite is None:
+        raise ValueError(f"queries={queries!r} needs a rewriter; none was given")
+    rewritten = rewrite([(e.qid, e.query, e.positive) for e in examples])
+    car = [
+        replace(e, query=q, source=f"{e.source}+car")
+        for e, q in zip(examples, rewritten, strict=True)
+    ]
+    return car if queries == "car" else [*examples, *car]
+
+
 def evaluate_held_out(
     scorer: Scorer | None, sets: Mapping[str, HeldOutQuery], texts: Mapping[str, TextDoc]
 ) -> tuple[float, dict[str, float]]:
@@ -230,6 +261,7 @@ def run_offline_update(
     texts: TextSource,
     config: OfflineUpdateConfig | None = None,
     *,
+    rewrite: Rewrite | None = None,
     job_id: str | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
@@ -261,6 +293,7 @@ def run_offline_update(
         raise InsufficientFeedback(
             "no training query has a positive label with a negative whose text was found"
         )
+    examples = with_rewrites(examples, config.queries, rewrite)
     held = held_out_sets(labels, held_keys)
     if progress is not None:
         progress(0, config.train.steps, "evaluate-before")
@@ -316,6 +349,7 @@ def run_offline_update(
             "positive_labels": len(positives),
             "by_source": sources,
             "train_examples": len(examples),
+            "queries": config.queries,
             "train_queries": len(train_keys),
             "held_out_queries": len(held),
         },

@@ -13,6 +13,28 @@ from shared.store import Store, database_url
 COMPONENTS = ("reranker",)
 
 
+def context_rewriter(
+    settings: Settings, forbidden_doc_ids: Sequence[str] | None = None
+) -> Callable[[Sequence[tuple[str, str, Any]]], list[str]]:
+    """CAR's context rewrite for the offline update's feedback examples, from the rewriter
+    engine (cached on disk; the LLM loads on the first rewrite, so ``original`` costs nothing).
+    ``forbidden_doc_ids``: documents that may not enter a prompt (an evaluation's test set)."""
+
+    def rewrite(items: Sequence[tuple[str, str, Any]]) -> list[str]:
+        from services.rewriter.engine import PairDocument, RewritePair, RewriterEngine
+
+        pairs = [
+            RewritePair(key, query, PairDocument(doc.doc_id, doc.title, doc.text))
+            for key, query, doc in items
+        ]
+        records = RewriterEngine.from_settings(settings).rewrite_batch(
+            pairs, "context", forbidden_doc_ids=forbidden_doc_ids
+        )
+        return [r.rewritten_query for r in records]
+
+    return rewrite
+
+
 def run_offline_update_job(
     settings: Settings,
     job_id: str,
@@ -24,10 +46,12 @@ def run_offline_update_job(
     min_gain: float = 0.0,
     source: str | None = None,
     train: dict[str, Any] | None = None,
+    queries: str = "original",
     progress: Callable[[int, int, str], None] | None = None,
 ) -> dict[str, Any]:
     """Run one offline update and record its outcome (``published``/``rejected``/``failed``)
-    in the store; a failure is re-raised as a ``RuntimeError`` with a plain message."""
+    in the store; a failure is re-raised as a ``RuntimeError`` with a plain message.
+    ``queries``: ``car``/``original+car`` rewrite the feedback queries first (CAR)."""
     from services.index.engine import IndexEngine
     from services.orchestrator.feedback_export import build_export
     from services.reranker.cross_encoder import CrossEncoderTrainConfig, TextDoc
@@ -58,9 +82,16 @@ def run_offline_update_job(
                 eval_fraction=eval_fraction,
                 min_gain=min_gain,
                 train=CrossEncoderTrainConfig(**(train or {})),
+                queries=queries,
             )
             result = run_offline_update(
-                settings, rows, texts, config, job_id=job_id, progress=progress
+                settings,
+                rows,
+                texts,
+                config,
+                rewrite=context_rewriter(settings),
+                job_id=job_id,
+                progress=progress,
             )
         except (LodestarError, ValueError) as exc:
             # The refusal as the API would answer it: code and field beside the message.

@@ -257,7 +257,7 @@ def label_queries(stack: Stack, queries: list[str], rank: int) -> list[str]:
     return ids
 
 
-def offline_update(stack: Stack, since: float) -> dict[str, Any]:
+def offline_update(stack: Stack, since: float, queries: str = "original") -> dict[str, Any]:
     accepted = post(
         stack,
         "/jobs/offline-update",
@@ -267,6 +267,7 @@ def offline_update(stack: Stack, since: float) -> dict[str, Any]:
             "min_examples": 8,
             "eval_fraction": 0.5,
             "train": TINY_TRAIN,
+            "queries": queries,
         },
     )
     assert accepted.status_code == 202, accepted.text
@@ -312,6 +313,20 @@ def test_offline_update_refuses_a_worse_model_and_publishes_a_better_one(
     manifest = json.loads((family / "versions" / better["version"] / "manifest.json").read_text())
     assert manifest["trained_on"] == "feedback"
     assert manifest["offline_update"]["after"]["ndcg@10"] == better["after"]["ndcg@10"]
+
+    # 3. The same labels with CAR applied to the feedback: the worker's rewriter (SmolLM2)
+    #    rewrites each training query with the document marked relevant, once (cached on disk).
+    car = offline_update(live_stack, since, queries="car")
+    assert car["examples"]["queries"] == "car" and car["examples"]["train_examples"] == 5
+    cache = live_stack.data_dir / "rewriter" / "cache"
+    records = [
+        json.loads(line)
+        for path in cache.rglob("*.jsonl")
+        for line in path.read_text().splitlines()
+        if line.strip()
+    ]
+    assert len(records) == 5, records
+    assert {r["record"]["original_query"] for r in records} <= set(queries)
 
     updates = "orchestrator_offline_updates_total"
     assert metric(live_stack, updates, component="reranker", outcome="rejected") >= 1

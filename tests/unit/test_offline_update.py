@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from services.reranker import offline_update as ou
-from services.reranker.cross_encoder import TextDoc, cross_encoder_family
+from services.reranker.cross_encoder import RankingExample, TextDoc, cross_encoder_family
 from shared.settings import Settings
 
 QUERIES = [f"query {i}" for i in range(8)]
@@ -195,3 +195,48 @@ def test_too_few_examples_fail_clearly(tmp_path: Path) -> None:
             texts,
             ou.OfflineUpdateConfig(min_examples=20),
         )
+
+
+def test_car_queries_train_on_rewrites_of_the_labelled_queries(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    rows = label_rows(relevant_rank=1)
+    seen: list[list[tuple[str, str, str]]] = []
+    trained_on: list[list[RankingExample]] = []
+
+    def rewrite(items: Sequence[tuple[str, str, TextDoc]]) -> list[str]:
+        seen.append([(key, query, doc.doc_id) for key, query, doc in items])
+        return [f"{query} about {doc.doc_id}" for _, query, doc in items]
+
+    def train(examples: list[RankingExample], *args: Any, **kwargs: Any) -> FakeModel:
+        trained_on.append(examples)
+        return FakeModel({r["doc_id"] for r in rows}, oracle=True)
+
+    monkeypatch.setattr(ou, "train_cross_encoder", train)
+    settings = Settings(data_dir=tmp_path)
+    config = ou.OfflineUpdateConfig(min_examples=4, queries="original+car")
+    result = ou.run_offline_update(settings, rows, texts, config, rewrite=rewrite)
+    # Each training query is rewritten once, with the document its label marked relevant.
+    assert all(doc.startswith(f"q{QUERIES.index(query)}-") for _, query, doc in seen[0])
+    originals = [e for e in trained_on[0] if e.source == "feedback:user"]
+    rewrites = [e for e in trained_on[0] if e.source == "feedback:user+car"]
+    assert len(originals) == len(rewrites) == len(seen[0]) == result["examples"]["train_queries"]
+    assert {e.query for e in rewrites} == {
+        f"{e.query} about {e.positive.doc_id}" for e in originals
+    }
+    assert result["examples"]["queries"] == "original+car"
+    car_only = ou.with_rewrites(originals, "car", rewrite)
+    assert [e.query for e in car_only] == [e.query for e in rewrites]
+    assert ou.with_rewrites(originals, "original", None) == originals
+    with pytest.raises(ValueError, match="needs a rewriter"):
+        ou.with_rewrites(originals, "car", None)
+    with pytest.raises(ValueError, match="queries must be"):
+        ou.OfflineUpdateConfig(queries="paraphrase")
+
+
+def test_the_api_offers_exactly_the_update_query_modes() -> None:
+    from typing import get_args
+
+    from services.orchestrator.feedback_api import OfflineUpdateRequest
+
+    assert get_args(OfflineUpdateRequest.model_fields["queries"].annotation) == ou.QUERY_MODES

@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 from shared.settings import Settings
 
 if TYPE_CHECKING:
-    from services.orchestrator.adapt import AdaptationWeights
+    from services.orchestrator.adapt import AdaptationWeights, FeedbackAdaptation
     from shared.datasets import BeirDataset
     from shared.schemas import EmbedRequest, EmbedResponse, Hit
 
@@ -120,6 +120,9 @@ class FeedbackConfig:
     """Offline: start from the served cross-encoder (the data dir's ``CURRENT``) as the product's
     job does, and keep the queries it was trained on (its manifest's ``train_qids``) out of the
     feedback; False: from the MiniLM body, with the first stage as the model to beat."""
+    offline_queries: str = "original"
+    """Offline: train on the feedback queries as typed, CAR-rewritten with the document judged
+    relevant (``car``), or both (``original+car``); the update's ``queries``."""
     seed: int = 0
     collection: str = COLLECTION
 
@@ -330,22 +333,27 @@ class Searcher:
     def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return self.loop.run_until_complete(coroutine)
 
+    def _search(self, query: str, adaptation: FeedbackAdaptation | None = None) -> list[Hit]:
+        """RRF of dense and BM25, top 100, adapted by ``adaptation`` when given."""
+        from shared.store import Trace
+
+        trace = Trace(kind="search", request={"query": query, "collection": self.collection})
+        outcome = self._run(
+            self.pipeline.run(
+                trace,
+                query=query,
+                collection=self.collection,
+                k=DEPTH,
+                retrievers=("dense", "bm25"),
+                adaptation=adaptation,
+            )
+        )
+        return outcome.hits
+
     def first(self, query: str) -> list[Hit]:
         """The first ranking (RRF of dense and BM25, top 100), cached per query."""
         if query not in self._first:
-            from shared.store import Trace
-
-            trace = Trace(kind="search", request={"query": query, "collection": self.collection})
-            outcome = self._run(
-                self.pipeline.run(
-                    trace,
-                    query=query,
-                    collection=self.collection,
-                    k=DEPTH,
-                    retrievers=("dense", "bm25"),
-                )
-            )
-            self._first[query] = outcome.hits
+            self._first[query] = self._search(query)
         return self._first[query]
 
     def rerun(
@@ -360,7 +368,6 @@ class Searcher:
         documents: relevant ones pinned, irrelevant ones removed (``pin_and_remove``), and both
         adapting the query (Rocchio + RM3) with ``weights``."""
         from services.orchestrator.adapt import FeedbackAdaptation
-        from shared.store import Trace
 
         shown = {h.doc_id: h for h in self.first(query)}
         relevant = [d for d, r in labels.items() if r]
@@ -373,18 +380,7 @@ class Searcher:
             documents={d: shown[d] for d in labels if d in shown},
             weights=weights,
         )
-        trace = Trace(kind="search", request={"query": query, "collection": self.collection})
-        outcome = self._run(
-            self.pipeline.run(
-                trace,
-                query=query,
-                collection=self.collection,
-                k=DEPTH,
-                retrievers=("dense", "bm25"),
-                adaptation=adaptation,
-            )
-        )
-        return [h.doc_id for h in outcome.hits]
+        return [h.doc_id for h in self._search(query, adaptation)]
 
 
 def first_rankings(searcher: Searcher, queries: Mapping[str, str]) -> dict[str, list[str]]:
@@ -671,6 +667,7 @@ def run_offline(
         publish_cross_encoder,
     )
     from services.reranker.offline_update import OfflineUpdateConfig, run_offline_update
+    from services.worker.offline_update import context_rewriter
 
     corpus = {d.id: d for d in dataset.corpus}
     test_qrels = dataset.qrels["test"]
@@ -748,6 +745,7 @@ def run_offline(
         )
         update_config = OfflineUpdateConfig(
             seed=config.seed,
+            queries=config.offline_queries,
             train=CrossEncoderTrainConfig(
                 steps=config.steps,
                 batch_size=config.batch_size,
@@ -778,6 +776,8 @@ def run_offline(
                     rows,
                     texts,
                     update_config,
+                    # The rewrite cache lives in the real data dir: a rerun costs no generation.
+                    rewrite=context_rewriter(settings, sorted(forbidden)),
                     progress=progress_bar(f"feedback: offline update N={size}", unit="step"),
                 )
             except Exception as exc:  # too little feedback at a tiny N: reported, not fatal
@@ -974,25 +974,16 @@ def run_shadow(
     subset_ids = seeded_order(test_ids, config.seed, "shadow")[: config.shadow_queries]
     agents, notes = shadow_agents(settings, config.agents, offline_model)
     bar = progress_bar("feedback: shadow", unit="query")
-    probabilities = agent_probabilities(
-        agents,
-        searcher,
-        _agent_queries(agents, subset_ids, config.llm_queries, dataset.queries),
-        depth,
-        bar,
-        "judge test queries",
-    )
+
+    def judge(ids: Sequence[str], stage: str) -> dict[str, dict[str, dict[str, float]]]:
+        queries = _agent_queries(agents, ids, config.llm_queries, dataset.queries)
+        return agent_probabilities(agents, searcher, queries, depth, bar, stage)
+
+    probabilities = judge(subset_ids, "judge test queries")
     calibration: dict[str, Any] = {}
     if config.calibrate_queries > 0 and agents:
         calib_ids = list(calibration_ids)[: config.calibrate_queries]
-        calib_p = agent_probabilities(
-            agents,
-            searcher,
-            _agent_queries(agents, calib_ids, config.llm_queries, dataset.queries),
-            depth,
-            bar,
-            "judge train queries",
-        )
+        calib_p = judge(calib_ids, "judge train queries")
         train_qrels = dataset.qrels["train"]
         for name, by_query in calib_p.items():
             probs: list[float] = []
@@ -1526,6 +1517,7 @@ def cmd_experiment_feedback(args: argparse.Namespace, settings: Settings) -> int
         learning_rate=args.lr,
         loss=args.loss,
         warm_start=args.warm_start,
+        offline_queries=args.offline_queries,
         seed=args.seed,
     )
     from lodestar.evaluation.common import option_below_one
@@ -1552,6 +1544,8 @@ def cmd_experiment_feedback(args: argparse.Namespace, settings: Settings) -> int
 
 
 def register(group: Any) -> None:
+    from services.reranker.offline_update import QUERY_MODES
+
     parser = group.add_parser(
         "feedback",
         help="NExT-Search feedback with simulated users: online, shadow, offline (SciFact)",
@@ -1581,6 +1575,12 @@ def register(group: Any) -> None:
         "--warm-start",
         action="store_true",
         help="offline: update the served cross-encoder instead of training from the body",
+    )
+    parser.add_argument(
+        "--offline-queries",
+        choices=QUERY_MODES,
+        default=d.offline_queries,
+        help="offline: train on the feedback queries as typed, CAR-rewritten, or both",
     )
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--out", default=str(DEFAULT_OUT))

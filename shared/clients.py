@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal, TypeVar, get_args
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, get_args
 from urllib.parse import quote
 
 import httpx
@@ -28,15 +28,17 @@ from shared.errors import ErrorCode, LodestarError
 from shared.schemas import (
     CollectionInfo,
     Document,
-    EmbedRequest,
     EmbedResponse,
-    IndexSearchRequest,
     IndexSearchResponse,
     Passage,
     QueryText,
     WriteResponse,
 )
 from shared.settings import Settings
+
+if TYPE_CHECKING:
+    # Request bodies only annotate parameters here; the responses are validated at run time.
+    from shared.schemas import EmbedRequest, IndexSearchRequest
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 

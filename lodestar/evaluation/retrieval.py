@@ -22,10 +22,11 @@ from __future__ import annotations
 import asyncio
 import copy
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from lodestar.evaluation.common import (
     RESULTS_DIR,
@@ -90,8 +91,11 @@ class SearchResult:
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
-class SearchBackend(Protocol):
-    """Where first-stage retrieval (+ fusion, + reranking) runs: in-process or over HTTP."""
+class SearchBackend(ABC):
+    """Where first-stage retrieval (+ fusion, + reranking) runs: in-process or over HTTP.
+
+    ``search`` is the keyword interface every caller uses, declared once here; a backend
+    implements ``_search``."""
 
     name: str
 
@@ -103,12 +107,19 @@ class SearchBackend(Protocol):
         k: int,
         retrievers: Sequence[str],
         rerank: str | None = None,
+    ) -> SearchResult:
+        return await self._search(query, collection, k, retrievers, rerank)
+
+    @abstractmethod
+    async def _search(
+        self, query: str, collection: str, k: int, retrievers: Sequence[str], rerank: str | None
     ) -> SearchResult: ...
 
-    async def aclose(self) -> None: ...
+    async def aclose(self) -> None:
+        return None
 
 
-class InProcessBackend:
+class InProcessBackend(SearchBackend):
     """The orchestrator's ``SearchPipeline`` over ``InProcessIndex`` (the index engine)."""
 
     name = "in-process"
@@ -135,14 +146,8 @@ class InProcessBackend:
         clone.pipeline = self._fm_pipeline
         return clone
 
-    async def search(
-        self,
-        *,
-        query: str,
-        collection: str,
-        k: int,
-        retrievers: Sequence[str],
-        rerank: str | None = None,
+    async def _search(
+        self, query: str, collection: str, k: int, retrievers: Sequence[str], rerank: str | None
     ) -> SearchResult:
         from shared.store import Trace
 
@@ -156,11 +161,8 @@ class InProcessBackend:
             timings_ms=dict(outcome.timings_ms),
         )
 
-    async def aclose(self) -> None:
-        return None
 
-
-class HttpBackend:
+class HttpBackend(SearchBackend):
     """A running stack: the orchestrator's ``POST /search`` (same pipeline, plus HTTP and store)."""
 
     def __init__(self, base_url: str, settings: Settings, timeout_s: float = 60.0) -> None:
@@ -213,14 +215,8 @@ class HttpBackend:
             raise EvalUsageError(f"{self.name}/collections/{name}: HTTP {status}: {body}")
         return body
 
-    async def search(
-        self,
-        *,
-        query: str,
-        collection: str,
-        k: int,
-        retrievers: Sequence[str],
-        rerank: str | None = None,
+    async def _search(
+        self, query: str, collection: str, k: int, retrievers: Sequence[str], rerank: str | None
     ) -> SearchResult:
         body = await self.post(
             "/search",

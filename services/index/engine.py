@@ -46,10 +46,11 @@ import os
 import shutil
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -162,7 +163,10 @@ class SearchParams:
                 raise invalid(f"{name} must be between 1 and {max_candidates}", field=name)
 
 
-class DenseSearcher(Protocol):
+class DenseSearcher(ABC):
+    """A dense backend: ``search``'s signature and defaults are declared once here, each
+    backend implements ``_search``."""
+
     name: str
     """The backend that answers, e.g. ``flat`` or ``ivfpq+exact``."""
     embeddings: np.ndarray
@@ -173,10 +177,17 @@ class DenseSearcher(Protocol):
         k: int,
         params: SearchParams | None = None,
         timings: dict[str, float] | None = None,
+    ) -> list[ScoredDoc]:
+        """The top ``k`` documents; ``timings`` (when given) gets the backend's stage times."""
+        return self._search(query_vector, k, params or SearchParams(), timings)
+
+    @abstractmethod
+    def _search(
+        self, query: np.ndarray, k: int, params: SearchParams, timings: dict[str, float] | None
     ) -> list[ScoredDoc]: ...
 
 
-class ExactDenseSearcher:
+class ExactDenseSearcher(DenseSearcher):
     """Brute-force inner product over every live passage vector (the baseline every ANN is held
     to). Tombstoned rows score -inf, so they can never win their document's max."""
 
@@ -189,22 +200,18 @@ class ExactDenseSearcher:
         self.doc_starts = doc_starts
         self.dead_rows = dead_rows if dead_rows is not None else np.zeros(0, np.int64)
 
-    def search(
-        self,
-        query_vector: np.ndarray,
-        k: int,
-        params: SearchParams | None = None,
-        timings: dict[str, float] | None = None,
+    def _search(
+        self, query: np.ndarray, k: int, params: SearchParams, timings: dict[str, float] | None
     ) -> list[ScoredDoc]:
         if self.doc_starts.shape[0] == 0:
             return []
-        passage_scores = self.embeddings @ query_vector
+        passage_scores = self.embeddings @ query
         if self.dead_rows.shape[0]:
             passage_scores[self.dead_rows] = -np.inf
         return _top_docs(passage_scores, self.doc_starts, k)
 
 
-class TwoStageDenseSearcher:
+class TwoStageDenseSearcher(DenseSearcher):
     """CompactDS: the ANN proposes K candidate rows (plus every live row of the fresh segment);
     their full-precision vectors are gathered from the memmap in sorted row order, scored exactly,
     and documents ranked by their best candidate passage. Never re-scores PQ reconstructions and
@@ -240,20 +247,16 @@ class TwoStageDenseSearcher:
         rows = rows[self.live[rows]][:wanted]
         return np.union1d(rows, self.fresh_rows)
 
-    def search(
-        self,
-        query_vector: np.ndarray,
-        k: int,
-        params: SearchParams | None = None,
-        timings: dict[str, float] | None = None,
+    def _search(
+        self, query: np.ndarray, k: int, params: SearchParams, timings: dict[str, float] | None
     ) -> list[ScoredDoc]:
         started = time.perf_counter()
-        rows = self.candidate_rows(query_vector, k, params or SearchParams())
+        rows = self.candidate_rows(query, k, params)
         ann_done = time.perf_counter()
         if rows.shape[0] == 0:
             return []
         # Fancy indexing a memmap with sorted rows reads just those rows, front to back.
-        scores = np.asarray(self.embeddings[rows], dtype=np.float32) @ query_vector
+        scores = np.asarray(self.embeddings[rows], dtype=np.float32) @ query
         docs = self.passage_doc_index[rows]  # non-decreasing: live passages are in doc order
         starts = np.flatnonzero(np.r_[True, np.diff(docs) != 0])
         ranked = [

@@ -37,11 +37,13 @@ from services.orchestrator.rerun import (
 from services.orchestrator.rounds import (
     AnswerPiece,
     AnswerPipeline,
+    LoopEvent,
     RoundFinished,
     RoundRecord,
     RoundsFinished,
     RoundsOutcome,
     RoundStarted,
+    last_outcome,
 )
 from services.orchestrator.search import SearchOutcome, SearchPipeline
 from shared.app import CeleryDep, SettingsDep, check_k, check_text, from_state, require_ready
@@ -398,14 +400,7 @@ async def answer(
     if body.stream:
         return EventSourceResponse(_answer_events(trace, question, body, store, pipeline))
     started = time.perf_counter()
-    outcome = await pipeline.run_rounds(
-        trace,
-        question=question,
-        collection=body.collection,
-        k=body.k,
-        max_rounds=body.max_rounds,
-        subqueries=body.subqueries,
-    )
+    outcome = await last_outcome(_rounds(trace, question, body, pipeline))
     timings = {**outcome.timings_ms, "total": (time.perf_counter() - started) * 1000}
     response = _answer_response(trace, outcome, timings, adaptation)
     trace.response = response.model_dump(exclude={"timings_ms"})
@@ -434,6 +429,21 @@ def _answer_response(
     )
 
 
+def _rounds(
+    trace: Trace, question: str, body: AnswerRequest, pipeline: AnswerPipeline, stream: bool = False
+) -> AsyncIterator[LoopEvent]:
+    """The loop as the request asks for it, streamed or not."""
+    return pipeline.rounds(
+        trace,
+        question=question,
+        collection=body.collection,
+        k=body.k,
+        max_rounds=body.max_rounds,
+        subqueries=body.subqueries,
+        stream=stream,
+    )
+
+
 async def _answer_events(
     trace: Trace, question: str, body: AnswerRequest, store: Store, pipeline: AnswerPipeline
 ) -> AsyncIterator[dict[str, str]]:
@@ -443,15 +453,7 @@ async def _answer_events(
     stored."""
     started = time.perf_counter()
     try:
-        async for event in pipeline.rounds(
-            trace,
-            question=question,
-            collection=body.collection,
-            k=body.k,
-            max_rounds=body.max_rounds,
-            subqueries=body.subqueries,
-            stream=True,
-        ):
+        async for event in _rounds(trace, question, body, pipeline, stream=True):
             if isinstance(event, RoundStarted):
                 data: dict[str, Any] = {
                     "round": event.round,

@@ -4,11 +4,12 @@ governed by a critic."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, ParamSpec, Protocol
 
 from services.orchestrator.decompose import (
     DEFAULT_SUBQUERIES,
@@ -55,6 +56,7 @@ from shared.store import StageRun, Trace
 #: A rerun's hook into retrieval: the parent's result for a sub-query it can reuse (its stages
 #: copied into the trace), or ``None`` to retrieve it again.
 ReuseRetrieval = Callable[[Trace, SubQuery], SearchOutcome | None]
+P = ParamSpec("P")
 
 
 class ChatGenerator(Protocol):
@@ -227,6 +229,27 @@ class RoundsFinished:
 LoopEvent = RoundStarted | AnswerPiece | RoundFinished | RoundsFinished
 
 
+def final_outcome(
+    loop: Callable[P, AsyncIterator[LoopEvent]],
+) -> Callable[P, Awaitable[RoundsOutcome]]:
+    """``loop``'s last event's outcome, taking ``loop``'s own arguments (so the loop's signature
+    and defaults are written once)."""
+
+    @functools.wraps(loop)
+    async def run(*args: P.args, **kwargs: P.kwargs) -> RoundsOutcome:
+        return await last_outcome(loop(*args, **kwargs))
+
+    return run
+
+
+async def last_outcome(events: AsyncIterator[LoopEvent]) -> RoundsOutcome:
+    """The outcome of the loop's ``RoundsFinished``, its last event."""
+    async for event in events:
+        if isinstance(event, RoundsFinished):
+            return event.outcome
+    raise AssertionError("the answer loop ended without an outcome")  # pragma: no cover
+
+
 class AnswerSelection(StrEnum):
     """Which round's answer the loop returns."""
 
@@ -387,39 +410,6 @@ class AnswerPipeline:
         return await asyncio.to_thread(
             generator.generate, messages, max_new_tokens=max_new_tokens, temperature=temperature
         )
-
-    async def run_rounds(
-        self,
-        trace: Trace,
-        *,
-        question: str,
-        collection: str,
-        k: int,
-        max_rounds: int | None = None,
-        policy: StopPolicy = StopPolicy.critic,
-        temperature: float = 0.0,
-        subqueries: int | None = None,
-        selection: AnswerSelection = AnswerSelection.auto,
-        given: Decomposition | None = None,
-        reuse: ReuseRetrieval | None = None,
-    ) -> RoundsOutcome:
-        """The multi-round loop without streaming: its final outcome."""
-        async for event in self.rounds(
-            trace,
-            question=question,
-            collection=collection,
-            k=k,
-            max_rounds=max_rounds,
-            policy=policy,
-            temperature=temperature,
-            subqueries=subqueries,
-            selection=selection,
-            given=given,
-            reuse=reuse,
-        ):
-            if isinstance(event, RoundsFinished):
-                return event.outcome
-        raise AssertionError("the answer loop ended without an outcome")  # pragma: no cover
 
     async def decompose(self, trace: Trace, question: str, n: int) -> Decomposition:
         """Stage ``decompose`` of round 1: the question and up to ``n - 1`` sub-queries from the
@@ -728,6 +718,9 @@ class AnswerPipeline:
                 chosen_by=chosen_by,
             )
         )
+
+    run_rounds = final_outcome(rounds)
+    """The multi-round loop without streaming: its final outcome (``rounds``' arguments)."""
 
     async def _follow_up(
         self,

@@ -9,6 +9,7 @@ import pytest
 from lodestar.experiments.car import fuse, rank_run, rerank_top
 from services.reranker.cross_encoder import LeakageError, TextDoc
 from services.reranker.training_data import (
+    PreparedPairs,
     TrainPair,
     condition_queries,
     examples_for,
@@ -127,33 +128,17 @@ def test_prepare_pairs_adds_synthetic_pairs_and_rewrites_only_what_the_condition
     def synthesize(n: int, progress: object) -> list[tuple[str, str, str]]:
         return [("syn-d7", "what does d7 say", "d7")][:n]
 
-    plain = prepare_pairs(
-        QUERIES,
-        QRELS,
-        {"test-doc"},
-        conditions=["car"],
-        limit=10,
-        seed=0,
-        search=search,
-        rewrite=rewrite,
-        synthesize=synthesize,
-        synthetic=5,
-    )
+    def prepare(*conditions: str) -> PreparedPairs:
+        return prepare_pairs(
+            QUERIES, QRELS, {"test-doc"}, conditions=conditions, limit=10, seed=0,
+            search=search, rewrite=rewrite, synthesize=synthesize, synthetic=5,
+        )  # fmt: skip
+
+    plain = prepare("car")
     assert plain.synthetic_requested == 0 and not any(p.synthetic for p in plain.pairs)
     assert [(mode, sorted(qids)) for mode, qids in rewritten] == [("context", ["q1", "q3"])]
     rewritten.clear()
-    both = prepare_pairs(
-        QUERIES,
-        QRELS,
-        {"test-doc"},
-        conditions=["car+synthetic", "query-only"],
-        limit=10,
-        seed=0,
-        search=search,
-        rewrite=rewrite,
-        synthesize=synthesize,
-        synthetic=5,
-    )
+    both = prepare("car+synthetic", "query-only")
     syn = next(p for p in both.pairs if p.synthetic)
     assert syn.doc_id == "d7" and "d7" not in syn.negatives
     assert syn.rewrites == {"context": "context: what does d7 say"}

@@ -141,6 +141,8 @@ def train_and_publish(
     train_qrels = dataset.qrels["train"]
     collection, documents = COLLECTION, dataset.corpus
     if corpus_limit is not None:
+        # The same seeded sample prepare_pairs draws below (cheap): its judged documents must be
+        # in the slice before anything is searched.
         sampled, _ = training_pairs(
             dataset.queries, train_qrels, forbidden_docs, train_queries, seed
         )

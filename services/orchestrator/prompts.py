@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from shared.schemas import Hit
+from shared.text import FUNCTION_WORDS
 
 ANSWER_SYSTEM_PROMPT = (
     "You answer questions using only the numbered passages you are given. "
@@ -16,34 +17,6 @@ ANSWER_SYSTEM_PROMPT = (
 )
 _CITATION_RE = re.compile(r"\[(\d{1,2})\]")
 _WORD_RE = re.compile(r"\w+")
-_STOP = frozenset(
-    [
-        "a",
-        "an",
-        "the",
-        "of",
-        "in",
-        "on",
-        "at",
-        "to",
-        "is",
-        "was",
-        "by",
-        "for",
-        "and",
-        "or",
-        "with",
-        "as",
-        "from",
-        "it",
-        "its",
-        "this",
-        "that",
-        "be",
-        "are",
-        "were",
-    ]
-)
 
 
 def build_answer_messages(
@@ -91,7 +64,9 @@ def choose_citations(raw_answer: str, hits: Sequence[Hit]) -> tuple[list[Hit], s
             marked.append(hits[index])
     if marked:
         return marked, "marker"
-    words = {w for w in _WORD_RE.findall(clean_answer(raw_answer).lower()) if w not in _STOP}
+    words = {
+        w for w in _WORD_RE.findall(clean_answer(raw_answer).lower()) if w not in FUNCTION_WORDS
+    }
     if words:
         overlapping = [
             hit for hit in hits if words & set(_WORD_RE.findall(f"{hit.title} {hit.text}".lower()))
@@ -277,7 +252,7 @@ _LIST_MARKER_RE = re.compile(
 
 
 def _content_words(text: str) -> list[str]:
-    return [w for w in _WORD_RE.findall(text.lower()) if w not in _STOP]
+    return [w for w in _WORD_RE.findall(text.lower()) if w not in FUNCTION_WORDS]
 
 
 def query_problem(

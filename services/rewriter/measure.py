@@ -36,38 +36,16 @@ from services.rewriter.engine import (
     sample_documents,
 )
 from shared.settings import Settings, get_settings
+from shared.text import FUNCTION_WORDS
 
 DEFAULT_VARIANTS = ("context-instruct-v2", "context-terms-v1")
 _WORD = re.compile(r"[a-z0-9]+")
-_STOP = frozenset(
+#: Content words: what is left without these (the orchestrator's function words and more).
+_STOP = FUNCTION_WORDS | frozenset(
     [
-        "a",
-        "an",
-        "the",
-        "of",
-        "in",
-        "on",
-        "for",
-        "to",
-        "and",
-        "or",
-        "is",
-        "are",
-        "was",
-        "were",
-        "be",
         "been",
-        "by",
-        "with",
-        "as",
-        "at",
-        "from",
-        "that",
-        "this",
         "these",
         "those",
-        "it",
-        "its",
         "into",
         "than",
         "then",

@@ -2,9 +2,9 @@
 
 ``chat_generator(settings)`` is what callers ask for: with ``LODESTAR_GENERATOR_URL`` set it is a
 ``RemoteGenerator`` speaking the OpenAI chat-completions protocol (the ``generator`` service, or
-``vllm serve``); empty, it is the in-process ``shared.models.Generator``. Both have the same
-interface (``model_id``, ``generate``, ``stream``, ``tokenizer``), so a caller cannot tell which
-it has, and the congruence test holds them to the same greedy output.
+``vllm serve``); empty, it is the in-process ``shared.models.Generator``. Both are
+``shared.models.ChatModel`` (``model_id``, ``generate``, ``stream``) with a ``tokenizer``, so a
+caller cannot tell which it has, and the congruence test holds them to the same greedy output.
 
 Why a thin httpx client and not the official ``openai`` package: the platform's calls must carry
 the request deadline (``X-Lodestar-Deadline``) and a timeout capped by it, and must fail fast into
@@ -32,7 +32,7 @@ from shared.app import DEADLINE_HEADER, REQUEST_ID_HEADER, remaining_seconds, re
 from shared.app import request_id as current_request_id
 from shared.clients import DependencyError
 from shared.errors import ErrorCode, LodestarError
-from shared.models import Generation, Generator, get_generator, prepare_llm
+from shared.models import ChatModel, Generation, Generator, get_generator, prepare_llm
 from shared.settings import Settings
 
 SERVICE = "generator"
@@ -45,8 +45,8 @@ def _base_url(url: str) -> str:
     return url[: -len("/v1")] if url.endswith("/v1") else url
 
 
-class RemoteGenerator:
-    """``shared.models.Generator``'s interface over ``POST /v1/chat/completions``.
+class RemoteGenerator(ChatModel):
+    """A ``shared.models.ChatModel`` over ``POST /v1/chat/completions``.
 
     Greedy (``temperature`` 0) by default, like the in-process generator; the text is stripped
     the same way. Errors: unreachable, slow or failing servers raise ``DependencyError``
@@ -119,12 +119,8 @@ class RemoteGenerator:
             raise LodestarError(code, f"{SERVICE}: {message}")
         raise DependencyError(SERVICE, f"HTTP {response.status_code}: {message}")
 
-    def generate(
-        self,
-        messages: Sequence[dict[str, str]],
-        *,
-        max_new_tokens: int = 64,
-        temperature: float = 0.0,
+    def _generate(
+        self, messages: Sequence[dict[str, str]], max_new_tokens: int, temperature: float
     ) -> Generation:
         body, headers, budget = self._request(messages, max_new_tokens, temperature)
         started = time.perf_counter()
@@ -150,16 +146,11 @@ class RemoteGenerator:
             time.perf_counter() - started,
         )
 
-    def stream(
-        self,
-        messages: Sequence[dict[str, str]],
-        *,
-        max_new_tokens: int = 64,
-        temperature: float = 0.0,
+    def _stream(
+        self, messages: Sequence[dict[str, str]], max_new_tokens: int, temperature: float
     ) -> Iterator[str | Generation]:
-        """Text pieces as the server sends them, then one ``Generation`` (usage from the
-        server's final chunk). Closing the iterator early closes the connection, which cancels
-        the generation on the server."""
+        # Pieces as the server sends them; usage from its final chunk. Closing the iterator
+        # early closes the connection, which cancels the generation on the server.
         body, headers, budget = self._request(messages, max_new_tokens, temperature)
         body.update(stream=True, stream_options={"include_usage": True})
         started = time.perf_counter()

@@ -19,6 +19,7 @@ import logging
 import shutil
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -237,7 +238,46 @@ class Generation:
     seconds: float
 
 
-class Generator:
+class ChatModel(ABC):
+    """The chat interface text-only callers are given (``shared.llm.chat_generator``): the
+    in-process :class:`Generator` or ``shared.llm.RemoteGenerator``, with the same defaults
+    (greedy, 64 new tokens), so a caller cannot tell which it has."""
+
+    model_id: str
+
+    def generate(
+        self,
+        messages: Sequence[dict[str, str]],
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+    ) -> Generation:
+        """The whole reply, stripped, with its token counts and time."""
+        return self._generate(messages, max_new_tokens, temperature)
+
+    def stream(
+        self,
+        messages: Sequence[dict[str, str]],
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+    ) -> Iterator[str | Generation]:
+        """Text pieces as they are generated, then one final ``Generation`` with the whole text
+        and token counts. Closing the iterator early stops the generation."""
+        return self._stream(messages, max_new_tokens, temperature)
+
+    @abstractmethod
+    def _generate(
+        self, messages: Sequence[dict[str, str]], max_new_tokens: int, temperature: float
+    ) -> Generation: ...
+
+    @abstractmethod
+    def _stream(
+        self, messages: Sequence[dict[str, str]], max_new_tokens: int, temperature: float
+    ) -> Iterator[str | Generation]: ...
+
+
+class Generator(ChatModel):
     """Chat generation with SmolLM2 (or any causal LM directory with a chat template)."""
 
     def __init__(
@@ -275,12 +315,8 @@ class Generator:
             kwargs.update(do_sample=False)
         return kwargs
 
-    def generate(
-        self,
-        messages: Sequence[dict[str, str]],
-        *,
-        max_new_tokens: int = 64,
-        temperature: float = 0.0,
+    def _generate(
+        self, messages: Sequence[dict[str, str]], max_new_tokens: int, temperature: float
     ) -> Generation:
         import torch
 
@@ -292,15 +328,10 @@ class Generator:
         text = self.tokenizer.decode(new, skip_special_tokens=True).strip()
         return Generation(text, int(ids.shape[1]), int(new.shape[0]), time.perf_counter() - started)
 
-    def stream(
-        self,
-        messages: Sequence[dict[str, str]],
-        *,
-        max_new_tokens: int = 64,
-        temperature: float = 0.0,
+    def _stream(
+        self, messages: Sequence[dict[str, str]], max_new_tokens: int, temperature: float
     ) -> Iterator[str | Generation]:
-        """Yield text pieces as they are generated, then one final ``Generation`` with the whole
-        text and token counts (generation runs in a worker thread)."""
+        # Generation runs in a worker thread; the streamer hands its pieces over.
         import torch
         from transformers import TextIteratorStreamer
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator, Sequence
 from services.critic.practice import PracticeRow
 from services.orchestrator.prompts import DECOMPOSE_SYSTEM_PROMPT, QUERY_SYSTEM_PROMPT
 from shared.clients import JudgeRequest, JudgeResponse
-from shared.models import Generation
+from shared.models import ChatModel, Generation
 from shared.schemas import Hit, IndexSearchRequest, IndexSearchResponse
 
 
@@ -37,7 +37,7 @@ class ScriptedIndex:
         )
 
 
-class ScriptedReasoner:
+class ScriptedReasoner(ChatModel):
     """A greedy model stand-in: follow-up queries, decompositions and answers from three
     scripts, in order; the system prompt of each call says which script it takes from."""
 
@@ -54,7 +54,9 @@ class ScriptedReasoner:
         #: The user message of every call, in order.
         self.prompts: list[str] = []
 
-    def generate(self, messages: Sequence[dict[str, str]], **_options: object) -> Generation:
+    def _generate(
+        self, messages: Sequence[dict[str, str]], max_new_tokens: int, temperature: float
+    ) -> Generation:
         """The next text of the script the system prompt names; a generation's options (its
         token budget, its temperature) change nothing in a script."""
         self.prompts.append(messages[-1]["content"])
@@ -68,11 +70,11 @@ class ScriptedReasoner:
         )
         return Generation(script.pop(0), 10, 5, 0.01)
 
-    def stream(
-        self, messages: Sequence[dict[str, str]], **_options: object
+    def _stream(
+        self, messages: Sequence[dict[str, str]], max_new_tokens: int, temperature: float
     ) -> Iterator[str | Generation]:
         """The same text as ``generate``, a word at a time, then the whole generation."""
-        generation = self.generate(messages)
+        generation = self._generate(messages, max_new_tokens, temperature)
         for word in generation.text.split(" "):
             yield word + " "
         yield generation

@@ -55,7 +55,7 @@ from lodestar.evaluation.common import (
 )
 from lodestar.evaluation.retrieval import HttpBackend
 from shared.datasets import load_hotpotqa, load_nq_open_oracle
-from shared.models import LLM_ID
+from shared.models import LLM_ID, ChatModel, Generation
 from shared.schemas import Document, QAExample
 from shared.settings import Settings
 
@@ -119,7 +119,7 @@ class RagOutcome:
     """Why a multi-round method stopped (``accepted``, ``max_rounds``, ``repeated_query``, ...)."""
 
 
-class ReplayingGenerator:
+class ReplayingGenerator(ChatModel):
     """The reasoner, with greedy generations remembered by prompt: loop methods that share a
     trajectory prefix compute it once. Sampled generations are never replayed. The replayed
     ``Generation`` keeps its measured ``seconds``."""
@@ -127,11 +127,9 @@ class ReplayingGenerator:
     def __init__(self, generator: Any, cache_path: Path | None = None) -> None:
         self.generator = generator
         self.model_id = generator.model_id
-        self._memory: dict[str, Any] = {}
+        self._memory: dict[str, Generation] = {}
         self.cache_path = cache_path
         if cache_path is not None and cache_path.exists():
-            from shared.models import Generation
-
             with cache_path.open(encoding="utf-8") as handle:
                 for line in handle:
                     if line.strip():
@@ -142,17 +140,14 @@ class ReplayingGenerator:
         text = json.dumps([self.model_id, list(messages), max_new_tokens])
         return hashlib.sha256(text.encode()).hexdigest()
 
-    def generate(
-        self,
-        messages: Sequence[dict[str, str]],
-        *,
-        max_new_tokens: int = 64,
-        temperature: float = 0.0,
-    ) -> Any:
+    def _generate(
+        self, messages: Sequence[dict[str, str]], max_new_tokens: int, temperature: float
+    ) -> Generation:
         if temperature > 0:
-            return self.generator.generate(
+            sampled: Generation = self.generator.generate(
                 messages, max_new_tokens=max_new_tokens, temperature=temperature
             )
+            return sampled
         key = self._key(messages, max_new_tokens)
         if key not in self._memory:
             generation = self.generator.generate(messages, max_new_tokens=max_new_tokens)
@@ -165,14 +160,10 @@ class ReplayingGenerator:
                     handle.write(json.dumps(entry) + "\n")
         return self._memory[key]
 
-    def stream(
-        self,
-        messages: Sequence[dict[str, str]],
-        *,
-        max_new_tokens: int = 64,
-        temperature: float = 0.0,
-    ) -> Iterator[Any]:
-        generation = self.generate(messages, max_new_tokens=max_new_tokens, temperature=temperature)
+    def _stream(
+        self, messages: Sequence[dict[str, str]], max_new_tokens: int, temperature: float
+    ) -> Iterator[str | Generation]:
+        generation = self._generate(messages, max_new_tokens, temperature)
         yield generation.text
         yield generation
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
-from services.orchestrator.rounds import AnswerPipeline, ChatGenerator, Critic
+from services.orchestrator.rounds import AnswerPipeline, Critic
 from services.orchestrator.search import IndexSearcher, Reranker, SearchPipeline
+from shared.models import ChatModel
 from shared.settings import Settings
 
 if TYPE_CHECKING:
@@ -68,7 +69,7 @@ def in_process_search(
 def answer_pipeline(
     settings: Settings,
     search: SearchPipeline,
-    generator: Callable[[], ChatGenerator],
+    generator: Callable[[], ChatModel],
     *,
     critic: Critic | None = None,
     max_new_tokens: int | None = None,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ParamSpec, Protocol
@@ -49,7 +49,7 @@ from services.orchestrator.search import (
 )
 from shared.clients import DependencyError, JudgeRequest, JudgeResponse
 from shared.errors import ErrorCode, LodestarError
-from shared.models import Generation
+from shared.models import ChatModel, Generation
 from shared.schemas import Hit
 from shared.store import StageRun, Trace
 
@@ -57,26 +57,6 @@ from shared.store import StageRun, Trace
 #: copied into the trace), or ``None`` to retrieve it again.
 ReuseRetrieval = Callable[[Trace, SubQuery], SearchOutcome | None]
 P = ParamSpec("P")
-
-
-class ChatGenerator(Protocol):
-    model_id: str
-
-    def generate(
-        self,
-        messages: Sequence[dict[str, str]],
-        *,
-        max_new_tokens: int = 64,
-        temperature: float = 0.0,
-    ) -> Generation: ...
-
-    def stream(
-        self,
-        messages: Sequence[dict[str, str]],
-        *,
-        max_new_tokens: int = 64,
-        temperature: float = 0.0,
-    ) -> Iterator[str | Generation]: ...
 
 
 @dataclass
@@ -320,7 +300,7 @@ class AnswerPipeline:
     def __init__(
         self,
         search: SearchPipeline,
-        generator_factory: Callable[[], ChatGenerator],
+        generator_factory: Callable[[], ChatModel],
         max_new_tokens: int = 64,
         *,
         critic: Critic | None = None,

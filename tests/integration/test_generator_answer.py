@@ -14,12 +14,12 @@ import httpx
 import pytest
 
 from services.index.engine import IndexEngine, InProcessIndex
-from services.orchestrator.rounds import AnswerPipeline, ChatGenerator, RoundsFinished
+from services.orchestrator.rounds import AnswerPipeline, RoundsFinished
 from services.orchestrator.search import SearchPipeline
 from services.rewriter.engine import PairDocument, RewriterConfig, RewriterEngine
 from shared.clients import DependencyError
 from shared.llm import RemoteGenerator, chat_generator
-from shared.models import Generation, get_generator
+from shared.models import ChatModel, Generation, get_generator
 from shared.schemas import Document
 from shared.store import Trace
 from tests.conftest import Stack, free_port, loopback, make_settings, read_sse, start_stack
@@ -44,7 +44,7 @@ def stack(built_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
         yield stack
 
 
-def pipeline(data_dir: Path, generator: ChatGenerator) -> AnswerPipeline:
+def pipeline(data_dir: Path, generator: ChatModel) -> AnswerPipeline:
     settings = make_settings(data_dir)
     search = SearchPipeline(InProcessIndex(IndexEngine.from_settings(settings)))
     return AnswerPipeline(search, lambda: generator, max_new_tokens=16, critic=None)

@@ -26,6 +26,7 @@ DOCS_DIR = REPO_ROOT / "docs"
 BOOTSTRAP_SAMPLES = 10_000
 
 T = TypeVar("T")
+D = TypeVar("D")
 
 
 class EvalUsageError(ValueError):
@@ -58,6 +59,26 @@ def lookup(name: str, known: Mapping[str, T], what: str) -> T:
         return known[name]
     except KeyError:
         raise EvalUsageError(f"unknown {what} {name!r}; known: {', '.join(known)}") from None
+
+
+def resolve_run(
+    dataset: str,
+    datasets: Mapping[str, D],
+    names: Sequence[str],
+    known: Mapping[str, T],
+    what: str,
+    limit: int | None,
+) -> tuple[D, list[T]]:
+    """An evaluation's dataset and its chosen ``what`` (systems, methods), checked before any
+    work: a known dataset, at least one name and each known, and a ``limit`` (first queries or
+    questions) that leaves pairs for the significance tests. :class:`EvalUsageError` otherwise."""
+    spec = lookup(dataset, datasets, "dataset")
+    if not names:
+        raise EvalUsageError(f"no {what} given; known: {', '.join(known)}")
+    chosen = [lookup(name, known, what) for name in names]
+    if limit is not None and limit < 2:
+        raise EvalUsageError(f"--limit must be at least 2 (paired tests need pairs), got {limit}")
+    return spec, chosen
 
 
 # --------------------------------------------------------------------------------------------

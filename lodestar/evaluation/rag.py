@@ -50,6 +50,7 @@ from lodestar.evaluation.common import (
     lookup,
     parse_names,
     print_and_save,
+    resolve_run,
     result_tail,
     significance_block,
 )
@@ -576,12 +577,7 @@ async def evaluate_rag_async(
     """Answer the first ``limit`` questions of ``dataset`` with each method; the results document."""
     from tqdm import tqdm
 
-    spec = lookup(dataset, DATASETS, "dataset")
-    chosen = [lookup(name, METHODS, "method") for name in methods]
-    if not chosen:
-        raise EvalUsageError(f"no method given; known: {', '.join(METHODS)}")
-    if limit is not None and limit < 2:
-        raise EvalUsageError(f"--limit must be at least 2 (paired tests need pairs), got {limit}")
+    spec, chosen = resolve_run(dataset, DATASETS, methods, METHODS, "method", limit)
     if not 1 <= k <= settings.max_k:
         raise EvalUsageError(f"k must be between 1 and {settings.max_k}, got {k}")
     questions, corpus = spec.load()

@@ -37,6 +37,7 @@ from lodestar.evaluation.common import (
     lookup,
     parse_names,
     print_and_save,
+    resolve_run,
     result_tail,
     significance_block,
 )
@@ -378,10 +379,7 @@ async def evaluate_retrieval_async(
 ) -> dict[str, Any]:
     """Run ``systems`` over ``dataset``'s ``split`` (its first ``limit`` queries: the expensive
     re-rankers) and return the results document (JSON-able)."""
-    spec = lookup(dataset, DATASETS, "dataset")
-    chosen = [lookup(name, SYSTEMS, "system") for name in systems]
-    if not chosen:
-        raise EvalUsageError(f"no system given; known: {', '.join(SYSTEMS)}")
+    spec, chosen = resolve_run(dataset, DATASETS, systems, SYSTEMS, "system", limit)
     split = split or spec.default_split
     data = spec.load()
     if split not in data.qrels:
@@ -390,10 +388,6 @@ async def evaluate_retrieval_async(
         )
     queries = data.split_queries(split)
     if limit is not None:
-        if limit < 2:
-            raise EvalUsageError(
-                f"--limit must be at least 2 (paired tests need pairs), got {limit}"
-            )
         queries = dict(list(queries.items())[:limit])
     qrels = {qid: data.qrels[split][qid] for qid in queries if qid in data.qrels[split]}
     collection = collection_name(dataset)

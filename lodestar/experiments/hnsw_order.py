@@ -823,31 +823,29 @@ def run_experiment(config: ExperimentConfig, *, show_progress: bool = True) -> d
         payload["completed"].append(dataset.name)
         save()
 
+    def real_data_suite(dataset: Dataset, name: str) -> None:
+        """Measured (not synthetic) data: every library, ordering and seed, the level spread,
+        and the presets when ``preset_data`` names it."""
+        order_suite(
+            dataset,
+            config.libraries,
+            config.seeds,
+            None,
+            presets=name in config.preset_data,
+            level_spread=True,
+        )
+
     scifact: SciFactData | None = None
     for name in config.data:
         if name == "wiki" and "wiki" in payload["completed"]:
             continue
         if name == "wiki":
-            order_suite(
-                load_wiki(config.data_dir),
-                config.libraries,
-                config.seeds,
-                None,
-                presets="wiki" in config.preset_data,
-                level_spread=True,
-            )
+            real_data_suite(load_wiki(config.data_dir), name)
         elif name == "scifact":
             if "scifact" in payload["completed"] and payload["ranking"] is not None:
                 continue
             scifact = load_scifact_vectors(config.data_dir)
-            order_suite(
-                scifact.dataset,
-                config.libraries,
-                config.seeds,
-                None,
-                presets="scifact" in config.preset_data,
-                level_spread=True,
-            )
+            real_data_suite(scifact.dataset, name)
         elif name == "synthetic":
             for m in config.synthetic_dims:
                 synthetic = synthetic_dataset(
@@ -865,14 +863,7 @@ def run_experiment(config: ExperimentConfig, *, show_progress: bool = True) -> d
                     level_spread=False,
                 )
         elif name.endswith(".npy"):
-            order_suite(
-                npy_dataset(Path(name)),
-                config.libraries,
-                config.seeds,
-                None,
-                presets=name in config.preset_data,
-                level_spread=True,
-            )
+            real_data_suite(npy_dataset(Path(name)), name)
         else:
             raise ValueError(
                 f"unknown data {name!r}: wiki, scifact, synthetic or a path to a .npy file"

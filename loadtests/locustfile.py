@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from locust import FastHttpUser, between, task
@@ -46,6 +47,21 @@ def auth_headers() -> dict[str, str]:
     return {"Authorization": f"Bearer {key}"} if key else {}
 
 
+def _search_problem(payload: Any) -> str | None:
+    if not payload["hits"]:
+        return "no hits"
+    return None if isinstance(payload.get("trace_id"), str) else "no trace_id"
+
+
+def _answer_problem(payload: Any) -> str | None:
+    answer = payload["answer"]
+    return None if isinstance(answer, str) and answer.strip() else "empty answer"
+
+
+def _feedback_problem(payload: Any) -> str | None:
+    return None if payload["feedback_id"] else "empty feedback_id"
+
+
 class LodestarUser(FastHttpUser):
     """Common set-up: API key header and helpers that validate responses."""
 
@@ -55,29 +71,45 @@ class LodestarUser(FastHttpUser):
     def on_start(self) -> None:
         self.request_headers = {"Content-Type": "application/json", **auth_headers()}
 
+    def post(
+        self,
+        path: str,
+        body: dict[str, Any],
+        *,
+        name: str,
+        status: int,
+        what: str,
+        problem: Callable[[Any], str | None],
+    ) -> Any:
+        """POST ``body``; the JSON payload, or ``None`` with the request marked failed: another
+        status than ``status``, a payload that is not ``what`` (``problem`` cannot read it), or
+        what ``problem`` finds wrong with it."""
+        with self.client.post(
+            path, json=body, headers=self.request_headers, name=name, catch_response=True
+        ) as resp:
+            if resp.status_code != status:
+                resp.failure(f"status {resp.status_code}: {(resp.text or str(resp.error))[:200]}")
+                return None
+            try:
+                payload = resp.json()
+                failure = problem(payload)
+            except (ValueError, KeyError, TypeError):
+                failure = f"response is not {what}"
+            if failure:
+                resp.failure(failure)
+                return None
+            resp.success()
+            return payload
+
     def search(self, name: str = "/search") -> list[dict[str, Any]]:
         """POST /search; a failure unless 200 with at least one hit. Returns the hits."""
         body = {"query": random.choice(QUERIES), "collection": COLLECTION, "k": 10}
-        with self.client.post(
-            "/search", json=body, headers=self.request_headers, name=name, catch_response=True
-        ) as resp:
-            if resp.status_code != 200:
-                resp.failure(f"status {resp.status_code}: {(resp.text or str(resp.error))[:200]}")
-                return []
-            try:
-                payload = resp.json()
-                hits = payload["hits"]
-            except (ValueError, KeyError, TypeError):
-                resp.failure("response is not a search result")
-                return []
-            if not hits:
-                resp.failure("no hits")
-                return []
-            if not isinstance(payload.get("trace_id"), str):
-                resp.failure("no trace_id")
-                return []
-            resp.success()
-            return [dict(hit, trace_id=payload["trace_id"]) for hit in hits]
+        payload = self.post(
+            "/search", body, name=name, status=200, what="a search result", problem=_search_problem
+        )
+        if payload is None:
+            return []
+        return [dict(hit, trace_id=payload["trace_id"]) for hit in payload["hits"]]
 
 
 class SearchUser(LodestarUser):
@@ -103,21 +135,9 @@ class AnswerUser(LodestarUser):
             "max_rounds": 2,
             "stream": False,
         }
-        with self.client.post(
-            "/answer", json=body, headers=self.request_headers, name="/answer", catch_response=True
-        ) as resp:
-            if resp.status_code != 200:
-                resp.failure(f"status {resp.status_code}: {(resp.text or str(resp.error))[:200]}")
-                return
-            try:
-                answer = resp.json()["answer"]
-            except (ValueError, KeyError, TypeError):
-                resp.failure("response is not an answer")
-                return
-            if not isinstance(answer, str) or not answer.strip():
-                resp.failure("empty answer")
-                return
-            resp.success()
+        self.post(
+            "/answer", body, name="/answer", status=200, what="an answer", problem=_answer_problem
+        )
 
 
 class FeedbackUser(LodestarUser):
@@ -141,22 +161,11 @@ class FeedbackUser(LodestarUser):
             "source": "user",
             "idempotency_key": uuid.uuid4().hex,
         }
-        with self.client.post(
+        self.post(
             "/feedback",
-            json=body,
-            headers=self.request_headers,
+            body,
             name="/feedback",
-            catch_response=True,
-        ) as resp:
-            if resp.status_code != 201:
-                resp.failure(f"status {resp.status_code}: {(resp.text or str(resp.error))[:200]}")
-                return
-            try:
-                feedback_id = resp.json()["feedback_id"]
-            except (ValueError, KeyError, TypeError):
-                resp.failure("response has no feedback_id")
-                return
-            if not feedback_id:
-                resp.failure("empty feedback_id")
-                return
-            resp.success()
+            status=201,
+            what="a feedback receipt",
+            problem=_feedback_problem,
+        )

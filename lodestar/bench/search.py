@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from lodestar.bench.common import stop_group
+from lodestar.stack import SINGLE_THREADED
 from shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -209,9 +210,7 @@ def start_txtai(venv: Path, index: Path, work: Path, port: int) -> Process:
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         # As Lodestar's index service: one thread per request on the shared cores.
-        "OMP_NUM_THREADS": "1",
-        "OPENBLAS_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
+        **dict(SINGLE_THREADED),
     }
     process = Process(
         "txtai",

@@ -47,6 +47,7 @@ import httpx
 import numpy as np
 
 from lodestar.bench.common import kill_group, stop_group, write_results
+from lodestar.stack import SINGLE_THREADED
 from shared.errors import ErrorCode
 from shared.settings import Settings
 
@@ -172,12 +173,10 @@ class Stack:
             LODESTAR_MODELS_DIR=str(models_dir),
             LODESTAR_LOG_JSON="false",
             LODESTAR_ANSWER_MAX_NEW_TOKENS="16",
-            OMP_NUM_THREADS="1",
-            OPENBLAS_NUM_THREADS="1",
-            MKL_NUM_THREADS="1",
             TOKENIZERS_PARALLELISM="false",
             PYTHONUNBUFFERED="1",
         )
+        env.update(SINGLE_THREADED)
         for name, port in ports.items():
             env[f"LODESTAR_{name.upper()}_PORT"] = str(port)
             if name != "orchestrator":

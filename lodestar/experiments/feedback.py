@@ -123,6 +123,10 @@ class FeedbackConfig:
     offline_queries: str = "original"
     """Offline: train on the feedback queries as typed, CAR-rewritten with the document judged
     relevant (``car``), or both (``original+car``); the update's ``queries``."""
+    offline_max_p: float = 0.05
+    """Offline: the update's publish gate (one-sided paired randomization p on held-out)."""
+    replay: float = 0.0
+    """Offline: examples replayed from the start model's training set per feedback example."""
     seed: int = 0
     collection: str = COLLECTION
 
@@ -665,6 +669,7 @@ def run_offline(
         cross_encoder_family,
         load_cross_encoder,
         publish_cross_encoder,
+        read_examples,
     )
     from services.reranker.offline_update import OfflineUpdateConfig, run_offline_update
     from services.worker.offline_update import context_rewriter
@@ -711,6 +716,8 @@ def run_offline(
             max_length=int(manifest.get("max_length", config.max_length)),
             version=version,
         )
+        # Published with it into the scratch family below, so the update can replay them.
+        start_model.examples = tuple(read_examples(settings, version))
         seen = set(manifest.get("train_qids") or [])
         before_filter = len(train_ids)
         train_ids = [q for q in train_ids if q not in seen]
@@ -721,6 +728,7 @@ def run_offline(
             "trained_by": manifest.get("trained_by"),
             "condition": manifest.get("condition"),
             "train_queries_left_out": before_filter - len(train_ids),
+            "replay_examples": len(start_model.examples),
             "score_seconds": round(time.perf_counter() - started, 1),
         }
     base_full = full_ndcg(base_served, test_qrels)
@@ -746,6 +754,8 @@ def run_offline(
         update_config = OfflineUpdateConfig(
             seed=config.seed,
             queries=config.offline_queries,
+            max_p=config.offline_max_p,
+            replay=config.replay,
             train=CrossEncoderTrainConfig(
                 steps=config.steps,
                 batch_size=config.batch_size,
@@ -787,7 +797,15 @@ def run_offline(
             entry["update_seconds"] = round(time.perf_counter() - started, 1)
             entry["update"] = {
                 k: update[k]
-                for k in ("published", "outcome", "reason", "examples", "version")
+                for k in (
+                    "published",
+                    "outcome",
+                    "reason",
+                    "p_value",
+                    "gate",
+                    "examples",
+                    "version",
+                )
                 if k in update
             }
             entry["held_out"] = {
@@ -1518,6 +1536,8 @@ def cmd_experiment_feedback(args: argparse.Namespace, settings: Settings) -> int
         loss=args.loss,
         warm_start=args.warm_start,
         offline_queries=args.offline_queries,
+        offline_max_p=args.offline_max_p,
+        replay=args.replay,
         seed=args.seed,
     )
     from lodestar.evaluation.common import option_below_one
@@ -1581,6 +1601,20 @@ def register(group: Any) -> None:
         choices=QUERY_MODES,
         default=d.offline_queries,
         help="offline: train on the feedback queries as typed, CAR-rewritten, or both",
+    )
+    parser.add_argument(
+        "--offline-max-p",
+        type=float,
+        default=d.offline_max_p,
+        help="offline: publish only when the held-out gain's paired randomization p is at "
+        "most this (1: off)",
+    )
+    parser.add_argument(
+        "--replay",
+        type=float,
+        default=d.replay,
+        help="offline: examples replayed from the start model's training set per feedback "
+        "example (rehearsal against forgetting)",
     )
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--out", default=str(DEFAULT_OUT))

@@ -19,6 +19,7 @@ serves ``CURRENT`` and loads a newly published version on its next request (no r
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 import time
@@ -35,6 +36,10 @@ from shared.models import EMBEDDER_ID, embedder_path, resolve_device
 from shared.settings import Settings
 
 MODEL_DIR = "model"
+#: The training examples beside a published model (JSON lines, texts included, so a replay
+#: needs neither the dataset nor the collection they came from).
+EXAMPLES_FILE = "train_examples.jsonl"
+MAX_STORED_EXAMPLES = 4000
 #: Tokens of one (query, document) input; SciFact abstracts run to ~300 tokens, and 256 keeps
 #: the query whole and the abstract's opening, where claims are usually decided.
 DEFAULT_MAX_LENGTH = 256
@@ -129,6 +134,9 @@ class TrainedCrossEncoder:
         self.max_length = max_length
         self.version = version
         self.losses: list[float] = []
+        self.examples: tuple[RankingExample, ...] = ()
+        """What it was trained on: published beside the model, so a later offline update can
+        replay it (rehearsal against forgetting)."""
         self._lock = threading.Lock()
 
     @property
@@ -278,6 +286,7 @@ def train_cross_encoder(
             progress(step, total, "train")
     network.eval()
     trained.losses = losses
+    trained.examples = tuple(usable)
     return trained
 
 
@@ -305,11 +314,65 @@ def publish_cross_encoder(
         "train_loss": loss_summary(trained.losses),
         **manifest,
     }
+    kept = _replay_sample(trained.examples)
+    if kept:
+        full["replay_examples"] = len(kept)
     with family.lock(), family.build(full) as scratch:
         trained.save(scratch / MODEL_DIR)
+        if kept:
+            write_examples(scratch / EXAMPLES_FILE, kept)
     published = family.read_manifest()
     trained.version = str(published["version"])
     return published
+
+
+def _replay_sample(examples: Sequence[RankingExample]) -> list[RankingExample]:
+    """At most ``MAX_STORED_EXAMPLES`` of them (a seeded sample), so that a chain of offline
+    updates, each storing what it replayed plus its own feedback, stays bounded."""
+    if len(examples) <= MAX_STORED_EXAMPLES:
+        return list(examples)
+    return random.Random(0).sample(list(examples), MAX_STORED_EXAMPLES)
+
+
+def _doc_json(doc: TextDoc) -> dict[str, str]:
+    return {"doc_id": doc.doc_id, "title": doc.title, "text": doc.text}
+
+
+def write_examples(path: Path, examples: Sequence[RankingExample]) -> None:
+    with path.open("w", encoding="utf-8") as out:
+        for e in examples:
+            row = {
+                "qid": e.qid,
+                "query": e.query,
+                "positive": _doc_json(e.positive),
+                "negatives": [_doc_json(d) for d in e.negatives],
+                "source": e.source,
+                "weight": e.weight,
+            }
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def read_examples(settings: Settings, version: str) -> list[RankingExample]:
+    """The training examples published with ``version`` (none for a version published before
+    they were kept, or with none to keep)."""
+    path = cross_encoder_family(settings).versions_dir / version / EXAMPLES_FILE
+    if not path.exists():
+        return []
+    examples: list[RankingExample] = []
+    with path.open(encoding="utf-8") as rows:
+        for line in rows:
+            row = json.loads(line)
+            examples.append(
+                RankingExample(
+                    qid=str(row["qid"]),
+                    query=str(row["query"]),
+                    positive=TextDoc(**row["positive"]),
+                    negatives=tuple(TextDoc(**d) for d in row["negatives"]),
+                    source=str(row["source"]),
+                    weight=float(row["weight"]),
+                )
+            )
+    return examples
 
 
 class CrossEncoderNotTrained(LodestarError):

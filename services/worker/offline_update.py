@@ -44,6 +44,8 @@ def run_offline_update_job(
     min_examples: int = 8,
     eval_fraction: float = 0.25,
     min_gain: float = 0.0,
+    max_p: float = 0.05,
+    replay: float = 0.0,
     source: str | None = None,
     train: dict[str, Any] | None = None,
     queries: str = "original",
@@ -81,6 +83,8 @@ def run_offline_update_job(
                 min_examples=min_examples,
                 eval_fraction=eval_fraction,
                 min_gain=min_gain,
+                max_p=max_p,
+                replay=replay,
                 train=CrossEncoderTrainConfig(**(train or {})),
                 queries=queries,
             )

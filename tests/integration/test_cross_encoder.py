@@ -16,6 +16,7 @@ from services.reranker.cross_encoder import (
     cross_encoder_family,
     mine_hard_negatives,
     publish_cross_encoder,
+    read_examples,
     train_cross_encoder,
 )
 from services.reranker.engine import RerankDocument, RerankerEngine
@@ -119,3 +120,6 @@ def test_published_versions_are_served_and_reloaded_without_restart(tmp_path: Pa
     assert again.scores != outcome.scores
     assert cross_encoder_family(settings).read_manifest()["n"] == 2
     cross_encoder_family(settings).verify()
+    # Each version keeps what it was trained on, for a later offline update to replay.
+    kept = read_examples(settings, first["version"])
+    assert kept == [e for e in examples() if e.negatives] and first["replay_examples"] == len(kept)

@@ -13,6 +13,7 @@ from shared.metrics import (
     f1,
     normalize_answer,
     paired_bootstrap,
+    paired_randomization,
     paired_t_test,
     rank_documents,
 )
@@ -248,3 +249,18 @@ def test_significance_rejects_bad_input() -> None:
         paired_t_test([1.0, float("inf")], [0.0, 0.0])
     with pytest.raises(ValueError, match="n must be"):
         paired_bootstrap([1.0, 2.0], [0.0, 0.0], n=0)
+
+
+def test_paired_randomization_exact_and_sampled() -> None:
+    # Five queries all better: only the observed assignment reaches the sum, p = 2^-5.
+    assert paired_randomization([0.6] * 5, [0.5] * 5).p_value == pytest.approx(1 / 32)
+    # One-sided: the same differences the other way round are as unlikely as can be.
+    assert paired_randomization([0.5] * 5, [0.6] * 5).p_value == pytest.approx(1.0)
+    # Ties carry no sign; all ties is no evidence.
+    assert paired_randomization([0.6, 0.5, 0.6], [0.5, 0.5, 0.5]).p_value == pytest.approx(1 / 4)
+    assert paired_randomization([0.5, 0.5], [0.5, 0.5]).p_value == 1.0
+    # Beyond 16 non-zero differences it samples: 20 all better, none of 999 draws reach it.
+    sampled = paired_randomization([1.0] * 20, [0.0] * 20, n=999, seed=3)
+    assert sampled.p_value == pytest.approx(1 / 1000) and sampled.n == 20
+    mixed = paired_randomization([0.0, 1.0] * 10, [0.5] * 20, n=2000, seed=3)
+    assert 0.4 < mixed.p_value < 0.65  # mean difference 0: about half reach it

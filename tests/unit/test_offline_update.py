@@ -13,10 +13,19 @@ from typing import Any
 import pytest
 
 from services.reranker import offline_update as ou
-from services.reranker.cross_encoder import RankingExample, TextDoc, cross_encoder_family
+from services.reranker.cross_encoder import (
+    EXAMPLES_FILE,
+    RankingExample,
+    TextDoc,
+    cross_encoder_family,
+    read_examples,
+    write_examples,
+)
 from shared.settings import Settings
 
-QUERIES = [f"query {i}" for i in range(8)]
+#: 24 queries, 6 held out at the default fraction: enough for the publish gate's test (the
+#: smallest one-sided p over m held-out queries is 2^-m).
+QUERIES = [f"query {i}" for i in range(24)]
 
 
 def label_rows(relevant_rank: int = 1) -> list[dict[str, Any]]:
@@ -112,11 +121,23 @@ def test_should_publish_only_strictly_better() -> None:
     assert not ou.should_publish(0.6, 0.5)
     assert not ou.should_publish(0.5, 0.55, min_gain=0.05)
     assert ou.should_publish(0.5, 0.56, min_gain=0.05)
+    assert not ou.should_publish(0.5, 0.6, p_value=0.2, max_p=0.05)
+    assert ou.should_publish(0.5, 0.6, p_value=0.05, max_p=0.05)
+
+
+def test_a_mean_gain_the_held_out_queries_do_not_support_is_not_significant() -> None:
+    before = {"a": 0.5, "b": 0.5, "c": 0.5}
+    # One query much better, two a little worse: the mean rises by 0.117, but half of the
+    # eight sign assignments of (0.5, -0.1, -0.05) reach that sum.
+    assert ou.held_out_p_value(before, {"a": 1.0, "b": 0.4, "c": 0.45}) == pytest.approx(0.5)
+    every = {k: 0.9 for k in before}
+    assert ou.held_out_p_value(before, every) == pytest.approx(1 / 8)
+    assert ou.held_out_p_value({"a": 0.5}, {"a": 1.0}) == 1.0  # one query is no evidence
 
 
 def test_split_is_deterministic_by_query_and_keeps_both_sides() -> None:
     train, held = ou.split_queries(QUERIES, 0.25, seed=3)
-    assert len(held) == 2 and len(train) == 6 and not train & held
+    assert len(held) == 6 and len(train) == 18 and not train & held
     assert ou.split_queries(list(reversed(QUERIES)), 0.25, seed=3) == (train, held)
     assert ou.split_queries(QUERIES, 0.25, seed=4) != (train, held)
     assert len(ou.split_queries(QUERIES[:2], 0.9, seed=0)[0]) == 1  # never all held out
@@ -158,8 +179,8 @@ def test_a_worse_model_is_not_published(
     assert result["after"]["ndcg@10"] < result["before"]["ndcg@10"]
     assert result["version"] is None
     assert published == []
-    assert result["examples"]["held_out_queries"] == 2
-    assert result["examples"]["train_examples"] == 6
+    assert result["examples"]["held_out_queries"] == 6
+    assert result["examples"]["train_examples"] == 18
 
 
 def test_a_tie_is_not_published_either(
@@ -188,12 +209,12 @@ def test_a_better_model_is_published_with_both_figures(
 
 
 def test_too_few_examples_fail_clearly(tmp_path: Path) -> None:
-    with pytest.raises(ou.InsufficientFeedback, match="min_examples=20"):
+    with pytest.raises(ou.InsufficientFeedback, match="min_examples=30"):
         ou.run_offline_update(
             Settings(data_dir=tmp_path),
             label_rows(),
             texts,
-            ou.OfflineUpdateConfig(min_examples=20),
+            ou.OfflineUpdateConfig(min_examples=30),
         )
 
 
@@ -240,3 +261,65 @@ def test_the_api_offers_exactly_the_update_query_modes() -> None:
     from services.orchestrator.feedback_api import OfflineUpdateRequest
 
     assert get_args(OfflineUpdateRequest.model_fields["queries"].annotation) == ou.QUERY_MODES
+
+
+def test_a_better_mean_without_evidence_is_refused(
+    monkeypatch: pytest.MonkeyPatch, published: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    rows = label_rows(relevant_rank=5)
+    positives = {r["doc_id"] for r in rows}
+    monkeypatch.setattr(
+        ou, "train_cross_encoder", lambda *a, **k: FakeModel(positives, oracle=True)
+    )
+    settings = Settings(data_dir=tmp_path)
+    strict = ou.OfflineUpdateConfig(min_examples=4, max_p=0.01)
+    result = ou.run_offline_update(settings, rows, texts, strict)
+    # Every one of the 6 held-out queries improves: p = 2^-6, above this gate's 0.01.
+    assert result["after"]["ndcg@10"] > result["before"]["ndcg@10"]
+    assert result["p_value"] == pytest.approx(1 / 64)
+    assert not result["published"] and published == []
+    assert "not significant at max_p = 0.01" in result["reason"]
+    assert result["gate"] == {"min_gain": 0.0, "max_p": 0.01}
+    with pytest.raises(ValueError, match="max_p"):
+        ou.OfflineUpdateConfig(max_p=0.0)
+
+
+def test_replay_mixes_in_the_serving_versions_training_examples(
+    monkeypatch: pytest.MonkeyPatch, published: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    rows = label_rows(relevant_rank=5)
+    settings = Settings(data_dir=tmp_path)
+    family = cross_encoder_family(settings)
+    (family.versions_dir / "v-old").mkdir(parents=True)
+    (family.root / "CURRENT").write_text("v-old\n")
+    old = [
+        RankingExample(
+            f"t{i}",
+            f"old query {i}",
+            TextDoc(f"p{i}", "", "pos"),
+            (TextDoc(f"n{i}", "", "neg"),),
+            source="car",
+        )
+        for i in range(12)
+    ]
+    write_examples(family.versions_dir / "v-old" / EXAMPLES_FILE, old)
+    assert read_examples(settings, "v-old") == old
+    positives = {r["doc_id"] for r in rows}
+    trained_on: list[list[RankingExample]] = []
+
+    def train(examples: list[RankingExample], *args: Any, **kwargs: Any) -> FakeModel:
+        trained_on.append(examples)
+        return FakeModel(positives, oracle=True)
+
+    monkeypatch.setattr(ou, "_current_model", lambda s, v: FakeModel(positives, oracle=False))
+    monkeypatch.setattr(ou, "train_cross_encoder", train)
+    config = ou.OfflineUpdateConfig(min_examples=4, replay=0.5)
+    result = ou.run_offline_update(settings, rows, texts, config)
+    (examples,) = trained_on
+    replayed = [e for e in examples if e.source == "car"]
+    assert result["examples"]["train_examples"] == 18 and result["examples"]["replayed"] == 9
+    assert len(examples) == 27 and len(replayed) == 9 and set(replayed) <= set(old)
+    # More asked for than there are: all of them, once.
+    more = ou.replay_examples(settings, "v-old", 50, seed=1)
+    assert sorted(e.qid for e in more) == sorted(e.qid for e in old)
+    assert ou.replay_examples(settings, None, 5, seed=1) == []

@@ -20,7 +20,7 @@ from tests.conftest import Stack
 pytestmark = [pytest.mark.slow, pytest.mark.redis]
 
 #: Tiny, fixed training for the offline update (seeded: the same run every time).
-TINY_TRAIN = {"steps": 4, "batch_size": 4, "negatives_per_query": 3, "max_length": 64}
+TINY_TRAIN = {"steps": 12, "batch_size": 4, "negatives_per_query": 3, "max_length": 64}
 
 
 def post(stack: Stack, path: str, body: object) -> httpx.Response:
@@ -243,6 +243,8 @@ def test_bad_input_is_typed_never_a_500(live_stack: Stack) -> None:
         live_stack, "/jobs/offline-update", {"component": "reranker", "eval_fraction": 1.5}
     )
     assert error_of(bad_fraction, 422)["field"] == "eval_fraction"
+    bad_gate = post(live_stack, "/jobs/offline-update", {"component": "reranker", "max_p": 0})
+    assert error_of(bad_gate, 422)["field"] == "max_p"
 
 
 def label_queries(stack: Stack, queries: list[str], rank: int) -> list[str]:
@@ -257,7 +259,9 @@ def label_queries(stack: Stack, queries: list[str], rank: int) -> list[str]:
     return ids
 
 
-def offline_update(stack: Stack, since: float, queries: str = "original") -> dict[str, Any]:
+def offline_update(
+    stack: Stack, since: float, queries: str = "original", replay: float = 0.0
+) -> dict[str, Any]:
     accepted = post(
         stack,
         "/jobs/offline-update",
@@ -268,6 +272,7 @@ def offline_update(stack: Stack, since: float, queries: str = "original") -> dic
             "eval_fraction": 0.5,
             "train": TINY_TRAIN,
             "queries": queries,
+            "replay": replay,
         },
     )
     assert accepted.status_code == 202, accepted.text
@@ -307,7 +312,9 @@ def test_offline_update_refuses_a_worse_model_and_publishes_a_better_one(
     since = time.time()
     label_queries(live_stack, queries, rank=10)
     better = offline_update(live_stack, since)
-    assert better["published"] is True and better["outcome"] == "published"
+    # Published at the default gate: all 5 held-out queries better, p = 2^-5 <= 0.05.
+    assert better["published"] is True and better["outcome"] == "published", better["reason"]
+    assert better["p_value"] <= better["gate"]["max_p"] == 0.05
     assert better["before"]["ndcg@10"] < better["after"]["ndcg@10"]
     assert better["version"] and (family / "CURRENT").read_text().strip() == better["version"]
     manifest = json.loads((family / "versions" / better["version"] / "manifest.json").read_text())
@@ -315,9 +322,11 @@ def test_offline_update_refuses_a_worse_model_and_publishes_a_better_one(
     assert manifest["offline_update"]["after"]["ndcg@10"] == better["after"]["ndcg@10"]
 
     # 3. The same labels with CAR applied to the feedback: the worker's rewriter (SmolLM2)
-    #    rewrites each training query with the document marked relevant, once (cached on disk).
-    car = offline_update(live_stack, since, queries="car")
+    #    rewrites each training query with the document marked relevant, once (cached on disk),
+    #    and replays the 5 examples the version published in step 2 was trained on.
+    car = offline_update(live_stack, since, queries="car", replay=1.0)
     assert car["examples"]["queries"] == "car" and car["examples"]["train_examples"] == 5
+    assert car["examples"]["replayed"] == 5
     cache = live_stack.data_dir / "rewriter" / "cache"
     records = [
         json.loads(line)

@@ -28,6 +28,57 @@ def _guarded(handler: Handler) -> Handler:
     return run
 
 
+def cmd_retrieval(args: argparse.Namespace, settings: Settings) -> int:
+    from lodestar.evaluation.retrieval import run_retrieval_command
+
+    run_retrieval_command(
+        settings,
+        args.dataset,
+        args.systems,
+        split=args.split,
+        stack=args.stack,
+        out_dir=args.out,
+        rebuild=args.rebuild,
+        limit=args.limit,
+    )
+    return 0
+
+
+def cmd_rag(args: argparse.Namespace, settings: Settings) -> int:
+    from lodestar.evaluation.rag import run_rag_command
+
+    run_rag_command(
+        settings,
+        args.dataset,
+        args.methods,
+        limit=args.limit,
+        k=args.k,
+        stack=args.stack,
+        out_dir=args.out,
+        rebuild=args.rebuild,
+        generation_cache=args.generation_cache,
+    )
+    return 0
+
+
+def cmd_decompose(args: argparse.Namespace, settings: Settings) -> int:
+    from lodestar.evaluation.decompose import run_decompose_command
+
+    run_decompose_command(
+        settings,
+        dataset=args.dataset,
+        limit=args.limit,
+        settings_text=args.settings,
+        rounds=args.rounds,
+        k=args.k,
+        out_dir=args.out,
+        generation_cache=args.generation_cache,
+        minutes=args.minutes,
+        loop_minutes=args.loop_minutes,
+    )
+    return 0
+
+
 def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
     from lodestar.evaluation.expected import (
         default_evaluator,
@@ -65,7 +116,7 @@ def _dataset_help(known: dict[str, Any]) -> str:
 
 def register(subparsers: Any) -> None:
     """Add the ``eval`` command group to the ``lodestar`` parser's subparsers."""
-    from lodestar.evaluation import decompose, rag, retrieval
+    from lodestar.evaluation import rag, retrieval
 
     group = subparsers.add_parser(
         "eval", help="measure retrievers and RAG methods on real data; check expected figures"
@@ -92,7 +143,7 @@ def register(subparsers: Any) -> None:
     )
     ret.add_argument("--out", type=Path, help=f"results folder (default: {RESULTS_DIR})")
     ret.add_argument("--rebuild", action="store_true", help="rebuild the cached collection")
-    ret.set_defaults(handler=_guarded(retrieval.run_retrieval_command))
+    ret.set_defaults(handler=_guarded(cmd_retrieval))
 
     rg = group.add_parser(
         "rag", help="EM, F1, supporting-document recall, rounds, tokens and latency per method"
@@ -114,7 +165,7 @@ def register(subparsers: Any) -> None:
         help="JSONL of greedy generations to replay and extend (a rerun with more methods, "
         "e.g. sim-rag once the critic is trained, regenerates nothing it already has)",
     )
-    rg.set_defaults(handler=_guarded(rag.run_rag_command))
+    rg.set_defaults(handler=_guarded(cmd_rag))
 
     dec = group.add_parser(
         "decompose",
@@ -131,7 +182,7 @@ def register(subparsers: Any) -> None:
     dec.add_argument(
         "--loop-minutes", type=float, help="the loop's budget, counted from its first question"
     )
-    dec.set_defaults(handler=_guarded(decompose.run_decompose_command))
+    dec.set_defaults(handler=_guarded(cmd_decompose))
 
     check = group.add_parser(
         "check", help="re-measure the expected figures; exit 1 when one drifts beyond tolerance"

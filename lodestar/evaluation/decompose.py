@@ -22,7 +22,6 @@ are over the questions every setting finished.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import time
 from collections import Counter
@@ -340,27 +339,38 @@ def format_decompose(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_decompose_command(args: argparse.Namespace, settings: Settings) -> int:
-    """``lodestar eval decompose``: evaluate, print, save JSON under ``--out``."""
+def run_decompose_command(
+    settings: Settings,
+    *,
+    dataset: str,
+    limit: int,
+    settings_text: str,
+    rounds: int,
+    k: int,
+    out_dir: Path | None,
+    generation_cache: Path | None,
+    minutes: float | None,
+    loop_minutes: float | None = None,
+) -> dict[str, Any]:
     try:
-        settings_n = [int(x) for x in args.settings.split(",") if x.strip()]
+        settings_n = [int(x) for x in settings_text.split(",") if x.strip()]
     except ValueError as exc:
         raise EvalUsageError(
-            f"--settings must be integers like 1,2,3, got {args.settings!r}"
+            f"--settings must be integers like 1,2,3, got {settings_text!r}"
         ) from exc
     result = asyncio.run(
         evaluate_decompose_async(
             settings,
-            dataset=args.dataset,
-            limit=args.limit,
+            dataset=dataset,
+            limit=limit,
             settings_n=settings_n,
-            rounds=args.rounds,
-            k=args.k,
-            generation_cache=args.generation_cache,
-            minutes=args.minutes,
-            loop_minutes=args.loop_minutes,
+            rounds=rounds,
+            k=k,
+            generation_cache=generation_cache,
+            minutes=minutes,
+            loop_minutes=loop_minutes,
         )
     )
-    name = f"decompose-{args.dataset}-{result['num_questions']}q.json"
-    print_and_save(format_decompose(result), (args.out or RESULTS_DIR) / name, result, "question")
-    return 0
+    path = (out_dir or RESULTS_DIR) / f"decompose-{dataset}-{result['num_questions']}q.json"
+    print_and_save(format_decompose(result), path, result, "question")
+    return result

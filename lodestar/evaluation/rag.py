@@ -29,7 +29,6 @@ after each round; the last value is the question's figure), rounds, tokens gener
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
 import hashlib
@@ -683,20 +682,31 @@ def format_rag(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_rag_command(args: argparse.Namespace, settings: Settings) -> int:
-    """``lodestar eval rag``: evaluate, print, save JSON under ``--out``."""
-    lookup(args.dataset, DATASETS, "dataset")
-    methods = parse_names(args.methods, METHODS, "method")
+def run_rag_command(
+    settings: Settings,
+    dataset: str,
+    methods_text: str,
+    *,
+    limit: int | None,
+    k: int,
+    stack: str | None,
+    out_dir: Path | None,
+    rebuild: bool = False,
+    generation_cache: Path | None = None,
+) -> dict[str, Any]:
+    """``lodestar eval rag``: evaluate, print, save JSON under ``out_dir``."""
+    lookup(dataset, DATASETS, "dataset")
+    methods = parse_names(methods_text, METHODS, "method")
     result = evaluate_rag(
         settings,
-        args.dataset,
+        dataset,
         methods,
-        limit=args.limit,
-        k=args.k,
-        stack=args.stack,
-        rebuild=args.rebuild,
-        generation_cache=args.generation_cache,
+        limit=limit,
+        k=k,
+        stack=stack,
+        rebuild=rebuild,
+        generation_cache=generation_cache,
     )
-    path = result_path(args.out or RESULTS_DIR, args.dataset, result["num_questions"])
+    path = result_path(out_dir or RESULTS_DIR, dataset, result["num_questions"])
     print_and_save(format_rag(result), path, result, "question")
-    return 0
+    return result

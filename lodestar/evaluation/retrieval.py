@@ -19,7 +19,6 @@ evaluate an order the system never returned.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import copy
 import time
@@ -483,19 +482,23 @@ def format_retrieval(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_retrieval_command(args: argparse.Namespace, settings: Settings) -> int:
-    """``lodestar eval retrieval``: evaluate, print, save JSON under ``--out``."""
-    lookup(args.dataset, DATASETS, "dataset")
-    systems = parse_names(args.systems, SYSTEMS, "system")
+def run_retrieval_command(
+    settings: Settings,
+    dataset: str,
+    systems_text: str,
+    *,
+    split: str | None,
+    stack: str | None,
+    out_dir: Path | None,
+    rebuild: bool = False,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """``lodestar eval retrieval``: evaluate, print, save JSON under ``out_dir``."""
+    lookup(dataset, DATASETS, "dataset")
+    systems = parse_names(systems_text, SYSTEMS, "system")
     result = evaluate_retrieval(
-        settings,
-        args.dataset,
-        systems,
-        split=args.split,
-        stack=args.stack,
-        rebuild=args.rebuild,
-        limit=args.limit,
+        settings, dataset, systems, split=split, stack=stack, rebuild=rebuild, limit=limit
     )
-    path = result_path(args.out or RESULTS_DIR, args.dataset, result["split"], args.limit)
+    path = result_path(out_dir or RESULTS_DIR, dataset, result["split"], limit)
     print_and_save(format_retrieval(result), path, result, "query")
-    return 0
+    return result

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import weakref
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -289,6 +290,25 @@ def build_ann(config: AnnConfig, vectors: np.ndarray, device: str = "cpu") -> An
 
 
 def load_ann(config: AnnConfig, path: Path, dim: int, device: str = "cpu") -> AnnIndex:
+    """The index at ``path``, shared while any snapshot holds it: an index file is immutable
+    and hard-linked into every later version until a merge, so a write's new version reuses
+    the loaded one instead of reading it again."""
+    stat = path.stat()
+    key = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, config, dim, device)
+    with _LOADED_LOCK:
+        cached = _LOADED.get(key)
+    if cached is not None:
+        return cached
+    loaded = _read_ann(config, path, dim, device)
+    with _LOADED_LOCK:
+        return _LOADED.setdefault(key, loaded)
+
+
+_LOADED: weakref.WeakValueDictionary[tuple[Any, ...], AnnIndex] = weakref.WeakValueDictionary()
+_LOADED_LOCK = threading.Lock()
+
+
+def _read_ann(config: AnnConfig, path: Path, dim: int, device: str) -> AnnIndex:
     if config.backend == "hnswlib":
         import hnswlib
 

@@ -19,8 +19,8 @@ only out of the results. Tokenisation is the index's (bm25s' English stop words,
 English stemmer), so query and passages agree.
 
 ``IndexEngine`` writes one segment per write (``bm25seg/`` in a version, earlier segments
-hard-linked) and a merge compacts them to one. The records and vectors of a version are still
-rewritten per write (docs/search-performance.md).
+hard-linked) and a merge compacts them to one; records and vectors are segmented the same way
+(``services.index.segments``).
 """
 
 from __future__ import annotations

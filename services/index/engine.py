@@ -9,6 +9,10 @@ One version holds::
     documents.jsonl   the documents as upserted (id, title, text, metadata), in passage order
     passages.jsonl    passage_id, doc_id, title, text (chunks of 256 words)
     embeddings.f32    float32 (n_passages, 384), normalised MiniLM; memory-mapped, never read whole
+    row_docs.npy      each row's line in documents.jsonl; doc_ids.json: the documents' ids
+    records/          the same files for each write since the last merge, one segment each
+                      (``services.index.segments``): a write adds its own and hard-links the
+                      base above and the earlier segments
     bm25seg/          BM25 term statistics of "title text" per passage, in segments
                       (``services.index.bm25seg``): a write adds one over its own rows and
                       hard-links the others; scores use the live rows' global statistics.
@@ -29,9 +33,9 @@ brings it to ``min_passages``, which compacts and builds its ANN index)::
     tombstones.npy    rows of deleted or replaced documents (filtered out of every result)
     rows >= indexed_rows  the "fresh segment": searched exactly beside the ANN index
 
-so an upsert or delete never rebuilds the ANN index nor re-indexes BM25 (it adds a BM25 segment
-over its own rows); ``IndexEngine.merge`` (a Celery task) drops the tombstoned rows and rebuilds
-the index and one BM25 segment over everything, publishing a new version atomically. Without an
+so an upsert or delete never rebuilds the ANN index, re-indexes BM25 nor copies records or
+vectors (it adds a record segment and a BM25 segment over its own rows); ``IndexEngine.merge`` (a Celery task) drops the tombstoned rows and rebuilds
+the index, one base of records and vectors and one BM25 segment over everything, publishing a new version atomically. Without an
 ANN index a merge is due once tombstones exceed ``merge_fraction`` of the rows; with or without,
 once more than ``MAX_FRESH_BM25_SEGMENTS`` BM25 segments were written since the last one.
 Live passages of one document stay contiguous and in document order, which both searchers rely on.
@@ -43,11 +47,10 @@ import itertools
 import json
 import logging
 import os
-import shutil
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,7 +60,16 @@ import numpy as np
 from services.index.ann import ANN_FILE, AnnConfig, AnnIndex, build_ann, load_ann
 from services.index.batching import QueryBatcher
 from services.index.bm25seg import SegmentedBM25, TermStats, tokenize
-from services.index.records import JsonlRecords
+from services.index.records import JsonlRecords, SegmentedVectors, as_vectors
+from services.index.segments import (
+    EMBEDDINGS,
+    RECORDS_DIR,
+    VersionRows,
+    link,
+    link_segments,
+    load_rows,
+    write_segment,
+)
 from shared.artifacts import ArtifactFamily
 from shared.errors import invalid, not_found
 from shared.models import EMBEDDER_ID, EMBEDDING_DIM, Embedder
@@ -84,13 +96,9 @@ TOMBSTONES = "tombstones.npy"
 #: BM25 term statistics in segments (``services.index.bm25seg``); ``bm25/`` in older versions.
 BM25_SEGMENTS = "bm25seg"
 SEGMENTS_FILE = "segments.json"
-#: Each row's document index in the version (-1 for tombstoned rows): loading needs no parse.
-ROW_DOCS = "row_docs.npy"
 #: BM25 segments written since the last merge before one is due: each costs every BM25 query a
 #: pass (ten one-row segments with their tombstones added ~1.2 ms to an 8.4 ms search of wiki).
 MAX_FRESH_BM25_SEGMENTS = 8
-#: The documents' ids in record order: upserts and deletes find their rows without a parse.
-DOC_IDS = "doc_ids.json"
 BM25_K1 = 0.9
 BM25_B = 0.4
 #: Called with (done, total, stage) during long work, for progress bars and job progress.
@@ -169,7 +177,7 @@ class DenseSearcher(ABC):
 
     name: str
     """The backend that answers, e.g. ``flat`` or ``ivfpq+exact``."""
-    embeddings: np.ndarray
+    embeddings: SegmentedVectors
 
     def search(
         self,
@@ -194,9 +202,12 @@ class ExactDenseSearcher(DenseSearcher):
     name = "flat"
 
     def __init__(
-        self, embeddings: np.ndarray, doc_starts: np.ndarray, dead_rows: np.ndarray | None = None
+        self,
+        embeddings: np.ndarray | SegmentedVectors,
+        doc_starts: np.ndarray,
+        dead_rows: np.ndarray | None = None,
     ) -> None:
-        self.embeddings = embeddings
+        self.embeddings = as_vectors(embeddings)
         self.doc_starts = doc_starts
         self.dead_rows = dead_rows if dead_rows is not None else np.zeros(0, np.int64)
 
@@ -221,7 +232,7 @@ class TwoStageDenseSearcher(DenseSearcher):
         self,
         ann: AnnIndex,
         config: AnnConfig,
-        embeddings: np.ndarray,
+        embeddings: np.ndarray | SegmentedVectors,
         live: np.ndarray,
         indexed_rows: int,
         passage_doc_index: np.ndarray,
@@ -229,7 +240,7 @@ class TwoStageDenseSearcher(DenseSearcher):
         self.ann = ann
         self.config = config
         self.name = config.label()
-        self.embeddings = embeddings
+        self.embeddings = as_vectors(embeddings)
         self.live = live
         self.passage_doc_index = passage_doc_index
         self.fresh_rows = indexed_rows + np.flatnonzero(live[indexed_rows:])
@@ -421,7 +432,8 @@ class Snapshot:
     """An immutable, loaded version of a collection. Safe to share between threads.
 
     ``passages`` and the rows of ``exact.embeddings`` include tombstoned rows (``live`` is False
-    there) until the next merge; ``documents`` holds live documents only."""
+    there) until the next merge; ``documents`` holds live documents only. Both read the
+    version's segment files (``rows``: ``services.index.segments``)."""
 
     name: str
     version: str
@@ -436,6 +448,7 @@ class Snapshot:
     dense: DenseSearcher
     exact: ExactDenseSearcher
     bm25: BM25Searcher | SegmentedBM25Searcher
+    rows: VersionRows
 
     @property
     def n_documents(self) -> int:
@@ -445,6 +458,11 @@ class Snapshot:
     def n_passages(self) -> int:
         """Live passages (tombstoned rows excluded)."""
         return int(self.live.sum())
+
+    def rows_of(self, doc_id: str) -> list[int]:
+        """The live passage rows of live document ``doc_id`` (none when it is not one)."""
+        index = self.rows.doc_index(doc_id)
+        return [] if index is None else self.rows.rows_of(index).tolist()
 
     def search(
         self,
@@ -471,23 +489,6 @@ class Snapshot:
         )
 
 
-def _record_ids(records: Sequence[Any], field: str) -> list[str]:
-    """One field of every record, from the raw JSON (no models)."""
-    if isinstance(records, JsonlRecords):
-        return [str(records.raw(i)[field]) for i in range(len(records))]
-    return [str(getattr(record, field)) for record in records]
-
-
-def _doc_ids(base: Path, documents: Sequence[Any]) -> list[str]:
-    """The version's document ids in order (``doc_ids.json``; older versions: from records)."""
-    path = base / DOC_IDS
-    if path.exists():
-        ids: list[str] = json.loads(path.read_text(encoding="utf-8"))
-        if len(ids) == len(documents):
-            return ids
-    return _record_ids(documents, "id")
-
-
 def chunk_document(doc: Document, passage_words: int) -> list[Passage]:
     """Split into passages of at most ``passage_words`` whitespace words, keeping the last short
     chunk (CompactDS ``keep_last_chunk``). An empty text still yields one passage (the title).
@@ -506,33 +507,6 @@ def chunk_document(doc: Document, passage_words: int) -> list[Passage]:
     ]
 
 
-def _write_records(
-    path: Path,
-    source: Sequence[Any] | None,
-    kept: Iterable[int],
-    new_rows: Iterable[dict[str, Any]],
-) -> None:
-    """``source``'s records ``kept`` (in order; their bytes copied when ``source`` is a JSONL
-    file, re-serialised otherwise), then ``new_rows``."""
-    with path.open("wb") as handle:
-        if source is not None:
-            if isinstance(source, JsonlRecords):
-                # Contiguous runs of kept records are copied as one slice each.
-                indices = list(kept)
-                run_start = 0
-                for i in range(1, len(indices) + 1):
-                    if i == len(indices) or indices[i] != indices[i - 1] + 1:
-                        handle.write(source.raw_span(indices[run_start], indices[i - 1] + 1))
-                        run_start = i
-            else:
-                for index in kept:
-                    handle.write(
-                        (json.dumps(source[index].model_dump(), ensure_ascii=False) + "\n").encode()
-                    )
-        for row in new_rows:
-            handle.write((json.dumps(row, ensure_ascii=False) + "\n").encode())
-
-
 def load_snapshot(
     name: str,
     family: ArtifactFamily,
@@ -548,16 +522,10 @@ def load_snapshot(
         raise not_found("collection", name)
     base = family.loadable(version)
     manifest = family.read_manifest(version)
-    documents = JsonlRecords(base / "documents.jsonl", Document)
-    passages = JsonlRecords(base / "passages.jsonl", Passage)
-    n = len(passages)
-    embeddings: np.ndarray
-    if n:
-        embeddings = np.memmap(
-            base / "embeddings.f32", dtype=np.float32, mode="r", shape=(n, manifest["dim"])
-        )
-    else:
-        embeddings = np.zeros((0, manifest["dim"]), dtype=np.float32)
+    dead_rows = (
+        np.load(base / TOMBSTONES) if (base / TOMBSTONES).exists() else np.zeros(0, np.int64)
+    )
+    rows = load_rows(base, int(manifest["dim"]), dead_rows)
     ann_meta: dict[str, Any] = manifest.get("ann") or {}
     ann_config = (
         AnnConfig.from_dict(ann_meta["config"])
@@ -565,52 +533,31 @@ def load_snapshot(
         else (default_ann or AnnConfig())
     )
     indexed_rows = int(ann_meta.get("indexed_rows", 0))
-    dead_rows = (
-        np.load(base / TOMBSTONES) if (base / TOMBSTONES).exists() else np.zeros(0, np.int64)
-    )
-    live = np.ones(n, dtype=bool)
-    live[dead_rows] = False
-    live_rows = np.flatnonzero(live)
-    if (base / ROW_DOCS).exists():
-        passage_doc_index = np.load(base / ROW_DOCS)
-        if passage_doc_index.shape[0] != n:
-            raise ValueError(f"{ROW_DOCS} has {passage_doc_index.shape[0]} rows of {n} in {base}")
-    else:  # a version from before row_docs.npy: one sequential scan of the records
-        doc_index_of = {doc_id: i for i, doc_id in enumerate(_record_ids(documents, "id"))}
-        passage_doc_index = np.full(n, -1, dtype=np.int64)
-        passage_doc_index[live_rows] = [
-            doc_index_of[doc_id]
-            for doc_id, ok in zip(_record_ids(passages, "doc_id"), live, strict=True)
-            if ok
-        ]
-        del doc_index_of
-    live_docs = passage_doc_index[live_rows]
-    doc_starts = (
-        live_rows[np.r_[True, np.diff(live_docs) != 0]]
-        if live_rows.shape[0]
-        else np.zeros(0, np.int64)
-    )
-    exact = ExactDenseSearcher(embeddings, doc_starts, dead_rows)
+    live = rows.live
+    exact = ExactDenseSearcher(rows.vectors, rows.doc_starts, dead_rows)
     dense: DenseSearcher = exact
     if with_ann and indexed_rows and ann_meta.get("file"):
         index = load_ann(ann_config, base / ann_meta["file"], int(manifest["dim"]), device)
         dense = TwoStageDenseSearcher(
-            index, ann_config, embeddings, live, indexed_rows, passage_doc_index
+            index, ann_config, rows.vectors, live, indexed_rows, rows.passage_doc_index
         )
     return Snapshot(
         name=name,
         version=version,
         manifest=manifest,
-        documents=documents,
-        passages=passages,
-        doc_starts=doc_starts,
-        passage_doc_index=passage_doc_index,
+        documents=rows.documents,
+        passages=rows.passages,
+        doc_starts=rows.doc_starts,
+        passage_doc_index=rows.passage_doc_index,
         live=live,
         ann_config=ann_config,
         indexed_rows=indexed_rows,
         dense=dense,
         exact=exact,
-        bm25=_load_bm25(base, live, live_rows, passage_doc_index, len(documents)),
+        bm25=_load_bm25(
+            base, live, np.flatnonzero(live), rows.passage_doc_index, len(rows.documents)
+        ),
+        rows=rows,
     )
 
 
@@ -665,7 +612,6 @@ class IndexEngine:
         self.device = device
         self.merge_fraction = merge_fraction
         self._snapshots: dict[str, Snapshot] = {}
-        self._doc_rows: dict[str, tuple[str, dict[str, list[int]]]] = {}
         self._load_lock = threading.Lock()
         # One query encoding per core at a time; concurrent queries share batches.
         self._query_batcher = QueryBatcher(
@@ -765,9 +711,8 @@ class IndexEngine:
         vectors: list[np.ndarray | None] = [None] * len(request.passages)
         if request.collection is not None and any(p.doc_id for p in request.passages):
             snapshot = self.snapshot(request.collection)
-            rows_of = self._rows_by_doc(request.collection, snapshot)
             for i, p in enumerate(request.passages):
-                for row in rows_of.get(p.doc_id or "", ()):
+                for row in snapshot.rows_of(p.doc_id or ""):
                     record = snapshot.passages[row]
                     if record.text == p.text and record.title == p.title:
                         vectors[i] = np.asarray(snapshot.exact.embeddings[row], dtype=np.float32)
@@ -796,20 +741,6 @@ class IndexEngine:
             query_vector=None if query is None else query.tolist(),
             passage_vectors=[v.tolist() for v in vectors if v is not None],
         )
-
-    def _rows_by_doc(self, name: str, snapshot: Snapshot) -> dict[str, list[int]]:
-        """doc id -> its live passage rows in ``snapshot``, built once per version."""
-        cached = self._doc_rows.get(name)
-        if cached is not None and cached[0] == snapshot.version:
-            return cached[1]
-        doc_ids = _doc_ids(self.family(name).versions_dir / snapshot.version, snapshot.documents)
-        rows: dict[str, list[int]] = {}
-        for row in np.flatnonzero(snapshot.live):
-            doc = int(snapshot.passage_doc_index[row])
-            if 0 <= doc < len(doc_ids):
-                rows.setdefault(doc_ids[doc], []).append(int(row))
-        self._doc_rows[name] = (snapshot.version, rows)
-        return rows
 
     def search(
         self,
@@ -873,20 +804,13 @@ class IndexEngine:
 
     def documents(self, name: str, doc_ids: Sequence[str]) -> list[Document]:
         """The live documents among ``doc_ids`` (in that order; unknown ids are left out).
-        Through the version's doc id -> rows map (built once per version, as ``embed`` uses
-        it): a lookup reads the records it returns, not the whole collection, since the
+        Through each segment's doc id -> line map (loaded once per segment file, as ``embed``
+        uses it): a lookup reads the records it returns, not the whole collection, since the
         orchestrator looks up the few fused hits the index sent without text on the search
         path."""
         snapshot = self.snapshot(name)
-        rows_of = self._rows_by_doc(name, snapshot)
-        found = []
-        for doc_id in dict.fromkeys(doc_ids):
-            rows = rows_of.get(doc_id)
-            if rows:
-                doc = snapshot.documents[int(snapshot.passage_doc_index[rows[0]])]
-                if doc.id == doc_id:
-                    found.append(doc)
-        return found
+        indices = (snapshot.rows.doc_index(doc_id) for doc_id in dict.fromkeys(doc_ids))
+        return [snapshot.documents[i] for i in indices if i is not None]
 
     def passages(self, name: str, wanted: Mapping[str, int | None]) -> list[Passage]:
         """doc id -> passage number (``None``: the first): those live passages, in that order
@@ -897,13 +821,12 @@ class IndexEngine:
         """``passages`` as the stored JSON objects (no model round trip: what the service
         serialises)."""
         snapshot = self.snapshot(name)
-        rows_of = self._rows_by_doc(name, snapshot)
         records = snapshot.passages
         raw = records.raw if isinstance(records, JsonlRecords) else None
         found = []
         for doc_id, number in wanted.items():
             target = f"{doc_id}#{number or 0}"
-            for row in rows_of.get(doc_id, ()):
+            for row in snapshot.rows_of(doc_id):
                 record = raw(row) if raw is not None else records[row].model_dump()
                 if record["passage_id"] == target:
                     found.append(record)
@@ -913,9 +836,7 @@ class IndexEngine:
     def delete(self, name: str, doc_id: str) -> WriteResult:
         if not self.exists(name):
             raise not_found("collection", name, field="collection")
-        snapshot = self.snapshot(name)
-        base = self.family(name).versions_dir / snapshot.version
-        if doc_id not in _doc_ids(base, snapshot.documents):
+        if self.snapshot(name).rows.doc_index(doc_id) is None:
             raise not_found("document", doc_id)
         return self._write(name, upserts=[], deletes={doc_id}, progress=None)
 
@@ -956,23 +877,22 @@ class IndexEngine:
             previous = self._serving(name, family)
             config = (config or (previous.ann_config if previous else self.ann)).validated()
             replaced = {doc.id for doc in upserts} | deletes
-            # Previous documents by id from their raw records (no models): which lines stay.
-            prev_docs = previous.documents if previous is not None else None
-            prev_ids = (
-                _doc_ids(family.versions_dir / previous.version, previous.documents)
-                if previous is not None
-                else []
-            )
-            kept_doc_idx = [i for i, d in enumerate(prev_ids) if d not in replaced]
-            replaced_idx = [i for i, d in enumerate(prev_ids) if d in replaced]
-            n_documents = len(kept_doc_idx) + len(upserts)
+            # The live documents replaced or deleted, through each segment's id -> line map.
+            found = [previous.rows.doc_index(d) for d in replaced] if previous is not None else []
+            replaced_idx = np.array([i for i in found if i is not None], dtype=np.int64)
+            n_previous = previous.n_documents if previous is not None else 0
+            n_documents = n_previous - replaced_idx.shape[0] + len(upserts)
             chunks = [chunk_document(doc, self.passage_words) for doc in upserts]
             new_passages = [p for chunk in chunks for p in chunk]
             new_vectors = self._embed_passages(new_passages, progress)
-            # Append mode keeps every previous row (and the ANN index and BM25 segments over
-            # them), tombstoning the rows of replaced or deleted documents; otherwise (a merge,
-            # or the write that brings a collection without an ANN index to ``min_passages``)
-            # rows are compacted.
+            # Each new row's document line among the upserts.
+            new_row_docs = np.repeat(
+                np.arange(len(upserts), dtype=np.int64), [len(chunk) for chunk in chunks]
+            )
+            # Append mode keeps every previous row (and the record segments, the ANN index and
+            # the BM25 segments over them), tombstoning the rows of replaced or deleted
+            # documents; otherwise (a merge, or the write that brings a collection without an
+            # ANN index to ``min_passages``) rows are compacted into a new base.
             append = previous is not None and not merge
             dead: np.ndarray = np.zeros(0, np.int64)
             if previous is not None and append:
@@ -985,36 +905,17 @@ class IndexEngine:
                     or config.backend == "flat"
                     or live_after < config.min_passages
                 )
-            # The new version's documents: the kept ones (in their order), then the upserts.
-            remap = np.full(len(prev_ids), -1, dtype=np.int64)
-            remap[kept_doc_idx] = np.arange(len(kept_doc_idx), dtype=np.int64)
-            new_doc_index = np.repeat(
-                len(kept_doc_idx) + np.arange(len(upserts), dtype=np.int64),
-                [len(chunk) for chunk in chunks],
-            )
-            old_passages: list[Passage] = []  # previous rows parsed (compaction only)
-            if previous is None:
-                kept_rows: list[int] = []
-                row_docs = np.zeros(0, np.int64)
-            elif append:
-                kept_rows = list(range(len(previous.passages)))
-                row_docs = np.where(
-                    previous.passage_doc_index >= 0,
-                    remap[np.maximum(previous.passage_doc_index, 0)],
-                    -1,
-                )
-                row_docs[dead] = -1
+            kept_docs = kept_rows = np.zeros(0, np.int64)  # what a compaction copies
+            if previous is not None and append:
+                n_rows = len(previous.passages) + len(new_passages)
             else:
                 dead = np.zeros(0, np.int64)
-                kept_rows = [
-                    row
-                    for row in np.flatnonzero(previous.live).tolist()
-                    if remap[previous.passage_doc_index[row]] >= 0
-                ]
-                old_passages = [previous.passages[r] for r in kept_rows]
-                row_docs = remap[previous.passage_doc_index[kept_rows]]
-            row_docs = np.concatenate([row_docs, new_doc_index]).astype(np.int64)
-            n_rows = len(kept_rows) + len(new_passages)
+                if previous is not None:
+                    kept_docs = np.setdiff1d(np.arange(n_previous, dtype=np.int64), replaced_idx)
+                    kept_rows = np.flatnonzero(
+                        previous.live & ~np.isin(previous.passage_doc_index, replaced_idx)
+                    )
+                n_rows = kept_rows.shape[0] + len(new_passages)
             live_passages = np.ones(n_rows, dtype=bool)
             live_passages[dead] = False
             build_index = (
@@ -1042,30 +943,53 @@ class IndexEngine:
                 "dense_backend": config.label() if has_ann or build_index else "flat",
             }
             with family.build(manifest) as scratch:
-                # Kept records are copied as the bytes they were written as; only new ones are
-                # serialised. In append mode every previous passage line stays (rows are kept).
-                _write_records(
-                    scratch / "documents.jsonl",
-                    prev_docs,
-                    kept_doc_idx,
-                    (doc.model_dump() for doc in upserts),
-                )
-                _write_records(
-                    scratch / "passages.jsonl",
-                    previous.passages if previous is not None and append else None,
-                    range(len(kept_rows)) if append else [],
-                    (p.model_dump() for p in old_passages + new_passages),
-                )
-                np.save(scratch / ROW_DOCS, row_docs)
-                (scratch / DOC_IDS).write_text(
-                    json.dumps([prev_ids[i] for i in kept_doc_idx] + [d.id for d in upserts]),
-                    encoding="utf-8",
-                )
-                self._write_embeddings(scratch / "embeddings.f32", previous, kept_rows, new_vectors)
+                if previous is not None and append:
+                    # Only this write's own records and vectors are written; the base and the
+                    # earlier segments are hard links (their checksums carry over).
+                    segment: dict[str, Any] | None = None
+                    if new_passages:
+                        segment_name = f"w{len(previous.rows.segments):05d}"
+                        segment = {
+                            "name": segment_name,
+                            "rows": len(new_passages),
+                            "documents": len(upserts),
+                        }
+                        write_segment(
+                            scratch / RECORDS_DIR / segment_name,
+                            upserts,
+                            new_passages,
+                            new_row_docs,
+                            new_vectors,
+                        )
+                    manifest["records"] = link_segments(previous.rows, scratch, segment)
+                else:
+                    # A compaction: kept records copied as the bytes they were written as, in
+                    # their order, then the upserts; one base, no write segments.
+                    kept_lines = np.full(n_previous, -1, dtype=np.int64)
+                    kept_lines[kept_docs] = np.arange(kept_docs.shape[0], dtype=np.int64)
+                    row_docs = np.concatenate(
+                        [
+                            kept_lines[previous.passage_doc_index[kept_rows]]
+                            if previous is not None
+                            else np.zeros(0, np.int64),
+                            kept_docs.shape[0] + new_row_docs,
+                        ]
+                    )
+                    write_segment(
+                        scratch,
+                        upserts,
+                        new_passages,
+                        row_docs,
+                        new_vectors,
+                        kept_from=previous.rows if previous is not None else None,
+                        kept_docs=kept_docs,
+                        kept_rows=kept_rows,
+                    )
+                    manifest["records"] = []
                 if dead.shape[0]:
                     np.save(scratch / TOMBSTONES, dead.astype(np.int64))
                 if has_ann and previous is not None:
-                    self._link(
+                    link(
                         family.versions_dir / previous.version / ann_meta["file"],
                         scratch / ann_meta["file"],
                     )
@@ -1080,9 +1004,15 @@ class IndexEngine:
                 manifest["bm25"]["segments"] = self._write_bm25_segments(
                     scratch / BM25_SEGMENTS,
                     family.versions_dir / previous.version if previous and append else None,
-                    (lambda: [previous.passages[r] for r in kept_rows])  # a legacy version
-                    if previous is not None and append
-                    else (lambda: old_passages),
+                    # Parsed only for a compaction or a version from before BM25 segments.
+                    lambda: (
+                        []
+                        if previous is None
+                        else [
+                            previous.passages[int(r)]
+                            for r in (range(len(previous.passages)) if append else kept_rows)
+                        ]
+                    ),
                     new_passages,
                 )
                 if progress:
@@ -1101,7 +1031,7 @@ class IndexEngine:
             embedded_passages=len(new_passages),
             seconds=time.perf_counter() - started,
             # Without an ANN index, tombstoned rows (kept until a merge) are what a merge drops.
-            # Many small BM25 segments cost every query a pass each, whatever their size.
+            # Many small segments cost every query a pass each, whatever their size.
             merge_due=(
                 outside_index > self.merge_fraction * indexed
                 if indexed > 0
@@ -1122,32 +1052,6 @@ class IndexEngine:
             if progress:
                 progress(min(start + step, len(texts)), len(texts), "embed")
         return np.concatenate(parts).astype(np.float32, copy=False)
-
-    @staticmethod
-    def _write_embeddings(
-        path: Path, previous: Snapshot | None, kept_rows: list[int], new_vectors: np.ndarray
-    ) -> None:
-        n = len(kept_rows) + new_vectors.shape[0]
-        if n == 0:
-            path.write_bytes(b"")
-            return
-        out = np.memmap(path, dtype=np.float32, mode="w+", shape=(n, EMBEDDING_DIM))
-        if kept_rows and previous is not None and kept_rows == list(range(len(kept_rows))):
-            # Append mode keeps every previous row: one contiguous copy.
-            source = previous.exact.embeddings
-            for start in range(0, len(kept_rows), 65536):
-                stop = min(start + 65536, len(kept_rows))
-                out[start:stop] = source[start:stop]
-        elif kept_rows and previous is not None:
-            source = previous.exact.embeddings
-            # Copy in blocks so a million-row collection is never read into memory at once.
-            rows = np.asarray(kept_rows)
-            for start in range(0, rows.shape[0], 65536):
-                block = rows[start : start + 65536]
-                out[start : start + block.shape[0]] = source[block]
-        out[len(kept_rows) :] = new_vectors
-        out.flush()
-        del out
 
     @classmethod
     def _write_bm25_segments(
@@ -1170,7 +1074,7 @@ class IndexEngine:
                 source = previous / BM25_SEGMENTS / str(entry["name"])
                 (directory / str(entry["name"])).mkdir()
                 for path in source.iterdir():
-                    cls._link(path, directory / str(entry["name"]) / path.name)
+                    link(path, directory / str(entry["name"]) / path.name)
             rows = new
         else:
             rows = kept() + new
@@ -1185,21 +1089,13 @@ class IndexEngine:
         """Build the ANN index over the scratch version's vectors (read from its memmap)."""
         started = time.perf_counter()
         vectors = np.memmap(
-            scratch / "embeddings.f32", dtype=np.float32, mode="r", shape=(n_rows, EMBEDDING_DIM)
+            scratch / EMBEDDINGS, dtype=np.float32, mode="r", shape=(n_rows, EMBEDDING_DIM)
         )
         index = build_ann(config, vectors, self.device)
         index.save(scratch / ANN_FILE)
         seconds = time.perf_counter() - started
         logger.info("built %s over %d rows in %.1f s", config.backend, n_rows, seconds)
         return {"file": ANN_FILE, "build_seconds": round(seconds, 3)}
-
-    @staticmethod
-    def _link(source: Path, target: Path) -> None:
-        """Share the previous version's immutable file (a hard link; a copy across devices)."""
-        try:
-            os.link(source, target)
-        except OSError:
-            shutil.copyfile(source, target)
 
 
 def params_of(request: IndexSearchRequest) -> SearchParams:

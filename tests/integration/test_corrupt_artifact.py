@@ -9,8 +9,11 @@ from pathlib import Path
 
 import httpx
 
+from services.index.engine import IndexEngine
 from shared.artifacts import ArtifactFamily
-from tests.conftest import free_port, spawn, stack_env, wait_ready
+from shared.models import get_embedder
+from shared.schemas import Document
+from tests.conftest import free_port, make_settings, spawn, stack_env, wait_ready
 
 
 def test_the_index_refuses_a_tampered_collection_and_serves_the_others(
@@ -25,6 +28,17 @@ def test_the_index_refuses_a_tampered_collection_and_serves_the_others(
     assert version is not None
     passages = family.versions_dir / version / "passages.jsonl"
     passages.write_bytes(passages.read_bytes().replace(b"Mona", b"Mono", 1))
+    # A collection with a write segment (records/w00001/) serves from another process, which
+    # checks the linked base and the segment; a tampered segment file is refused the same way.
+    shutil.copytree(collections / "wiki", collections / "wiki-seg")
+    engine = IndexEngine(data_dir, lambda: get_embedder(make_settings(data_dir)))
+    engine.upsert("wiki-seg", [Document(id="Zorblax", title="Zorblax", text="a purple moon")])
+    shutil.copytree(collections / "wiki-seg", collections / "wiki-seg-bad")
+    bad = ArtifactFamily(collections / "wiki-seg-bad")
+    segment = bad.versions_dir / str(bad.current_version()) / "records" / "w00001"
+    (segment / "passages.jsonl").write_bytes(
+        (segment / "passages.jsonl").read_bytes().replace(b"purple", b"purpel")
+    )
 
     port = free_port()
     env = stack_env(data_dir, LODESTAR_INDEX_PORT=str(port))
@@ -41,6 +55,15 @@ def test_the_index_refuses_a_tampered_collection_and_serves_the_others(
         assert error["code"] == "unavailable"
         assert "passages.jsonl does not match its checksum" in error["message"]
         assert str(tmp_path) not in refused.text
+        moon = {"query": "purple moon", "k": 1, "retrievers": ["bm25"]}
+        served = httpx.post(f"{url}/search", json={**moon, "collection": "wiki-seg"}, timeout=60)
+        assert served.json()["results"]["bm25"][0]["doc_id"] == "Zorblax", served.text
+        refused = httpx.post(
+            f"{url}/search", json={**moon, "collection": "wiki-seg-bad"}, timeout=60
+        )
+        assert refused.status_code == 503, refused.text
+        message = refused.json()["error"]["message"]
+        assert "records/w00001/passages.jsonl does not match its checksum" in message
         ready = httpx.get(f"{url}/readyz").json()
         assert "wiki-copy" in str(ready) and "wiki-copy" not in ready.get("collections", [])
     finally:

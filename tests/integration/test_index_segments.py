@@ -10,6 +10,7 @@ import json
 import shutil
 import threading
 from pathlib import Path
+from typing import Any
 
 import bm25s
 import numpy as np
@@ -17,6 +18,7 @@ import pytest
 import Stemmer
 
 from services.index import engine as engine_module
+from services.index import segments as segments_module
 from services.index.engine import (
     BM25_B,
     BM25_K1,
@@ -215,8 +217,8 @@ def test_a_version_from_before_segments_loads_and_its_next_write_segments_it(
     legacy.index(engine_module._bm25_tokenize(live_texts), show_progress=False)
     legacy.save(str(base / "bm25"))
     shutil.rmtree(base / BM25_SEGMENTS)
-    (base / engine_module.ROW_DOCS).unlink()  # nor row -> document map, nor the id list
-    (base / engine_module.DOC_IDS).unlink()
+    (base / segments_module.ROW_DOCS).unlink()  # nor row -> document map, nor the id list
+    (base / segments_module.DOC_IDS).unlink()
     fresh = IndexEngine(engine.root.parent, engine._embedder_factory)
     old = fresh.snapshot("wiki")
     assert isinstance(old.bm25, engine_module.BM25Searcher)
@@ -228,3 +230,196 @@ def test_a_version_from_before_segments_loads_and_its_next_write_segments_it(
     snapshot = fresh.snapshot("wiki")
     ids = [snapshot.documents[int(i)].id for i in np.unique(snapshot.passage_doc_index) if i >= 0]
     assert "Zorblax" in ids and "Mona Lisa" not in ids and len(ids) == snapshot.n_documents
+
+
+def _version_dirs(engine: IndexEngine) -> tuple[Path, Path]:
+    """The previous and the current version's directories."""
+    family = engine.family("wiki")
+    versions = sorted(p for p in family.versions_dir.iterdir() if p.is_dir())
+    return versions[-2], versions[-1]
+
+
+def _live_view(snapshot: engine_module.Snapshot) -> list[tuple[str, str, str, bytes]]:
+    """(document id, passage id, passage text, vector bytes) of every live row, in order."""
+    return [
+        (
+            snapshot.documents[int(snapshot.passage_doc_index[row])].id,
+            snapshot.passages[int(row)].passage_id,
+            snapshot.passages[int(row)].text,
+            snapshot.exact.embeddings[int(row)].tobytes(),
+        )
+        for row in np.flatnonzero(snapshot.live)
+    ]
+
+
+def test_a_write_adds_only_its_own_record_segment_and_links_the_rest(
+    engine: IndexEngine,
+) -> None:
+    """Records and vectors in segments: a one-document upsert writes its own small segment
+    (records, vectors, row -> document lines, ids) and hard-links the base and the earlier
+    segments, whose checksums carry over; a delete writes no segment, only tombstones. Every
+    version still verifies byte for byte, also after older versions were pruned."""
+    family = engine.family("wiki")
+    base_files = segments_module.SEGMENT_FILES
+    engine.upsert("wiki", [Document(id="Zorblax", title="Zorblax", text="a purple moon")])
+    old, current = _version_dirs(engine)
+    for name in base_files:
+        assert (old / name).stat().st_ino == (current / name).stat().st_ino, name
+    listed = json.loads((current / "records" / "segments.json").read_text())
+    assert listed == [{"name": "w00001", "rows": 1, "documents": 1}]
+    segment = current / "records" / "w00001"
+    assert (segment / "embeddings.f32").stat().st_size == 384 * 4
+    assert json.loads((segment / "doc_ids.json").read_text()) == ["Zorblax"]
+    assert np.load(segment / "row_docs.npy").tolist() == [0]
+    manifest = family.read_manifest()
+    previous = json.loads((old / "manifest.json").read_text())
+    for name in base_files:
+        assert manifest["files"][name] == previous["files"][name]
+
+    engine.upsert("wiki", [Document(id="Quokka", title="Quokka", text="a small green comet")])
+    engine.delete("wiki", "Eiffel Tower")
+    old, current = _version_dirs(engine)
+    assert not (current / "records" / "w00003").exists()  # a delete adds no segment
+    for name in ("w00001", "w00002"):
+        for path in (old / "records" / name).iterdir():
+            assert path.stat().st_ino == (current / "records" / name / path.name).stat().st_ino
+    tombstones = np.load(current / engine_module.TOMBSTONES)
+    assert tombstones.shape[0] == family.read_manifest()["tombstones"] > 0
+    assert len(list(family.versions_dir.iterdir())) == 2  # pruned; the links keep the files
+    for version in sorted(p.name for p in family.versions_dir.iterdir()):
+        family.verify(version)  # every byte against the manifest, as another process does
+    snapshot = engine.snapshot("wiki")
+    assert "Eiffel Tower" not in [d.id for d in snapshot.documents]
+    assert snapshot.rows_of("Eiffel Tower") == []
+    assert [snapshot.passages[r].doc_id for r in snapshot.rows_of("Quokka")] == ["Quokka"]
+
+
+def test_segmented_records_read_what_a_compacted_version_holds(engine: IndexEngine) -> None:
+    """Documents, passages and vectors read across the base and the write segments (with
+    tombstones) are those the merge compacts them into, in the same order; so are the dense
+    and BM25 results. A replaced document's id lives in two segments, only the new one live."""
+    engine.upsert("wiki", [Document(id="Zorblax", title="Zorblax", text="a purple moon of Quux")])
+    engine.upsert(
+        "wiki",
+        [
+            Document(id="Zorblax", title="Zorblax", text="now a green comet " * 100),
+            Document(id="Mona Lisa", title="Mona Lisa", text="Replaced: a painting of a moon."),
+        ],
+    )
+    engine.delete("wiki", "Isaac Newton")
+    segmented = engine.snapshot("wiki")
+    assert len(segmented.rows.segments) == 3 and segmented.manifest["tombstones"] > 0
+    assert len(segmented.rows_of("Zorblax")) == 2  # 400 words: two passages
+    view = _live_view(segmented)
+    ids = [d.id for d in segmented.documents]
+    queries = ["green comet", "painting of a moon", "gravity apple"]
+    searches = [engine.search("wiki", q, 5, ["dense", "bm25"])[1] for q in queries]
+
+    def ranked(snapshot: engine_module.Snapshot, results: dict[str, Any]) -> dict[str, Any]:
+        return {
+            retriever: [(snapshot.documents[h.doc_index].id, round(h.score, 5)) for h in hits]
+            for retriever, hits in results.items()
+        }
+
+    before = [ranked(segmented, r) for r in searches]
+    engine.merge("wiki")
+    merged = engine.snapshot("wiki")
+    assert len(merged.rows.segments) == 1 and merged.live.all()
+    assert not (engine.family("wiki").current_path() / "records").exists()  # type: ignore[operator]
+    assert _live_view(merged) == view
+    assert [d.id for d in merged.documents] == ids
+    after = [ranked(merged, engine.search("wiki", q, 5, ["dense", "bm25"])[1]) for q in queries]
+    assert after == before
+    _assert_scores_equal_from_scratch(engine)
+
+
+def test_a_crash_while_writing_a_segment_leaves_the_previous_version_whole(
+    engine: IndexEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An upsert killed after its segment's files are written, and a merge killed while writing
+    the new base, publish nothing: the previous version serves, still verifies (the scratch
+    version's hard links went, its own files stayed), and the next write succeeds."""
+    engine.upsert("wiki", [Document(id="Zorblax", title="Zorblax", text="a purple moon")])
+    before = engine.snapshot("wiki")
+    family = engine.family("wiki")
+
+    def crash_after(name: str) -> None:
+        real = getattr(segments_module, name)
+
+        def crash(*args: Any, **kwargs: Any) -> None:
+            real(*args, **kwargs)
+            raise RuntimeError(f"killed after {name}")
+
+        monkeypatch.setattr(engine_module, name, crash)
+
+    crash_after("link_segments")  # the new segment written, the rest linked
+    with pytest.raises(RuntimeError, match="killed"):
+        engine.upsert("wiki", [Document(id="Quokka", title="Quokka", text="a green comet")])
+    crash_after("write_segment")  # a merge's new base written
+    with pytest.raises(RuntimeError, match="killed"):
+        engine.merge("wiki")
+    monkeypatch.undo()
+    assert family.current_version() == before.version
+    assert not list(family.versions_dir.glob("*.tmp"))
+    family.verify(before.version)
+    _, results, _ = engine.search("wiki", "purple moon", 3, ["bm25", "dense"])
+    assert all(before.documents[r[0].doc_index].id == "Zorblax" for r in results.values())
+    engine.upsert("wiki", [Document(id="Quokka", title="Quokka", text="a green comet")])
+    assert engine.snapshot("wiki").rows_of("Quokka")
+
+
+def _flatten_to_the_layout_before_record_segments(engine: IndexEngine) -> None:
+    """Publish the current version as the write path before record segments left it: every
+    row (tombstoned ones too) in one passages.jsonl and embeddings.f32, live documents only in
+    documents.jsonl, row_docs.npy the row's live document index (-1 when tombstoned)."""
+    snapshot = engine.snapshot("wiki")
+    family = engine.family("wiki")
+    source = family.versions_dir / snapshot.version
+    manifest = {
+        k: v for k, v in snapshot.manifest.items() if k not in ("files", "version", "records")
+    }
+    with family.lock(), family.build(manifest) as scratch:
+        (scratch / "passages.jsonl").write_bytes(
+            snapshot.rows.passages.raw_span(0, len(snapshot.passages))
+        )
+        (scratch / "documents.jsonl").write_bytes(
+            snapshot.rows.documents.raw_span(0, snapshot.n_documents)
+        )
+        snapshot.exact.embeddings[np.arange(len(snapshot.passages))].tofile(
+            scratch / "embeddings.f32"
+        )
+        np.save(scratch / segments_module.ROW_DOCS, snapshot.passage_doc_index)
+        (scratch / segments_module.DOC_IDS).write_text(
+            json.dumps([d.id for d in snapshot.documents])
+        )
+        for name in (engine_module.TOMBSTONES,):
+            shutil.copyfile(source / name, scratch / name)
+        shutil.copytree(source / BM25_SEGMENTS, scratch / BM25_SEGMENTS)
+
+
+def test_a_version_from_before_record_segments_loads_and_its_next_write_links_it(
+    engine: IndexEngine,
+) -> None:
+    """A collection last written before record segments (appended rows and tombstones in one
+    set of files) serves the same results, and its next write hard-links those files as the
+    base and adds a segment."""
+    engine.upsert("wiki", [Document(id="Zorblax", title="Zorblax", text="a purple moon")])
+    engine.delete("wiki", "Eiffel Tower")
+    engine.upsert("wiki", [Document(id="Zorblax", title="Zorblax", text="a green comet")])
+    view = _live_view(engine.snapshot("wiki"))
+    _flatten_to_the_layout_before_record_segments(engine)
+    fresh = IndexEngine(engine.root.parent, engine._embedder_factory)
+    old = fresh.snapshot("wiki")
+    assert len(old.rows.segments) == 1 and old.manifest["tombstones"] == 2
+    assert (old.passage_doc_index[~old.live] == -1).all()
+    assert _live_view(old) == view
+    fresh.upsert("wiki", [Document(id="Quokka", title="Quokka", text="a small marsupial")])
+    previous, current = _version_dirs(fresh)
+    for name in segments_module.SEGMENT_FILES:
+        assert (previous / name).stat().st_ino == (current / name).stat().st_ino, name
+    snapshot = fresh.snapshot("wiki")
+    assert _live_view(snapshot)[: len(view)] == view
+    assert [d.id for d in snapshot.documents][-2:] == ["Zorblax", "Quokka"]
+    _assert_scores_equal_from_scratch(fresh)
+    fresh.merge("wiki")
+    assert _live_view(fresh.snapshot("wiki"))[: len(view)] == view

@@ -96,8 +96,13 @@ def test_an_upsert_that_outgrows_the_index_schedules_a_merge(tmp_path: Path) -> 
     finally:
         worker.stop()
     assert merged["documents"] == 6 and merged["dense_backend"].startswith("hnswlib")
-    manifest = ArtifactFamily(data_dir / "collections" / "capes").read_manifest()
+    family = ArtifactFamily(data_dir / "collections" / "capes")
+    manifest = family.read_manifest()
     assert manifest["ann"]["indexed_rows"] == manifest["rows"] == 6
+    # The second batch was one record segment beside the base; the merge compacted it.
+    appended = family.read_manifest(sorted(p.name for p in family.versions_dir.iterdir())[0])
+    assert appended["records"] == [{"name": "w00001", "rows": 2, "documents": 2}]
+    assert manifest["records"] == [] and "records/segments.json" not in manifest["files"]
 
 
 async def test_the_orchestrator_queues_a_merge_when_a_write_reports_one_due(tmp_path: Path) -> None:

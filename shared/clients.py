@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, get_args
 from urllib.parse import quote
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from shared.app import (
     DEADLINE_HEADER,
@@ -30,6 +30,7 @@ from shared.schemas import (
     Document,
     EmbedResponse,
     IndexSearchResponse,
+    NotBool,
     Passage,
     QueryText,
     WriteResponse,
@@ -220,6 +221,17 @@ JUDGE_MAX_CONTEXT_CHARS = 200_000
 
 
 class RerankDocumentIn(BaseModel):
+    # The schema states "a non-blank title or text"; the check stays in code (400 ``empty``,
+    # as for a blank query).
+    model_config = ConfigDict(
+        json_schema_extra={
+            "anyOf": [
+                {"properties": {"title": {"pattern": r"\S"}}, "required": ["title"]},
+                {"properties": {"text": {"pattern": r"\S"}}},
+            ]
+        }
+    )
+
     doc_id: str = Field(min_length=1, max_length=512)
     title: str = ""
     text: str
@@ -237,11 +249,11 @@ class RerankOptions(BaseModel):
     query_span: Literal["instruction", "query"] | None = None
     doc_order: Literal["reverse", "input"] | None = None
     retrieval_type: Literal["ie", "qa"] | None = None
-    reuse_cache: bool | None = None
-    max_doc_tokens: Annotated[int, Field(ge=8, le=2048)] | None = None
-    max_prompt_tokens: Annotated[int, Field(ge=256, le=8192)] | None = None
-    window_size: Annotated[int, Field(ge=2, le=100)] | None = None
-    step: Annotated[int, Field(ge=1, le=100)] | None = None
+    reuse_cache: StrictBool | None = None
+    max_doc_tokens: Annotated[int, Field(ge=8, le=2048), NotBool] | None = None
+    max_prompt_tokens: Annotated[int, Field(ge=256, le=8192), NotBool] | None = None
+    window_size: Annotated[int, Field(ge=2, le=100), NotBool] | None = None
+    step: Annotated[int, Field(ge=1, le=100), NotBool] | None = None
 
 
 class RerankRequest(BaseModel):

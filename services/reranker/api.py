@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends
 from fastapi.concurrency import run_in_threadpool
 
 from services.reranker.engine import RerankDocument, RerankerEngine, rerank_response
+from services.reranker.icr import printable
 from shared.app import SettingsDep, check_text, from_state, require_ready
 from shared.clients import RerankRequest, RerankResponse
 from shared.errors import ErrorCode, LodestarError, error_responses, invalid
@@ -17,9 +18,19 @@ EngineDep = Annotated[RerankerEngine, Depends(from_state("engine"))]
 router = APIRouter(dependencies=[Depends(require_ready)])
 
 
-@router.post("/rerank", response_model=RerankResponse, responses=error_responses(ErrorCode.empty))
+#: Rules of ``POST /rerank`` JSON Schema cannot state (``x-lodestar-rules`` in its 422).
+RERANK_RULES = {"documents": "document ids are unique"}
+
+
+@router.post(
+    "/rerank",
+    response_model=RerankResponse,
+    responses=error_responses(ErrorCode.empty, ErrorCode.too_large, rules=RERANK_RULES),
+)
 async def rerank(body: RerankRequest, engine: EngineDep, settings: SettingsDep) -> RerankResponse:
     query = check_text(body.query, "query", settings)
+    if not printable(query).strip():  # control characters only: nothing for a model to read
+        raise LodestarError(ErrorCode.empty, "query has no printable character", field="query")
     if len(body.documents) > settings.rerank_max_documents:
         raise LodestarError(
             ErrorCode.too_large,

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import threading
 import time
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -141,6 +142,17 @@ def _span_of(offsets: Sequence[tuple[int, int]], start: int, end: int) -> tuple[
     return first, last + 1
 
 
+#: Unicode categories a prompt drops: control, surrogate, private-use and unassigned characters
+#: mean nothing to the LM, and the tokenizer drops or splits them so that a document's token
+#: span no longer decodes to its text (found by the contract test's fuzzing).
+_UNPRINTABLE = frozenset({"Cc", "Cs", "Co", "Cn"})
+
+
+def printable(text: str) -> str:
+    """``text`` without the characters of ``_UNPRINTABLE`` (newlines and tabs kept)."""
+    return "".join(c for c in text if c in "\n\t" or unicodedata.category(c) not in _UNPRINTABLE)
+
+
 def build_prompt(
     tokenizer: Any,
     query: str,
@@ -151,6 +163,8 @@ def build_prompt(
     n = len(documents)
     if n == 0:
         raise ICRInputError("no documents to rerank")
+    query = printable(query)
+    documents = [printable(d) for d in documents]
     instruction = INSTRUCTIONS[options.retrieval_type]
     # Per-document budget: the configured one, shrunk to an equal share of the prompt budget.
     overhead = len(_tokenize(tokenizer, _render(tokenizer, _content("", instruction, query))))

@@ -24,6 +24,7 @@ from shared.app import CeleryDep, SettingsDep, check_text, from_state, require_r
 from shared.errors import ErrorCode, LodestarError, error_responses
 from shared.ids import DocId, JobIdPath, stage_jsonl
 from shared.jobs import TASK_REWRITE_BATCH, QueueChoice, job_status, route_queue
+from shared.schemas import QueryText
 
 EngineDep = Annotated[RewriterEngine, Depends(from_state("engine"))]
 
@@ -39,12 +40,23 @@ ModeIn = Literal["context", "query-only"]
 
 
 class DocumentIn(BaseModel):
-    title: str = ""
-    text: str = ""
+    # Stated, not enforced by the schema: an oversized document is a 413 ``too_large``.
+    title: str = Field(default="", json_schema_extra={"maxLength": MAX_TITLE_CHARS})
+    text: str = Field(default="", json_schema_extra={"maxLength": MAX_DOCUMENT_CHARS})
+
+
+#: Rules of ``POST /rewrite`` JSON Schema cannot state (``x-lodestar-rules`` in its 422).
+REWRITE_RULES = {"document": "required in `context` mode, with a non-blank `title` or `text`"}
+#: ... and of ``POST /jobs/rewrite``.
+REWRITE_JOB_RULES = {
+    "dataset": "exactly one of `dataset` and `pairs`",
+    "pairs": "in `context` mode every pair has a non-blank `title` or `text`, and no pair's "
+    "`doc_id` is in `forbidden_doc_ids`",
+}
 
 
 class RewriteRequest(BaseModel):
-    query: str
+    query: QueryText
     document: DocumentIn | None = None
     """The relevant document; required in ``context`` mode, ignored in ``query-only``."""
     mode: ModeIn = "context"
@@ -104,7 +116,11 @@ def _check_document(document: DocumentIn) -> None:
         )
 
 
-@router.post("/rewrite", response_model=RewriteResponse, responses=error_responses(ErrorCode.empty))
+@router.post(
+    "/rewrite",
+    response_model=RewriteResponse,
+    responses=error_responses(ErrorCode.empty, ErrorCode.too_large, rules=REWRITE_RULES),
+)
 async def rewrite(
     body: RewriteRequest, engine: EngineDep, settings: SettingsDep
 ) -> RewriteResponse:
@@ -154,7 +170,7 @@ async def cache_info(engine: EngineDep) -> dict[str, Any]:
     return {"model": engine.model_id, "llm_calls": engine.llm_calls, "caches": caches}
 
 
-@router.post("/jobs/rewrite", status_code=202)
+@router.post("/jobs/rewrite", status_code=202, responses=error_responses(rules=REWRITE_JOB_RULES))
 async def rewrite_job(
     body: RewriteJobRequest, settings: SettingsDep, celery: CeleryDep
 ) -> JSONResponse:

@@ -10,7 +10,6 @@ few examples per operation, a short request deadline (a generation cut by it sti
 
 from __future__ import annotations
 
-import os
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -234,13 +233,6 @@ rewriter_schema = _model_service("rewriter")
 generator_schema = _model_service("generator")
 
 
-#: The services that run the LLM on every request (rewrite, rerank, chat completion) cost
-#: minutes on a loaded two-core machine: opt in with LODESTAR_CONTRACT_LLM=1.
-llm = pytest.mark.skipif(
-    os.environ.get("LODESTAR_CONTRACT_LLM") != "1", reason="set LODESTAR_CONTRACT_LLM=1"
-)
-
-
 def run_schemathesis(schema: Any) -> tuple[int, list[str], int]:
     """Run every phase over the document with schemathesis' own engine (what ``st run`` runs):
     the number of requests sent, one line per distinct failure or error (with the request and
@@ -308,29 +300,14 @@ def test_critic_contract(critic_schema: Any) -> None:
     _check(critic_schema, "critic")
 
 
-@llm
-@pytest.mark.xfail(
-    reason="1 known failure (docs/api.md): a schema-valid /rerank (duplicate doc ids, a document with no text) is refused",
-    strict=False,
-)
 def test_reranker_contract(reranker_schema: Any) -> None:
     _check(reranker_schema, "reranker")
 
 
-@llm
-@pytest.mark.xfail(
-    reason="2 known failures (docs/api.md): schema-valid /rewrite and /jobs/rewrite bodies refused by cross-field rules",
-    strict=False,
-)
 def test_rewriter_contract(rewriter_schema: Any) -> None:
     _check(rewriter_schema, "rewriter")
 
 
-@llm
-@pytest.mark.xfail(
-    reason="1 known failure (docs/api.md): /v1/chat/completions answered an undocumented 400",
-    strict=False,
-)
 def test_generator_contract(generator_schema: Any) -> None:
     _check(generator_schema, "generator")
 

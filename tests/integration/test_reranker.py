@@ -105,6 +105,7 @@ def test_ablations_and_baselines_answer_with_their_costs(rerank_stack: RerankSta
     [
         ({"query": QUERY, "documents": DOCS, "method": "monot5"}, 422, "validation"),
         ({"query": "  ", "documents": DOCS}, 400, "empty"),
+        ({"query": "\x06\x07", "documents": DOCS}, 400, "empty"),
         ({"query": QUERY, "documents": []}, 422, "validation"),
         ({"query": QUERY, "documents": DOCS * 2}, 413, "too_large"),
         ({"query": QUERY, "documents": [DOCS[0], DOCS[0]]}, 422, "validation"),

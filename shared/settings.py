@@ -263,6 +263,9 @@ class Settings(BaseSettings):
     """P(yes) at or above which the LLM agent says relevant: higher, fewer but surer labels."""
     shadow_ce_threshold: Annotated[float, Field(gt=0, lt=1)] = 0.5
     """sigmoid(cross-encoder logit) at or above which the cross-encoder agent says relevant."""
+    shadow_max_relevant: Annotated[int, Field(ge=1, le=50)] | None = None
+    """At most this many relevant labels per trace from the cross-encoder agent (its most
+    probable documents above the threshold); unset: the threshold alone."""
     shadow_weight: Annotated[float, Field(gt=0, le=1)] = 0.5
     """Training weight of shadow feedback per unit of confidence (user feedback weighs 1)."""
 

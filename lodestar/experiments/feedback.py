@@ -84,6 +84,8 @@ ROCCHIO_GRID = {"beta": (0.25, 0.5, 0.75, 1.0, 1.5), "gamma": (0.0, 0.15, 0.5)}
 RM3_TERMS_GRID = (5, 10, 20)
 RM3_WEIGHT_GRID = (0.3, 0.5, 0.7, 0.9)
 THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 20))
+#: Caps on an agent's relevant labels per query tried beside the threshold (None: no cap).
+MAX_RELEVANT_GRID: tuple[int | None, ...] = (None, 1, 2, 3)
 
 T = TypeVar("T")
 
@@ -234,6 +236,28 @@ def best_threshold(probabilities: Sequence[float], gold: Sequence[bool]) -> floa
     """The threshold of :data:`THRESHOLDS` with the highest κ (the lowest among ties)."""
     scored = [(cohen_kappa([p >= t for p in probabilities], gold), -t) for t in THRESHOLDS]
     return -max(scored)[1]
+
+
+def best_capped_rule(
+    per_query: Sequence[tuple[Sequence[float], Sequence[bool]]],
+) -> tuple[float, int | None, float]:
+    """(threshold, cap, κ) of the :data:`THRESHOLDS` × :data:`MAX_RELEVANT_GRID` rule with the
+    highest κ over the queries' (probabilities, gold) lists, the agent's ``relevant_mask``
+    applied per query (among ties: no cap before a cap, then the smaller cap and threshold)."""
+    from services.orchestrator.shadow import relevant_mask
+
+    gold = [g for _, labels in per_query for g in labels]
+    best: tuple[float, int, float, int | None] | None = None
+    for rank, cap in enumerate(MAX_RELEVANT_GRID):
+        for t in THRESHOLDS:
+            predicted = [m for probs, _ in per_query for m in relevant_mask(probs, t, cap)]
+            kappa = cohen_kappa(predicted, gold)
+            key = (kappa, -rank, -t, cap)
+            if best is None or key[:3] > best[:3]:
+                best = key
+    assert best is not None
+    kappa, _, neg_t, best_cap = best
+    return -neg_t, None if best_cap is None else int(best_cap), kappa
 
 
 def seeded_order(ids: Sequence[str], seed: int, salt: str) -> list[str]:
@@ -1004,17 +1028,23 @@ def run_shadow(
         calib_p = judge(calib_ids, "judge train queries")
         train_qrels = dataset.qrels["train"]
         for name, by_query in calib_p.items():
-            probs: list[float] = []
-            gold: list[bool] = []
+            by_train_query: list[tuple[list[float], list[bool]]] = []
             for qid, doc_p in by_query.items():
-                for doc_id, relevant in qrels_labels(list(doc_p), train_qrels.get(qid, {})).items():
-                    probs.append(doc_p[doc_id])
-                    gold.append(relevant)
+                judged_q = qrels_labels(list(doc_p), train_qrels.get(qid, {}))
+                by_train_query.append(([doc_p[d] for d in judged_q], list(judged_q.values())))
+            probs = [p for ps, _ in by_train_query for p in ps]
+            gold = [g for _, gs in by_train_query for g in gs]
             threshold = best_threshold(probs, gold)
+            capped_t, cap, capped_kappa = best_capped_rule(by_train_query)
             calibration[name] = {
                 "queries": len(by_query),
                 "threshold": threshold,
                 "train_kappa": round(cohen_kappa([p >= threshold for p in probs], gold), 4),
+                "capped": {
+                    "threshold": capped_t,
+                    "max_relevant": cap,
+                    "train_kappa": round(capped_kappa, 4),
+                },
             }
     queries = {q: dataset.queries[q] for q in sorted(subset_ids)}
     first = first_rankings(searcher, queries)
@@ -1025,13 +1055,21 @@ def run_shadow(
         "user": feedback_rankings(searcher, queries, user, weights),
     }
     results: dict[str, Any] = {}
+    from services.orchestrator.shadow import relevant_mask
+
     for name, by_query in probabilities.items():
-        thresholds = {"default": 0.5}
+        rules: dict[str, tuple[float, int | None]] = {"default": (0.5, None)}
         if name in calibration:
-            thresholds["calibrated"] = calibration[name]["threshold"]
-        for variant, threshold in thresholds.items():
+            rules["calibrated"] = (calibration[name]["threshold"], None)
+            capped = calibration[name]["capped"]
+            if capped["max_relevant"] is not None:
+                rules["calibrated-capped"] = (capped["threshold"], capped["max_relevant"])
+        for variant, (threshold, cap) in rules.items():
             key = f"{name}@{variant}"
-            labels = {q: {d: p >= threshold for d, p in by_query[q].items()} for q in by_query}
+            labels = {
+                q: dict(zip(ps, relevant_mask(list(ps.values()), threshold, cap), strict=True))
+                for q, ps in by_query.items()
+            }
             predicted = [labels[q][d] for q in by_query for d in user[q]]
             gold = [user[q][d] for q in by_query for d in user[q]]
             rankings[f"shadow:{key}"] = feedback_rankings(
@@ -1040,6 +1078,7 @@ def run_shadow(
             results[key] = {
                 "agent": name,
                 "threshold": threshold,
+                "max_relevant": cap,
                 "queries": len(by_query),
                 **agreement(predicted, gold),
             }
@@ -1348,7 +1387,9 @@ def report_markdown(result: Mapping[str, Any]) -> str:
         for key, e in shadow["results"].items():
             r = e["residual_ndcg@10"]
             lines.append(
-                f"| {key} ({e['threshold']}) | {e['queries']} ({e['residual_queries']}) | "
+                f"| {key} ({e['threshold']}"
+                + (f", at most {e['max_relevant']}" if e.get("max_relevant") else "")
+                + f") | {e['queries']} ({e['residual_queries']}) | "
                 f"{_fmt(e['kappa'], 3)} | {_fmt(e['precision'], 3)} | "
                 f"{_fmt(e['recall'], 3)} | {e['predicted_relevant']} | {e['gold_relevant']} | "
                 f"{_fmt(r['first'])} → {_fmt(r['user'])} / {_fmt(r['shadow'])} | "

@@ -155,6 +155,7 @@ class ShadowAgents:
             scorer=self.scorer,
             llm_threshold=self.settings.shadow_llm_threshold,
             ce_threshold=self.settings.shadow_ce_threshold,
+            max_relevant=self.settings.shadow_max_relevant,
         )
 
 

@@ -21,6 +21,10 @@ Agents (plain Python, pluggable; :func:`make_agent` builds one by name):
   settles it (Cohen's κ against SciFact qrels) is ``lodestar experiment feedback``'s, which
   calls :func:`judge_documents` in process.
 
+``max_relevant`` (documents): at most that many of one trace's documents are labelled relevant,
+the most probable ones above the threshold, as a user marks the one or two results that answer
+them rather than every passable one; ``None`` labels by the threshold alone.
+
 Every judgement carries the agent's ``agent_id`` (agent, model and version) and a
 ``confidence`` (the probability of the label it chose), so shadow feedback is never mistaken
 for, or mixed with, a user's.
@@ -87,8 +91,20 @@ class ShadowAgent(Protocol):
     ) -> Judgement | None: ...
 
 
-def _judgement(p: float, threshold: float, labels: tuple[str, str]) -> Judgement:
-    positive = p >= threshold
+def relevant_mask(
+    probabilities: Sequence[float], threshold: float, max_relevant: int | None = None
+) -> list[bool]:
+    """Which documents an agent labels relevant: P ≥ ``threshold``, and among the
+    ``max_relevant`` most probable (earlier documents first among equal P)."""
+    above = [p >= threshold for p in probabilities]
+    if max_relevant is None:
+        return above
+    ranked = sorted(range(len(probabilities)), key=lambda i: -probabilities[i])
+    top = set(ranked[:max_relevant])
+    return [a and i in top for i, a in enumerate(above)]
+
+
+def _judgement(p: float, positive: bool, labels: tuple[str, str]) -> Judgement:
     return Judgement(
         label=labels[0] if positive else labels[1],
         confidence=round(p if positive else 1.0 - p, 4),
@@ -143,6 +159,7 @@ class _ProbabilityAgent:
     ``document_probabilities``."""
 
     threshold: float
+    max_relevant: int | None = None
 
     def document_probabilities(
         self, profile: str | None, query: str, docs: Sequence[DocLike]
@@ -153,7 +170,11 @@ class _ProbabilityAgent:
         self, profile: str | None, query: str, docs: Sequence[DocLike]
     ) -> list[Judgement]:
         probabilities = self.document_probabilities(profile, query, docs)
-        return [_judgement(p, self.threshold, ("relevant", "irrelevant")) for p in probabilities]
+        mask = relevant_mask(probabilities, self.threshold, self.max_relevant)
+        return [
+            _judgement(p, positive, ("relevant", "irrelevant"))
+            for p, positive in zip(probabilities, mask, strict=True)
+        ]
 
 
 class LlmAgent(_ProbabilityAgent):
@@ -213,7 +234,7 @@ class LlmAgent(_ProbabilityAgent):
         self, profile: str | None, question: str, answer: str, docs: Sequence[DocLike]
     ) -> Judgement | None:
         p = self.p_yes(answer_messages(profile, question, answer, docs))
-        return _judgement(p, self.threshold, ("up", "down"))
+        return _judgement(p, p >= self.threshold, ("up", "down"))
 
 
 def _first_token_ids(tokenizer: Any, words: Sequence[str]) -> list[int]:
@@ -228,9 +249,12 @@ def _first_token_ids(tokenizer: Any, words: Sequence[str]) -> list[int]:
 class CrossEncoderAgent(_ProbabilityAgent):
     """The published cross-encoder; the profile is ignored (see the module docstring)."""
 
-    def __init__(self, scorer: RelevanceScorer, *, threshold: float = 0.5) -> None:
+    def __init__(
+        self, scorer: RelevanceScorer, *, threshold: float = 0.5, max_relevant: int | None = None
+    ) -> None:
         self.scorer = scorer
         self.threshold = threshold
+        self.max_relevant = max_relevant
 
     @property
     def agent_id(self) -> str:
@@ -314,10 +338,12 @@ def make_agent(
     scorer: Callable[[], RelevanceScorer | None],
     llm_threshold: float = 0.5,
     ce_threshold: float = 0.5,
+    max_relevant: int | None = None,
 ) -> ShadowAgent:
     """Build agent ``name``. ``generator()`` returns the chat LM; ``scorer()`` the published
     cross-encoder or None when none is published (then ``cross-encoder``/``both`` raise a typed
-    503 and ``auto`` falls back to ``llm``)."""
+    503 and ``auto`` falls back to ``llm``). ``max_relevant`` caps the cross-encoder's (and
+    ``auto``'s) relevant labels per trace."""
     if name not in AGENTS:
         raise LodestarError(
             ErrorCode.validation,
@@ -334,7 +360,7 @@ def make_agent(
             )
     if name == "cross-encoder":
         assert ce is not None
-        return CrossEncoderAgent(ce, threshold=ce_threshold)
+        return CrossEncoderAgent(ce, threshold=ce_threshold, max_relevant=max_relevant)
     try:
         llm = LlmAgent(generator(), threshold=llm_threshold)
     except LodestarError:
@@ -343,12 +369,15 @@ def make_agent(
         raise unavailable(f"the shadow agent's language model is not available: {exc}") from exc
     if ce is None:
         return llm
-    return CombinedAgent(
+    combined = CombinedAgent(
         llm,
         CrossEncoderAgent(ce, threshold=ce_threshold),
         ce_threshold if name == "auto" else 0.5,
         llm_weight=0.0 if name == "auto" else 0.5,
     )
+    if name == "auto":  # documents by the cross-encoder alone: its cap applies
+        combined.max_relevant = max_relevant
+    return combined
 
 
 # --- what a trace offers a shadow user ---------------------------------------------------------

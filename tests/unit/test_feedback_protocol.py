@@ -6,6 +6,7 @@ import pytest
 
 from lodestar.experiments.feedback import (
     agreement,
+    best_capped_rule,
     best_threshold,
     cohen_kappa,
     qrels_labels,
@@ -97,3 +98,14 @@ def test_seeded_order_is_a_stable_permutation() -> None:
     assert sorted(first) == sorted(ids)
     assert seeded_order(list(reversed(ids)), 0, "x") == first
     assert seeded_order(ids, 1, "x") != first
+
+
+def test_a_cap_is_chosen_only_when_it_agrees_better() -> None:
+    # Each query has one relevant document, scored highest, and a runner-up above every
+    # threshold that separates: only "at most 1" reaches κ = 1.
+    per_query = [([0.9, 0.85, 0.1], [True, False, False]), ([0.6, 0.7, 0.2], [False, True, False])]
+    threshold, cap, kappa = best_capped_rule(per_query)
+    assert cap == 1 and kappa == pytest.approx(1.0) and threshold <= 0.7
+    # Separable by the threshold alone: no cap.
+    separable = [([0.9, 0.2], [True, False]), ([0.8, 0.1], [True, False])]
+    assert best_capped_rule(separable)[1] is None

@@ -121,3 +121,19 @@ def test_agent_choice_and_typed_errors() -> None:
     scorer = FixedScorer({})
     only_ce = shadow.make_agent("cross-encoder", generator=no_lm, scorer=lambda: scorer)
     assert isinstance(only_ce, shadow.CrossEncoderAgent)
+
+
+def test_a_capped_agent_labels_only_its_most_probable_documents_relevant() -> None:
+    assert shadow.relevant_mask([0.9, 0.2, 0.7, 0.8], 0.5) == [True, False, True, True]
+    assert shadow.relevant_mask([0.9, 0.2, 0.7, 0.8], 0.5, 2) == [True, False, False, True]
+    assert shadow.relevant_mask([0.4, 0.3], 0.5, 1) == [False, False]  # the cap never adds one
+    assert shadow.relevant_mask([0.6, 0.6], 0.5, 1) == [True, False]  # ties: the earlier
+    scorer = FixedScorer({"a": 2.0, "b": -1.0, "c": 1.0})
+    agent = shadow.make_agent(
+        "cross-encoder", generator=lambda: None, scorer=lambda: scorer, max_relevant=1
+    )
+    docs = [shadow.ShadowDoc(d, d, d) for d in "abc"]
+    judged = shadow.judge_documents(agent, None, "q", docs)
+    assert [label for label, _ in judged] == ["relevant", "irrelevant", "irrelevant"]
+    # Left out by the cap, "c" is labelled irrelevant with the confidence its P allows.
+    assert judged[2][1] == pytest.approx(1 - 0.7311, abs=1e-4)

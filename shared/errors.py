@@ -2,10 +2,11 @@
 
 Each code has one fixed HTTP status, so clients can branch on ``error.code`` and never parse text.
 The body is always ``{"error": {"code", "message", "field"?}}``; never a stack trace.
-DESIGN.md's set is extended by the codes a real service needs: ``unauthorized`` (API keys),
-``forbidden`` (a read-only key on an admin operation),
-``timeout`` (the per-request deadline), ``method_not_allowed`` (405, with ``Allow``) and
-``internal`` (a bug: logged with its trace, answered without it).
+Besides the codes for bad input and for missing, busy or failing resources (``validation``,
+``empty``, ``too_large``, ``overloaded``, ``not_found``, ``conflict``, ``unavailable``,
+``dependency_failed``), it has ``unauthorized`` (API keys), ``forbidden`` (a read-only key on an
+admin operation), ``timeout`` (the per-request deadline), ``method_not_allowed`` (405, with
+``Allow``) and ``internal`` (a bug: logged with its trace, answered without it).
 
 Messages are for people and never say where files live: :func:`public_message` replaces
 absolute filesystem paths before a message leaves the process (the log keeps the original).

@@ -19,8 +19,8 @@ QUERY_VECTOR_MAX_DIM = 4096
 BM25_TERMS_MAX = 256
 
 # The text and k limits are settings, checked by ``shared.app.check_text``/``check_k`` so that an
-# empty text stays a 400 ``empty`` (DESIGN.md) rather than a schema 422. The OpenAPI document
-# still states them (with the settings' defaults), so a generated client knows the rule.
+# empty text stays a 400 ``empty`` (docs/api.md, "Errors") rather than a schema 422. The OpenAPI
+# document still states them (with the settings' defaults), so a generated client knows the rule.
 MAX_QUERY_CHARS_DEFAULT: int = Settings.model_fields["max_query_chars"].default
 MAX_K_DEFAULT: int = Settings.model_fields["max_k"].default
 QueryText = Annotated[

@@ -106,7 +106,9 @@ jobs = Table(
 TargetType = Literal["subquery", "doc", "answer", "claim", "citation"]
 FeedbackSource = Literal["user", "shadow"]
 
-#: The actions NExT-Search defines per target type (METHODS.md §8); anything else is a 422.
+#: The feedback actions per target type, after the interventions of NExT-Search's user debug mode
+#: (Dai et al., SIGIR 2025): edit sub-queries, judge documents, correct or flag the answer and its
+#: citations; anything else is a 422.
 ACTIONS: dict[str, frozenset[str]] = {
     "subquery": frozenset({"add", "delete", "edit", "reorder"}),
     "doc": frozenset({"relevant", "irrelevant", "pin", "remove"}),

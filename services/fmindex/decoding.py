@@ -12,10 +12,11 @@ exactly the teacher-forced ``log P(n | q)`` (SEAL's ``rescore`` pass with ``leng
 recomputes this number; here it needs no second pass). With ``keep_history`` every partial
 hypothesis of every step is returned as an n-gram, as SEAL's searcher does.
 
-Diverse beam search (Vijayakumar et al.; METHODS §9): the beam is split into ``groups``; groups
-decode in turn at each step and group g subtracts ``diversity_penalty × (times the token was
-chosen by groups 1..g−1 at this step)`` from its candidates' scores for selection only (stored
-scores stay true log-probabilities; the FM mask is applied before and is never lifted).
+Diverse beam search (Vijayakumar et al., AAAI 2018, Hamming diversity): the beam is split into
+``groups``; groups decode in turn at each step and group g subtracts ``diversity_penalty ×
+(times the token was chosen by groups 1..g−1 at this step)`` from its candidates' scores for
+selection only (stored scores stay true log-probabilities; the FM mask is applied before and is
+never lifted).
 """
 
 from __future__ import annotations

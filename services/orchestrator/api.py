@@ -510,9 +510,9 @@ async def get_trace(trace_id: str, store: StoreDep) -> dict[str, Any]:
     return trace
 
 
-#: The rerun's rules against the trace it names (``rerun.check_rerun``): 422 as issue #21's
-#: tests hold them (a request naming what the trace does not hold is bad input), stated in the
-#: route's 422 so a client knows them (docs/api.md, "The contract test").
+#: The rerun's rules against the trace it names (``rerun.check_rerun``): a request naming what
+#: the trace does not hold is bad input, so a 422, and the rules are stated in the route's 422 so
+#: a client knows them (docs/api.md, "The contract test").
 RERUN_RULES = {
     "from_stage": "a stage the trace has and a rerun of its kind starts from (a search: "
     "retrieve, fusion, rerank; an answer: decompose, retrieve, generate), whose inputs the trace "

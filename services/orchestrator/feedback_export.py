@@ -1,6 +1,8 @@
 """Feedback → training examples (NExT-Search's offline-update input), plain Python.
 
-One example type per stage family (METHODS.md §8 ``TrainingExample``):
+One example type per stage family, for the offline update NExT-Search (Dai et al., SIGIR 2025)
+proposes (preference pairs for the decomposer, relevance labels for the ranker, corrected answers
+for the generator):
 
 - ``rel_label`` from document feedback on ``retrieve``/``fusion``/``rerank``: the query, the
   document and a 0/1 label (``relevant`` and ``pin`` → 1, ``irrelevant`` and ``remove`` → 0),

@@ -346,7 +346,8 @@ def clean_rewrite(raw: str, original: str) -> tuple[str, bool]:
 
 @dataclass(frozen=True)
 class RewriteRecord:
-    """One rewritten training query (METHODS §6(c)), with its provenance."""
+    """One rewritten training query with its provenance: the original query, the document it
+    was rewritten for, the mode, the model and the prompt version."""
 
     qid: str
     original_query: str
@@ -509,7 +510,8 @@ class RewriteResult:
 
 
 class LeakageError(LodestarError):
-    """A batch would put a test-judged document into a rewrite prompt (METHODS §6(f))."""
+    """A batch would put a test-judged document into a rewrite prompt: CAR rewrites training
+    queries only, and a test document in a prompt would leak the evaluation into training."""
 
     def __init__(self, offending: Sequence[tuple[str, str]]) -> None:
         shown = ", ".join(f"{qid}->{doc}" for qid, doc in offending[:5])
@@ -531,7 +533,7 @@ def anonymous_ids(query: str, title: str, text: str) -> tuple[str, str]:
 class RewriterConfig:
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     temperature: float = 0.0
-    """0 = greedy (METHODS §6(b): one rewrite at temperature 0)."""
+    """0 = greedy: one rewrite per (query, document) pair, at temperature 0."""
     context_tokens: int = DEFAULT_CONTEXT_TOKENS
     prompts: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_PROMPTS))
     """Prompt version per mode (``context``, ``query-only``, ``synthetic``); a mode left out

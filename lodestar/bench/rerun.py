@@ -12,8 +12,8 @@ and interleaved so drift on a shared machine touches every kind alike:
    for BM25: retrieval runs again).
 
 Client-side latency p50/p95 per kind, and each rerun's p50 over ``/search``'s p50 in the same
-run (the issue's target: a ``/search`` rerun within 2x of a ``/search``). Writes
-``benchmarks/results/rerun_bench.json`` and prints a Markdown table.
+run (the target docs/feedback.md measures against: a ``/search`` rerun within 2x of a
+``/search``). Writes ``benchmarks/results/rerun_bench.json`` and prints a Markdown table.
 """
 
 from __future__ import annotations

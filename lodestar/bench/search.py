@@ -16,9 +16,10 @@ corpus (a built Lodestar collection's passages, default ``wiki``) and the same M
 
 Each system runs closed-loop clients (each sends its next request when the last returns) at
 every level of ``--clients``, for ``--duration`` seconds after a warm-up: p50/p95/p99 latency,
-throughput, errors; and each ratio the issue's targets name (latency p50 / encode p50,
-throughput x encode p50). The raw JSON goes to ``benchmarks/results/search_bench.json``.
-Absolute times on shared cores mean little; the ratios inside one run are the result.
+throughput, errors; and the ratios the targets in docs/search-performance.md are stated in
+(latency p50 / encode p50, throughput x encode p50). The raw JSON goes to
+``benchmarks/results/search_bench.json``. Absolute times on shared cores mean little; the ratios
+inside one run are the result.
 """
 
 from __future__ import annotations

@@ -291,7 +291,8 @@ SYSTEMS: dict[str, RetrievalSystem] = {
         )
     },
 }
-"""Retrieval systems by name. Later issues add ANN backends, fm, dsi and rerankers here."""
+"""Retrieval systems by name: each retriever alone, their fusion, and the fusion re-ranked;
+SEAL (``fm``, alone and fused) is added below."""
 
 
 def fm_system(name: str, description: str, retrievers: Sequence[str]) -> RetrievalSystem:

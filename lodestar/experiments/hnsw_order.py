@@ -1,7 +1,7 @@
 """HNSW insertion order and intrinsic dimensionality (Elliott and Clark, ICTIR 2024).
 
 Builds the same HNSW graph over the same vectors under different insertion orders and measures
-Recall@10 against exact kNN (METHODS.md §2). Pieces:
+Recall@10 against exact kNN, as the paper does. Pieces:
 
 - data (:func:`load_dataset`): the wiki and SciFact collections' stored MiniLM vectors (read from
   an :class:`~services.index.engine.IndexEngine` data directory, built there first if missing),
@@ -40,7 +40,7 @@ from lodestar.experiments.lid import exact_knn, k_occurrence, lid_for_ks, mle_li
 
 Library = Literal["hnswlib", "faiss_seq", "faiss_batch"]
 LIBRARIES: tuple[Library, ...] = ("hnswlib", "faiss_seq", "faiss_batch")
-#: Recall@K is measured at this K (the paper's and METHODS.md's k = 10).
+#: Recall@K is measured at this K (the paper's k = 10).
 RECALL_K = 10
 #: Neighbourhood sizes whose LID is reported; the orderings use DEFAULT_LID_K.
 LID_KS: tuple[int, ...] = (10, 20, 50, 100)
@@ -48,8 +48,9 @@ DEFAULT_LID_K = 20
 #: Hubness is the 10-occurrence: how often a point is among the others' 10 nearest.
 HUB_K = 10
 DEFAULT_EF_SWEEP: tuple[int, ...] = (10, 16, 20, 40, 64, 100, 128)
-#: The build used for every ordering comparison: M / efConstruction shared by Qdrant,
-#: Elasticsearch and Chroma (ANCHORS.md), inside METHODS.md's "typical default" regime.
+#: The build used for every ordering comparison: the M / efConstruction defaults of Qdrant,
+#: Elasticsearch and Chroma (:data:`PRESETS`), inside the paper's "typical default" regime
+#: (M 16, efConstruction about 100-128, a small ef_search).
 MAIN_M = 16
 MAIN_EF_CONSTRUCTION = 100
 #: faiss's one-call ``add`` re-orders the batch itself, so only a few orderings are built with it:
@@ -69,16 +70,17 @@ class Preset:
     source: str
 
 
-#: ANCHORS.md "ANN defaults in the field" unless noted; METHODS.md §2(b) where ANCHORS is silent.
+#: Each database's defaults (M / efConstruction / ef_search) as its documentation gives them;
+#: Marqo's is the tuned preset its blog recommends, not a default.
 PRESETS: tuple[Preset, ...] = (
-    Preset("hnswlib", 16, 200, 10, "ANCHORS.md: hnswlib 16/200/10"),
-    Preset("faiss", 32, 40, 16, "ANCHORS.md: faiss HNSW 32/40/16"),
-    Preset("pgvector", 16, 64, 40, "ANCHORS.md: pgvector 16/64/40"),
-    Preset("qdrant", 16, 100, 100, "ANCHORS.md: Qdrant 16/100/—; ef = ef_construct (METHODS.md)"),
-    Preset("elasticsearch", 16, 100, 15, "ANCHORS.md: Elasticsearch 16/100/1.5·k candidates"),
-    Preset("chroma", 16, 100, 100, "ANCHORS.md: Chroma 1.x 16/100/100 (METHODS.md: ef 10)"),
-    Preset("weaviate", 64, 128, 100, "ANCHORS.md: Weaviate 64/128/dynamic (≥ 100)"),
-    Preset("marqo", 16, 512, 2000, "METHODS.md: Marqo preset 16/512/2000"),
+    Preset("hnswlib", 16, 200, 10, "hnswlib defaults: 16/200/10"),
+    Preset("faiss", 32, 40, 16, "faiss IndexHNSWFlat: 32 (M is the caller's)/40/16"),
+    Preset("pgvector", 16, 64, 40, "pgvector defaults: 16/64/40"),
+    Preset("qdrant", 16, 100, 100, "Qdrant defaults: 16/100, ef = ef_construct when unset"),
+    Preset("elasticsearch", 16, 100, 15, "Elasticsearch defaults: 16/100/1.5·k candidates"),
+    Preset("chroma", 16, 100, 100, "Chroma 1.x defaults: 16/100/100 (older versions: ef 10)"),
+    Preset("weaviate", 64, 128, 100, "Weaviate defaults: 64/128/dynamic (≥ 100)"),
+    Preset("marqo", 16, 512, 2000, "Marqo blog's preset: 16/512/2000"),
 )
 
 

@@ -1,6 +1,6 @@
 """Exact nearest neighbours and pointwise local intrinsic dimensionality (LID).
 
-The MLE estimator of Levina and Bickel in the form Amsaleg et al. use (and METHODS.md §2 states):
+The MLE estimator of Levina and Bickel (2004) in the form Amsaleg et al. (2015) use:
 for a point with k nearest-neighbour distances r_1 ≤ … ≤ r_k (itself excluded),
 
     LID = − [ (1/k) Σ_{i=1..k} ln(r_i / r_k) ]^{-1}

@@ -1,7 +1,7 @@
 """Schemathesis against each service's own OpenAPI document, in-process through its ASGI app
-(#18 item 1): every response a generated request gets must be documented (status, schema,
-content type, headers), schema-valid requests accepted, schema-invalid ones rejected with a 4xx,
-unsupported methods answered 405 with ``Allow``; no 500 ever.
+(docs/api.md, "The contract test"): every response a generated request gets must be documented
+(status, schema, content type, headers), schema-valid requests accepted, schema-invalid ones
+rejected with a 4xx, unsupported methods answered 405 with ``Allow``; no 500 ever.
 
 Real engines on real (small) models; budgets keep the module to a few minutes on two cores:
 few examples per operation, a short request deadline (a generation cut by it still answers 200),
@@ -31,8 +31,8 @@ MAX_EXAMPLES = 4
 #: 503 (a model not trained yet, a broker down) and 504 (the request deadline) are designed,
 #: documented answers; 500 stays a failure.
 SERVER_STATUSES_ALLOWED = ["2xx", "3xx", "4xx", "503", "504"]
-#: A text or list over its limit is refused with 413 ``too_large`` (DESIGN.md), a rejection as
-#: good as a 422; the check's default list lacks it.
+#: A text or list over its limit is refused with 413 ``too_large`` (docs/api.md, "Errors"), a
+#: rejection as good as a 422; the check's default list lacks it.
 REJECTION_STATUSES = [
     "400",
     "401",

@@ -1,4 +1,4 @@
-"""The index's /search hop after issue #23: same results, less work per request.
+"""The index's thin /search hop (docs/search-performance.md): same results, less work per request.
 
 - BM25 scores straight from the sparse matrix equal ``bm25s.BM25.retrieve`` (which started a
   thread pool per query);

@@ -1,7 +1,8 @@
-"""Keys the way compose and Kubernetes deliver them (#18 item 3): `lodestar keys init` writes the
-secret files, the index and the orchestrator run as real processes in production mode reading
-them from a secrets folder (deploy/compose.keys.yml mounts the same files at /run/secrets,
-deploy/k8s at LODESTAR_SECRETS_DIR), and no key is in any environment variable.
+"""Keys the way compose and Kubernetes deliver them (docs/api.md, "Keys and roles"):
+`lodestar keys init` writes the secret files, the index and the orchestrator run as real
+processes in production mode reading them from a secrets folder (deploy/compose.keys.yml mounts
+the same files at /run/secrets, deploy/k8s at LODESTAR_SECRETS_DIR), and no key is in any
+environment variable.
 """
 
 from __future__ import annotations

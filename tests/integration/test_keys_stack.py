@@ -1,5 +1,5 @@
-"""Keys on, end to end (#18 item 3): the index and the orchestrator as real processes with
-admin, read-only and service keys, a per-key rate limit and protected metrics.
+"""Keys on, end to end (docs/api.md, "Keys and roles"): the index and the orchestrator as real
+processes with admin, read-only and service keys, a per-key rate limit and protected metrics.
 
 The index accepts only admin keys (the service key among them), so every orchestrator answer
 that needed the index proves the orchestrator's calls carry the service key.

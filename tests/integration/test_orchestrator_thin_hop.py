@@ -1,6 +1,6 @@
-"""The orchestrator's side of the thin hop (issue #23): the pipeline asks the index for text
-only down to the pool it keeps (``text_k``), and looks up the text of the few kept hits that
-every list ranked past it; a rerun from fusion or rerank does the same with no retrieval call.
+"""The orchestrator's side of the thin hop (docs/search-performance.md): the pipeline asks the index
+for text only down to the pool it keeps (``text_k``), and looks up the text of the few kept hits
+that every list ranked past it; a rerun from fusion or rerank does the same with no retrieval call.
 
 The index is the real service app (``services.index.app``) behind ``IndexClient`` (every call
 counted per route), and the engine in process (``InProcessIndex``), over a collection chunked

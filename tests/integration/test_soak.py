@@ -1,7 +1,8 @@
-"""The soak and fault bench, bounded (#18 item 5): ``lodestar bench soak`` on the index, the
-critic and the orchestrator as real processes, a short mixed load, each service killed with
-SIGKILL under it and restarted, and three crash cycles of the orchestrator during feedback
-bursts. The full run (30 minutes, 100 cycles, every model service) is the command's default."""
+"""The soak and fault bench, bounded (docs/api.md, "Soak and faults"): ``lodestar bench soak`` on
+the index, the critic and the orchestrator as real processes, a short mixed load, each service
+killed with SIGKILL under it and restarted, and three crash cycles of the orchestrator during
+feedback bursts. The full run (30 minutes, 100 cycles, every model service) is the command's
+default."""
 
 from __future__ import annotations
 

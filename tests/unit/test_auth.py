@@ -1,5 +1,6 @@
-"""Keys and roles (#18 item 3): read-only and admin keys, per-key rate limits, idempotency keys
-scoped per key, protected docs and metrics, on the shared scaffolding every service uses."""
+"""Keys and roles (docs/api.md, "Keys and roles"): read-only and admin keys, per-key rate limits,
+idempotency keys scoped per key, protected docs and metrics, on the shared scaffolding every service
+uses."""
 
 from __future__ import annotations
 

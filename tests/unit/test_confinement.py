@@ -1,5 +1,6 @@
-"""Confinement (#18 item 2): no endpoint reads a path the caller names outside the data
-directory, and collection names and document ids follow one rule (``shared.ids``) everywhere."""
+"""Confinement (docs/api.md, "Names and confinement"): no endpoint reads a path the caller names
+outside the data directory, and collection names and document ids follow one rule (``shared.ids``)
+everywhere."""
 
 from __future__ import annotations
 

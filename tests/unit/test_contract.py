@@ -1,6 +1,6 @@
-"""The error contract every service shares (#18 items 1 and 4): 405 with ``Allow`` and its own
-code, error bodies and ``/readyz`` without paths or exception text, every route documenting the
-statuses it can answer with the error schema."""
+"""The error contract every service shares (docs/api.md, "Errors" and "What the OpenAPI documents
+state"): 405 with ``Allow`` and its own code, error bodies and ``/readyz`` without paths or
+exception text, every route documenting the statuses it can answer with the error schema."""
 
 from __future__ import annotations
 

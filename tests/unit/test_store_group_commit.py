@@ -1,6 +1,6 @@
-"""Group-committed trace writes (issue #23): concurrent ``save_trace`` calls share one
-transaction, each returns only once its trace is committed (feedback may name it at once), and
-a bad trace in a group fails only its own caller."""
+"""Group-committed trace writes (docs/search-performance.md): concurrent ``save_trace`` calls share
+one transaction, each returns only once its trace is committed (feedback may name it at once), and a
+bad trace in a group fails only its own caller."""
 
 from __future__ import annotations
 

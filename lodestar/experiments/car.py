@@ -1,6 +1,7 @@
 """``lodestar experiment car``: CAR — train the cross-encoder on context-aware rewrites.
 
-Protocol (METHODS.md §6, Anand et al. 2023), on SciFact:
+Protocol (Anand et al. 2023, "Context Aware Query Rewriting for Text Rankers using LLM"), on
+SciFact:
 
 1. Training pairs: SciFact *train* claims, each with one relevant abstract; a pair whose abstract
    is judged for any *test* claim is dropped (the leakage guard refuses it anyway), and hard

@@ -34,8 +34,9 @@ brings it to ``min_passages``, which compacts and builds its ANN index)::
     rows >= indexed_rows  the "fresh segment": searched exactly beside the ANN index
 
 so an upsert or delete never rebuilds the ANN index, re-indexes BM25 nor copies records or
-vectors (it adds a record segment and a BM25 segment over its own rows); ``IndexEngine.merge`` (a Celery task) drops the tombstoned rows and rebuilds
-the index, one base of records and vectors and one BM25 segment over everything, publishing a new version atomically. Without an
+vectors (it adds a record segment and a BM25 segment over its own rows); ``IndexEngine.merge``
+(a Celery task) drops the tombstoned rows and rebuilds the index, one base of records and
+vectors and one BM25 segment over everything, publishing a new version atomically. Without an
 ANN index a merge is due once tombstones exceed ``merge_fraction`` of the rows; with or without,
 once more than ``MAX_FRESH_BM25_SEGMENTS`` BM25 segments were written since the last one.
 Live passages of one document stay contiguous and in document order, which both searchers rely on.

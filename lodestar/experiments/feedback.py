@@ -127,7 +127,7 @@ class FeedbackConfig:
     relevant (``car``), or both (``original+car``); the update's ``queries``."""
     offline_max_p: float = 0.05
     """Offline: the update's publish gate (one-sided paired randomization p on held-out)."""
-    replay: float = 0.0
+    replay: float = 1.0
     """Offline: examples replayed from the start model's training set per feedback example."""
     seed: int = 0
     collection: str = COLLECTION

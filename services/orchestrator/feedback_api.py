@@ -111,7 +111,7 @@ class OfflineUpdateRequest(BaseModel):
     max_p: Annotated[float, Field(gt=0, le=1), NotBool] = 0.05
     """... with a one-sided paired randomization test over the held-out queries at most this
     p (1 turns the test off; with m held-out queries the smallest p is 2^-m)."""
-    replay: Annotated[float, Field(ge=0, le=10), NotBool] = 0.0
+    replay: Annotated[float, Field(ge=0, le=10), NotBool] = 1.0
     """Examples replayed from the serving model's own training set per feedback example
     (rehearsal against forgetting; 0: feedback only)."""
     source: Literal["user", "shadow"] | None = None

@@ -94,8 +94,9 @@ class OfflineUpdateConfig:
     """... and only when the paired randomization test of the rise gives p at most this (1
     turns the test off). With m held-out queries the smallest p is 2^-m: at the default an
     update needs at least 5 held-out queries with a positive label."""
-    replay: float = 0.0
-    """Examples replayed from the serving version's own training set per feedback example."""
+    replay: float = 1.0
+    """Examples replayed from the serving version's own training set per feedback example
+    (measured: test nDCG@10 +0.019 with 1 against +0.001 with 0, docs/feedback.md)."""
     seed: int = 13
     train: CrossEncoderTrainConfig = field(default_factory=CrossEncoderTrainConfig)
     queries: str = "original"

@@ -45,7 +45,7 @@ def run_offline_update_job(
     eval_fraction: float = 0.25,
     min_gain: float = 0.0,
     max_p: float = 0.05,
-    replay: float = 0.0,
+    replay: float = 1.0,
     source: str | None = None,
     train: dict[str, Any] | None = None,
     queries: str = "original",

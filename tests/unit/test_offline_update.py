@@ -323,3 +323,16 @@ def test_replay_mixes_in_the_serving_versions_training_examples(
     more = ou.replay_examples(settings, "v-old", 50, seed=1)
     assert sorted(e.qid for e in more) == sorted(e.qid for e in old)
     assert ou.replay_examples(settings, None, 5, seed=1) == []
+
+
+def test_the_api_and_the_worker_default_to_the_update_configs_defaults() -> None:
+    import inspect
+
+    from services.orchestrator.feedback_api import OfflineUpdateRequest
+    from services.worker.offline_update import run_offline_update_job
+
+    config = ou.OfflineUpdateConfig()
+    job = inspect.signature(run_offline_update_job).parameters
+    for name in ("min_examples", "eval_fraction", "min_gain", "max_p", "replay", "queries"):
+        assert OfflineUpdateRequest.model_fields[name].default == getattr(config, name), name
+        assert job[name].default == getattr(config, name), name

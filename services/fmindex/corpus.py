@@ -29,6 +29,7 @@ import numpy as np
 from services.fmindex.fm import DEFAULT_SA_SAMPLE, FMIndex
 from shared.artifacts import ArtifactFamily
 from shared.errors import not_found
+from shared.npy import load_npy
 from shared.schemas import Document, is_valid_collection_name
 
 SEPARATOR_TOKEN = "<|endoftext|>"
@@ -124,8 +125,8 @@ class FmCollection:
             name=name,
             version=version,
             fm=FMIndex.load(directory / "fm"),
-            tokens=np.load(directory / "tokens.npy", mmap_mode="r"),
-            doc_starts=np.load(directory / "doc_starts.npy"),
+            tokens=load_npy(directory / "tokens.npy", mmap_mode="r"),
+            doc_starts=load_npy(directory / "doc_starts.npy"),
             doc_ids=doc_ids,
             titles=titles,
             texts=texts,

@@ -36,6 +36,8 @@ from typing import Any
 import numba
 import numpy as np
 
+from shared.npy import load_npy
+
 #: Words (64 bits) per rank superblock: one uint32 cumulative count per 512 bits (6.25 % extra).
 WORDS_PER_SUPERBLOCK = 8
 DEFAULT_SA_SAMPLE = 32
@@ -353,7 +355,7 @@ class FMIndex:
     def load(cls, directory: Path, *, mmap: bool = True) -> FMIndex:
         meta = json.loads((directory / "fm.json").read_text())
         arrays = {
-            name: np.load(directory / f"{name}.npy", mmap_mode="r" if mmap else None)
+            name: load_npy(directory / f"{name}.npy", mmap_mode="r" if mmap else None)
             for name in cls.FILES
         }
         return cls(arrays, meta)

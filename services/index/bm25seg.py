@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from shared.npy import load_npz
+
 VOCAB_FILE = "vocab.json"
 ARRAYS_FILE = "postings.npz"
 
@@ -124,8 +126,8 @@ class TermStats:
         if cached is not None:
             return cached
         vocab = json.loads((directory / VOCAB_FILE).read_text())
-        with np.load(arrays_file) as arrays:
-            loaded = cls(vocab, arrays["indptr"], arrays["rows"], arrays["tf"], arrays["doc_len"])
+        arrays = load_npz(arrays_file)
+        loaded = cls(vocab, arrays["indptr"], arrays["rows"], arrays["tf"], arrays["doc_len"])
         with _LOADED_LOCK:
             return _LOADED.setdefault(key, loaded)
 

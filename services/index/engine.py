@@ -74,6 +74,7 @@ from services.index.segments import (
 from shared.artifacts import ArtifactFamily
 from shared.errors import invalid, not_found
 from shared.models import EMBEDDER_ID, EMBEDDING_DIM, Embedder
+from shared.npy import load_npy
 from shared.schemas import (
     Document,
     EmbedRequest,
@@ -524,7 +525,7 @@ def load_snapshot(
     base = family.loadable(version)
     manifest = family.read_manifest(version)
     dead_rows = (
-        np.load(base / TOMBSTONES) if (base / TOMBSTONES).exists() else np.zeros(0, np.int64)
+        load_npy(base / TOMBSTONES) if (base / TOMBSTONES).exists() else np.zeros(0, np.int64)
     )
     rows = load_rows(base, int(manifest["dim"]), dead_rows)
     ann_meta: dict[str, Any] = manifest.get("ann") or {}

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from services.index.records import JsonlRecords, SegmentedVectors, inode_key
+from shared.npy import load_npy
 from shared.schemas import Document, Passage
 
 DOCUMENTS = "documents.jsonl"
@@ -114,7 +115,7 @@ def _open_segment(name: str, directory: Path, dim: int) -> Segment:
     )
     ids = _doc_ids(directory, documents)
     if (directory / ROW_DOCS).exists():
-        row_docs = np.load(directory / ROW_DOCS)
+        row_docs = load_npy(directory / ROW_DOCS)
         if row_docs.shape[0] != n:
             raise ValueError(f"{ROW_DOCS} has {row_docs.shape[0]} rows of {n} in {directory}")
     else:  # a version from before row_docs.npy: one sequential scan of the passages

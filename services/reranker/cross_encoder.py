@@ -334,18 +334,14 @@ def _replay_sample(examples: Sequence[RankingExample]) -> list[RankingExample]:
     return random.Random(0).sample(list(examples), MAX_STORED_EXAMPLES)
 
 
-def _doc_json(doc: TextDoc) -> dict[str, str]:
-    return {"doc_id": doc.doc_id, "title": doc.title, "text": doc.text}
-
-
 def write_examples(path: Path, examples: Sequence[RankingExample]) -> None:
     with path.open("w", encoding="utf-8") as out:
         for e in examples:
             row = {
                 "qid": e.qid,
                 "query": e.query,
-                "positive": _doc_json(e.positive),
-                "negatives": [_doc_json(d) for d in e.negatives],
+                "positive": asdict(e.positive),
+                "negatives": [asdict(d) for d in e.negatives],
                 "source": e.source,
                 "weight": e.weight,
             }

@@ -19,7 +19,10 @@ router = APIRouter(dependencies=[Depends(require_ready)])
 
 
 #: Rules of ``POST /rerank`` JSON Schema cannot state (``x-lodestar-rules`` in its 422).
-RERANK_RULES = {"documents": "document ids are unique"}
+RERANK_RULES = {
+    "documents": "document ids are unique",
+    "options.step": "rankgpt: step is at most window_size",
+}
 
 
 @router.post(

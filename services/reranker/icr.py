@@ -158,19 +158,27 @@ def build_prompt(
     query: str,
     documents: Sequence[str],
     options: ICROptions,
+    *,
+    doc_budget: int | None = None,
 ) -> ICRPrompt:
-    """The ICR prompt for ``documents`` (input order = first-stage order) with verified spans."""
+    """The ICR prompt for ``documents`` (input order = first-stage order) with verified spans.
+
+    ``doc_budget`` fixes the per-document token budget instead of deriving it from the query's
+    length: the N/A prompt takes the query prompt's, so both truncate the documents alike and
+    share their document prefix however long the query is."""
     n = len(documents)
     if n == 0:
         raise ICRInputError("no documents to rerank")
     query = printable(query)
     documents = [printable(d) for d in documents]
     instruction = INSTRUCTIONS[options.retrieval_type]
-    # Per-document budget: the configured one, shrunk to an equal share of the prompt budget.
-    overhead = len(_tokenize(tokenizer, _render(tokenizer, _content("", instruction, query))))
-    overhead += 6 * n  # "[i] " markers and separators
-    share = (options.max_prompt_tokens - overhead) // n
-    budget = min(options.max_doc_tokens, share)
+    if doc_budget is None:
+        # The configured budget, shrunk to an equal share of the prompt budget.
+        overhead = len(_tokenize(tokenizer, _render(tokenizer, _content("", instruction, query))))
+        overhead += 6 * n  # "[i] " markers and separators
+        share = (options.max_prompt_tokens - overhead) // n
+        doc_budget = min(options.max_doc_tokens, share)
+    budget = doc_budget
     if budget < MIN_DOC_TOKENS:
         raise ICRInputError(
             f"{n} documents do not fit a {options.max_prompt_tokens}-token prompt "
@@ -373,8 +381,15 @@ class ICRScorer:
     def device(self) -> Any:
         return next(self.model.parameters()).device
 
-    def build(self, query: str, documents: Sequence[str], options: ICROptions) -> ICRPrompt:
-        return build_prompt(self.tokenizer, query, documents, options)
+    def build(
+        self,
+        query: str,
+        documents: Sequence[str],
+        options: ICROptions,
+        *,
+        doc_budget: int | None = None,
+    ) -> ICRPrompt:
+        return build_prompt(self.tokenizer, query, documents, options, doc_budget=doc_budget)
 
     def _attend(
         self,
@@ -443,7 +458,7 @@ class ICRScorer:
         prompt = self.build(query, documents, options)
         na_ids: list[int] | None = None
         if options.calibration == "masked_na":
-            na_prompt = self.build(NA_QUERY, documents, options)
+            na_prompt = self.build(NA_QUERY, documents, options, doc_budget=prompt.doc_budget)
             if (
                 na_prompt.input_ids[: prompt.prefix_len] != prompt.input_ids[: prompt.prefix_len]
                 or na_prompt.prefix_len != prompt.prefix_len

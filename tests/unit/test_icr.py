@@ -220,6 +220,19 @@ def test_score_is_masked_na_calibration_of_the_two_passes(scorer: ICRScorer) -> 
         assert uncalibrated.scores[index] == pytest.approx(float(q_att[start:end].sum()), rel=1e-4)
 
 
+def test_a_long_query_shrinks_both_prompts_alike(scorer: ICRScorer) -> None:
+    """The per-document share depends on the query's length; the N/A prompt takes the query
+    prompt's budget, so both keep one document prefix (a fuzzed long query once found them
+    apart)."""
+    options = ICROptions(max_doc_tokens=160, max_prompt_tokens=600)
+    long_query = "which " + "very " * 150 + "long question?"
+    docs = ["word " * 400] * 3
+    result = scorer.score(long_query, docs, options)
+    short = scorer.build("N/A", docs, options)
+    assert result.prompt.doc_budget < short.doc_budget  # the long query took its share
+    assert len(result.scores) == 3 and all(np.isfinite(result.scores))
+
+
 # --- calibration ------------------------------------------------------------------------------
 
 

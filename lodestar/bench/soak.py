@@ -742,7 +742,7 @@ def run(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
     seed_docs, spare = rows[: args.docs], rows[args.docs :]
     meta = {**provenance(), "args": {k: v for k, v in vars(args).items() if k != "handler"}}
     with tempfile.TemporaryDirectory(prefix="lodestar-soak-") as tmp:
-        stack = Stack(tuple(args.services), Path(tmp), settings.resolved_models_dir)
+        stack = Stack(tuple(args.services), Path(tmp), settings.resolved_models_dir, dict(args.env))
         try:
             ready = stack.start()
             seed_collection(stack.orchestrator.url, seed_docs)
@@ -803,5 +803,20 @@ def register(group: Any) -> None:
     parser.add_argument("--crash-cycles", type=int, default=100)
     parser.add_argument("--burst-threads", type=int, default=4)
     parser.add_argument("--burst-s", type=float, default=1.5, help="longest burst before a kill")
+    parser.add_argument(
+        "--env",
+        type=_env_pair,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set in every service's environment (repeatable), e.g. an allocator setting to A/B",
+    )
     parser.add_argument("--out", default=str(RESULTS_PATH), help="JSON report")
     parser.set_defaults(handler=command)
+
+
+def _env_pair(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name, value

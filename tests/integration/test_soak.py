@@ -36,6 +36,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         crash_cycles=3,
         burst_threads=3,
         burst_s=1.0,
+        env=[],
     )
     settings = make_settings(Path(tmp_path_factory.mktemp("soak")) / "data")
     return run(args, settings)

@@ -15,9 +15,10 @@ time (durable, the same for every replica, and no hook in ``/feedback``);
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request
@@ -172,37 +173,41 @@ class FeedbackCollector(Collector):
             updates = self.store.offline_update_counts()
         except Exception:  # the store is down: /metrics still answers with the rest
             return
-        feedback = CounterMetricFamily(
+        yield _counter(
             "orchestrator_feedback",
             "Feedback stored, by stage and source",
-            labels=["stage", "source"],
+            ["stage", "source"],
+            counts,
         )
-        for stage, source, n in counts:
-            feedback.add_metric([stage, source], n)
-        yield feedback
         agree = sum(1 for user, agent in pairs if user == agent)
-        agreement = CounterMetricFamily(
+        yield _counter(
             "orchestrator_shadow_user_agreement",
             "Documents labelled by both a user and a shadow agent, by whether the labels agree",
-            labels=["outcome"],
+            ["outcome"],
+            [("agree", agree), ("disagree", len(pairs) - agree)],
         )
-        agreement.add_metric(["agree"], agree)
-        agreement.add_metric(["disagree"], len(pairs) - agree)
-        yield agreement
         ratio = GaugeMetricFamily(
             "orchestrator_shadow_user_agreement_ratio",
             "Share of doubly labelled documents on which shadow and user labels agree",
         )
         ratio.add_metric([], agree / len(pairs) if pairs else float("nan"))
         yield ratio
-        offline = CounterMetricFamily(
+        yield _counter(
             "orchestrator_offline_updates",
             "Offline-update jobs by component and outcome (published, rejected, failed)",
-            labels=["component", "outcome"],
+            ["component", "outcome"],
+            updates,
         )
-        for component, outcome, n in updates:
-            offline.add_metric([component, outcome], n)
-        yield offline
+
+
+def _counter(
+    name: str, documentation: str, labels: list[str], rows: Iterable[Sequence[Any]]
+) -> CounterMetricFamily:
+    """A counter family from ``rows`` of label values followed by the count."""
+    family = CounterMetricFamily(name, documentation, labels=labels)
+    for *values, n in rows:
+        family.add_metric(values, n)
+    return family
 
 
 def install(app: FastAPI, generator: Callable[[], Any]) -> None:
@@ -300,33 +305,17 @@ async def simulate_shadow(
             f"shadow|{task.trace_id}|{agent_id}|{profile_key}|{label.stage}|"
             f"{label.target_type}|{label.target_id}|{label.action}".encode()
         ).hexdigest()
+        fields = dataclasses.asdict(label)
         item = FeedbackIn(
             trace_id=task.trace_id,
-            stage=label.stage,
-            target_type=label.target_type,
-            target_id=label.target_id,
-            action=label.action,
-            value=label.value,
             source="shadow",
             agent_id=agent_id,
-            confidence=label.confidence,
-            rationale=label.rationale,
             idempotency_key=f"shadow:{key}",
+            **fields,
         )
         feedback_id, created = await run_in_threadpool(store.add_feedback, item)
         stored.append(
-            ShadowFeedback(
-                feedback_id=feedback_id,
-                created=created,
-                stage=label.stage,
-                target_type=label.target_type,
-                target_id=label.target_id,
-                action=label.action,
-                value=label.value,
-                agent_id=agent_id,
-                confidence=label.confidence,
-                rationale=label.rationale,
-            )
+            ShadowFeedback(feedback_id=feedback_id, created=created, agent_id=agent_id, **fields)
         )
     counter = getattr(request.app.state, "shadow_simulations", None)
     if counter is not None:

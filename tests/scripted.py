@@ -1,4 +1,4 @@
-"""Scripted stand-ins for the index service, the reasoner and the critic, for unit tests that
+"""Scripted stand-ins for the index service, the reasoner, the critic and the reranker, for tests that
 drive the real answer loop (``AnswerPipeline`` over ``SearchPipeline``) with no model and no
 server: each returns what its script says, in order, and records what it was asked. And
 scripted self-practice rows, for the tests that train a real critic on a few of them."""
@@ -9,7 +9,13 @@ from collections.abc import Iterator, Sequence
 
 from services.critic.practice import PracticeRow
 from services.orchestrator.prompts import DECOMPOSE_SYSTEM_PROMPT, QUERY_SYSTEM_PROMPT
-from shared.clients import JudgeRequest, JudgeResponse
+from shared.clients import (
+    JudgeRequest,
+    JudgeResponse,
+    RerankRequest,
+    RerankResponse,
+    RerankResult,
+)
 from shared.models import ChatModel, Generation
 from shared.schemas import Hit, IndexSearchRequest, IndexSearchResponse
 
@@ -91,6 +97,28 @@ class ScriptedCritic:
         self.requests.append(request)
         accept = self.verdicts.pop(0)
         return JudgeResponse(accept=accept, p_accept=0.9 if accept else 0.1, model_version="v")
+
+
+class ReversingReranker:
+    """The reranker service that reverses its candidates (so hits from deep in the pool reach
+    the top ``k``), reports two forward passes and keeps every request it was given."""
+
+    def __init__(self) -> None:
+        self.requests: list[RerankRequest] = []
+
+    async def rerank(self, request: RerankRequest) -> RerankResponse:
+        self.requests.append(request)
+        order = list(reversed(request.documents))
+        return RerankResponse(
+            method=request.method,
+            results=[
+                RerankResult(doc_id=d.doc_id, rank=i, score=float(len(order) - i))
+                for i, d in enumerate(order, 1)
+            ],
+            timings_ms={},
+            forward_passes=2,
+            prompt_tokens=10,
+        )
 
 
 def practice_turns(

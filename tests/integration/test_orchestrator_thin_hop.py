@@ -27,7 +27,7 @@ from services.index.engine import IndexEngine, InProcessIndex, chunk_document
 from services.orchestrator.adapt import FeedbackAdaptation
 from services.orchestrator.rerun import new_trace, rerun_search
 from services.orchestrator.search import SearchOutcome, SearchPipeline
-from shared.clients import IndexClient, RerankRequest, RerankResponse, RerankResult
+from shared.clients import IndexClient
 from shared.models import get_embedder
 from shared.schemas import (
     Document,
@@ -37,6 +37,7 @@ from shared.schemas import (
 )
 from shared.store import Store, Trace
 from tests.conftest import make_settings
+from tests.scripted import ReversingReranker
 
 pytestmark = pytest.mark.slow
 
@@ -111,28 +112,6 @@ class FullIndex:
     async def search(self, request: IndexSearchRequest) -> IndexSearchResponse:
         assert request.text_k is None
         return await self.inner.search(request)
-
-
-class RecordingReranker:
-    """Reverses its candidates (so hits from deep in the pool reach the top ``k``) and keeps
-    what it was given."""
-
-    def __init__(self) -> None:
-        self.requests: list[RerankRequest] = []
-
-    async def rerank(self, request: RerankRequest) -> RerankResponse:
-        self.requests.append(request)
-        order = list(reversed(request.documents))
-        return RerankResponse(
-            method=request.method,
-            results=[
-                RerankResult(doc_id=d.doc_id, rank=i, score=float(len(order) - i))
-                for i, d in enumerate(order, 1)
-            ],
-            timings_ms={},
-            forward_passes=0,
-            prompt_tokens=0,
-        )
 
 
 @pytest.fixture(scope="module")
@@ -214,9 +193,9 @@ async def test_search_asks_for_the_pool_and_looks_up_the_rest(
     app_client: TestClient, data_dir: Path, corpus: dict[str, Document]
 ) -> None:
     index = CountedIndex(app_client, data_dir)
-    reranker = RecordingReranker()
+    reranker = ReversingReranker()
     thin = SearchPipeline(index, reranker=reranker, rerank_depth=6)
-    full = SearchPipeline(FullIndex(index.client), reranker=RecordingReranker(), rerank_depth=6)
+    full = SearchPipeline(FullIndex(index.client), reranker=ReversingReranker(), rerank_depth=6)
     looked_up_total = 0
     for query in QUERIES:
         for k, rerank, pool in ((1, None, 1), (3, None, 3), (2, "cosine", 6)):
@@ -281,7 +260,7 @@ async def test_reruns_from_fusion_and_rerank_get_texts_without_retrieving(
     a pinned document the parent saw only deep is shown with its text. No /search call."""
     store = Store(f"sqlite:///{tmp_path / 'store.sqlite'}")
     index = CountedIndex(app_client, data_dir)
-    reranker = RecordingReranker()
+    reranker = ReversingReranker()
     pipeline = SearchPipeline(index, reranker=reranker, rerank_depth=4)
     parents = []
     for query in QUERIES:

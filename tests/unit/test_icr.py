@@ -36,12 +36,12 @@ from shared.clients import (
     DependencyError,
     RerankRequest,
     RerankResponse,
-    RerankResult,
 )
 from shared.errors import LodestarError
 from shared.schemas import Hit, IndexSearchRequest, IndexSearchResponse
 from shared.store import Trace
 from tests.conftest import make_settings
+from tests.scripted import ReversingReranker
 
 TRICKY_DOCS = [
     "The Eiffel Tower is a wrought-iron lattice tower in Paris, France.",
@@ -341,25 +341,6 @@ class FakeIndex:
         hits = [_hit(f"d{i}", float(self.n - i)) for i in range(min(self.n, request.k))]
         return IndexSearchResponse(
             collection=request.collection, version="v1", results={"bm25": hits}, timings_ms={}
-        )
-
-
-class ReversingReranker:
-    def __init__(self) -> None:
-        self.requests: list[RerankRequest] = []
-
-    async def rerank(self, request: RerankRequest) -> RerankResponse:
-        self.requests.append(request)
-        docs = list(reversed(request.documents))
-        return RerankResponse(
-            results=[
-                RerankResult(doc_id=d.doc_id, score=float(-i), rank=i + 1)
-                for i, d in enumerate(docs)
-            ],
-            method=request.method,
-            timings_ms={},
-            forward_passes=2,
-            prompt_tokens=10,
         )
 
 

@@ -168,11 +168,11 @@ class ArtifactFamily:
                 continue
             rel = str(path.relative_to(scratch))
             stat = path.stat()
-            known = linked.get(rel)
-            if known is not None and known[0] == (stat.st_dev, stat.st_ino, stat.st_size):
+            known = linked.get((stat.st_dev, stat.st_ino, stat.st_size))
+            if known is not None:
                 # A hard link to the serving version's file: the same bytes, already durable
                 # and already checked, so its checksum carries over (no re-read, no fsync).
-                files[rel] = known[1]
+                files[rel] = known
                 continue
             fresh.append((rel, path, stat.st_size))
 
@@ -197,10 +197,11 @@ class ArtifactFamily:
             os.fsync(handle.fileno())
         _fsync_dir(scratch)
 
-    def _linked_checksums(self) -> dict[str, tuple[tuple[int, int, int], dict[str, Any]]]:
+    def _linked_checksums(self) -> dict[tuple[int, int, int], dict[str, Any]]:
         """The serving version's files as (device, inode, size) → manifest entry, when this
         process has verified or sealed that version (else nothing: its recorded checksums are
-        not trusted without a read). A new version's file with the same inode is a hard link."""
+        not trusted without a read). A new version's file with the same inode is a hard link,
+        under its old name or a new one."""
         base = self.current_path()
         if base is None:
             return {}
@@ -211,14 +212,14 @@ class ArtifactFamily:
             files: dict[str, dict[str, Any]] = self.read_manifest(base.name)["files"]
         except (OSError, ValueError, KeyError):
             return {}
-        out: dict[str, tuple[tuple[int, int, int], dict[str, Any]]] = {}
+        out: dict[tuple[int, int, int], dict[str, Any]] = {}
         for rel, meta in files.items():
             try:
                 stat = (base / rel).stat()
             except OSError:
                 continue
             if stat.st_size == meta.get("bytes"):
-                out[rel] = ((stat.st_dev, stat.st_ino, stat.st_size), meta)
+                out[(stat.st_dev, stat.st_ino, stat.st_size)] = meta
         return out
 
     def _write_pointer(self, version: str, beside: Callable[[], None]) -> Path:

@@ -18,8 +18,9 @@ from-scratch bm25s index of the same passages). Tombstoned rows drop out of N, d
 only out of the results. Tokenisation is the index's (bm25s' English stop words, Snowball
 English stemmer), so query and passages agree.
 
-``IndexEngine`` writes one segment per write (``bm25seg/`` in a version, earlier segments
-hard-linked) and a merge compacts them to one; records and vectors are segmented the same way
+``IndexEngine`` writes one segment per write (``bm25.<name>.vocab.json`` and
+``bm25.<name>.postings.npz`` in a version, ``bm25seg/<name>/`` in versions from before the flat
+layout; earlier segments hard-linked) and a merge compacts them to one; records and vectors are segmented the same way
 (``services.index.segments``).
 """
 
@@ -102,11 +103,12 @@ class TermStats:
         start, end = int(self.indptr[term]), int(self.indptr[term + 1])
         return self.rows[start:end], self.tf[start:end]
 
-    def save(self, directory: Path) -> None:
+    def save(self, directory: Path, prefix: str = "") -> None:
+        """``vocab.json`` and ``postings.npz`` in ``directory``, each name after ``prefix``."""
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / VOCAB_FILE).write_text(json.dumps(self.vocab, ensure_ascii=False))
+        (directory / f"{prefix}{VOCAB_FILE}").write_text(json.dumps(self.vocab, ensure_ascii=False))
         np.savez(
-            directory / ARRAYS_FILE,
+            directory / f"{prefix}{ARRAYS_FILE}",
             indptr=self.indptr,
             rows=self.rows,
             tf=self.tf,
@@ -114,18 +116,18 @@ class TermStats:
         )
 
     @classmethod
-    def load(cls, directory: Path) -> TermStats:
+    def load(cls, directory: Path, prefix: str = "") -> TermStats:
         """The segment's statistics; shared while any snapshot holds them. A segment is written
         once and every later version hard-links its files, so one loaded per inode serves all
         versions (an upsert then loads only its own new segment)."""
-        arrays_file = directory / ARRAYS_FILE
+        arrays_file = directory / f"{prefix}{ARRAYS_FILE}"
         stat = arrays_file.stat()
         key = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
         with _LOADED_LOCK:
             cached = _LOADED.get(key)
         if cached is not None:
             return cached
-        vocab = json.loads((directory / VOCAB_FILE).read_text())
+        vocab = json.loads((directory / f"{prefix}{VOCAB_FILE}").read_text())
         arrays = load_npz(arrays_file)
         loaded = cls(vocab, arrays["indptr"], arrays["rows"], arrays["tf"], arrays["doc_len"])
         with _LOADED_LOCK:

@@ -10,13 +10,18 @@ One version holds::
     passages.jsonl    passage_id, doc_id, title, text (chunks of 256 words)
     embeddings.f32    float32 (n_passages, 384), normalised MiniLM; memory-mapped, never read whole
     row_docs.npy      each row's line in documents.jsonl; doc_ids.json: the documents' ids
-    records/          the same files for each write since the last merge, one segment each
+    w<n>.*            the same files for each write since the last merge, one segment each
                       (``services.index.segments``): a write adds its own and hard-links the
                       base above and the earlier segments
-    bm25seg/          BM25 term statistics of "title text" per passage, in segments
+    bm25.s<n>.*       BM25 term statistics of "title text" per passage, in segments
                       (``services.index.bm25seg``): a write adds one over its own rows and
                       hard-links the others; scores use the live rows' global statistics.
-                      Versions built before segments hold ``bm25/`` (a bm25s index) instead.
+
+Every file sits in the version directory itself (the manifest's ``layout`` is ``flat``; it
+lists the segments under ``records`` and ``bm25.segments``), so a write creates one directory
+and its seal fsyncs one, however many segments the version has. Versions from before hold the
+segments in ``records/<name>/`` and ``bm25seg/<name>/`` with ``segments.json`` lists, and
+versions built before BM25 segments a bm25s index in ``bm25/``; both still load.
 
 Passages of one document are contiguous, so document scores are a ``maximum.reduceat`` over
 passage scores: exact max-passage aggregation with no top-k truncation artefacts.
@@ -60,15 +65,16 @@ import numpy as np
 
 from services.index.ann import ANN_FILE, AnnConfig, AnnIndex, build_ann, load_ann
 from services.index.batching import QueryBatcher
-from services.index.bm25seg import SegmentedBM25, TermStats, tokenize
+from services.index.bm25seg import ARRAYS_FILE, VOCAB_FILE, SegmentedBM25, TermStats, tokenize
 from services.index.records import JsonlRecords, SegmentedVectors, as_vectors
 from services.index.segments import (
     EMBEDDINGS,
-    RECORDS_DIR,
+    FLAT,
     VersionRows,
     link,
     link_segments,
     load_rows,
+    segment_prefix,
     write_segment,
 )
 from shared.artifacts import ArtifactFamily
@@ -95,9 +101,17 @@ RETRIEVERS = ("dense", "dense_exact", "bm25")
 #: Dense retrievers: ``dense`` is the collection's configured backend, ``dense_exact`` brute force.
 DENSE_RETRIEVERS = ("dense", "dense_exact")
 TOMBSTONES = "tombstones.npy"
-#: BM25 term statistics in segments (``services.index.bm25seg``); ``bm25/`` in older versions.
+#: BM25 term statistics in segments (``services.index.bm25seg``) of versions from before the
+#: flat layout; ``bm25/`` in older versions still.
 BM25_SEGMENTS = "bm25seg"
 SEGMENTS_FILE = "segments.json"
+
+
+def bm25_prefix(name: str) -> str:
+    """The prefix of BM25 segment ``name``'s files in a flat version."""
+    return f"bm25.{name}."
+
+
 #: BM25 segments written since the last merge before one is due: each costs every BM25 query a
 #: pass (ten one-row segments with their tombstones added ~1.2 ms to an 8.4 ms search of wiki).
 MAX_FRESH_BM25_SEGMENTS = 8
@@ -413,13 +427,22 @@ class SegmentedBM25Searcher:
 
 
 def _load_bm25(
-    base: Path, live: np.ndarray, live_rows: np.ndarray, passage_doc_index: np.ndarray, n_docs: int
+    base: Path,
+    manifest: dict[str, Any],
+    live: np.ndarray,
+    live_rows: np.ndarray,
+    passage_doc_index: np.ndarray,
+    n_docs: int,
 ) -> BM25Searcher | SegmentedBM25Searcher:
     listing = base / BM25_SEGMENTS / SEGMENTS_FILE
-    if not listing.exists():  # a version built before segments: one bm25s index of live rows
+    if manifest.get("layout") == FLAT:
+        entries = manifest["bm25"]["segments"]
+        segments = [TermStats.load(base, bm25_prefix(str(e["name"]))) for e in entries]
+    elif listing.exists():
+        entries = json.loads(listing.read_text())
+        segments = [TermStats.load(base / BM25_SEGMENTS / str(e["name"])) for e in entries]
+    else:  # a version built before segments: one bm25s index of live rows
         return BM25Searcher(base / "bm25", live_rows, passage_doc_index, n_docs)
-    entries = json.loads(listing.read_text())
-    segments = [TermStats.load(base / BM25_SEGMENTS / str(e["name"])) for e in entries]
     bounds = np.cumsum([0, *[s.n_rows for s in segments]])
     if int(bounds[-1]) != live.shape[0]:
         raise ValueError(f"BM25 segments cover {bounds[-1]} rows of {live.shape[0]} in {base}")
@@ -527,7 +550,7 @@ def load_snapshot(
     dead_rows = (
         load_npy(base / TOMBSTONES) if (base / TOMBSTONES).exists() else np.zeros(0, np.int64)
     )
-    rows = load_rows(base, int(manifest["dim"]), dead_rows)
+    rows = load_rows(base, int(manifest["dim"]), dead_rows, manifest)
     ann_meta: dict[str, Any] = manifest.get("ann") or {}
     ann_config = (
         AnnConfig.from_dict(ann_meta["config"])
@@ -557,7 +580,7 @@ def load_snapshot(
         dense=dense,
         exact=exact,
         bm25=_load_bm25(
-            base, live, np.flatnonzero(live), rows.passage_doc_index, len(rows.documents)
+            base, manifest, live, np.flatnonzero(live), rows.passage_doc_index, len(rows.documents)
         ),
         rows=rows,
     )
@@ -943,6 +966,7 @@ class IndexEngine:
                 "retrievers": list(RETRIEVERS),
                 "ann": ann_meta,  # filled in while building: ``build`` seals it on exit
                 "dense_backend": config.label() if has_ann or build_index else "flat",
+                "layout": FLAT,  # every file in the version directory (services.index.segments)
             }
             with family.build(manifest) as scratch:
                 if previous is not None and append:
@@ -957,11 +981,12 @@ class IndexEngine:
                             "documents": len(upserts),
                         }
                         write_segment(
-                            scratch / RECORDS_DIR / segment_name,
+                            scratch,
                             upserts,
                             new_passages,
                             new_row_docs,
                             new_vectors,
+                            prefix=segment_prefix(segment_name),
                         )
                     manifest["records"] = link_segments(previous.rows, scratch, segment)
                 else:
@@ -1004,8 +1029,10 @@ class IndexEngine:
                 if progress:
                     progress(0, n_rows, "bm25")
                 manifest["bm25"]["segments"] = self._write_bm25_segments(
-                    scratch / BM25_SEGMENTS,
-                    family.versions_dir / previous.version if previous and append else None,
+                    scratch,
+                    (family.versions_dir / previous.version, previous.manifest)
+                    if previous and append
+                    else None,
                     # Parsed only for a compaction or a version from before BM25 segments.
                     lambda: (
                         []
@@ -1059,32 +1086,40 @@ class IndexEngine:
     def _write_bm25_segments(
         cls,
         directory: Path,
-        previous: Path | None,
+        previous: tuple[Path, dict[str, Any]] | None,
         kept: Callable[[], list[Passage]],
         new: list[Passage],
     ) -> list[dict[str, int | str]]:
-        """BM25 term statistics as segments over the version's rows: the previous version's
-        segments hard-linked (they cover the kept rows) plus one over ``new``. ``previous`` None
-        (a first build or a compaction) or a version without segments (built before them)
-        means one segment over every row (``kept()`` then ``new``). Returns the segment list."""
-        directory.mkdir()
+        """BM25 term statistics as segments over the version's rows, in ``directory`` (the
+        flat version being built): the previous version's segments hard-linked (they cover the
+        kept rows) plus one over ``new``. ``previous`` (its directory and manifest) None (a
+        first build or a compaction) or a version without segments (built before them) means
+        one segment over every row (``kept()`` then ``new``). Returns the segment list."""
         listed: list[dict[str, int | str]] = []
-        old_list = previous / BM25_SEGMENTS / SEGMENTS_FILE if previous is not None else None
-        if previous is not None and old_list is not None and old_list.exists():
-            listed = json.loads(old_list.read_text())
-            for entry in listed:
-                source = previous / BM25_SEGMENTS / str(entry["name"])
-                (directory / str(entry["name"])).mkdir()
-                for path in source.iterdir():
-                    link(path, directory / str(entry["name"]) / path.name)
+        sources: list[tuple[str, Path, str]] = []  # (name, directory, prefix) of each segment
+        if previous is not None:
+            base, manifest = previous
+            old_list = base / BM25_SEGMENTS / SEGMENTS_FILE
+            if manifest.get("layout") == FLAT:
+                listed = [dict(entry) for entry in manifest["bm25"]["segments"]]
+                sources = [(str(e["name"]), base, bm25_prefix(str(e["name"]))) for e in listed]
+            elif old_list.exists():
+                listed = json.loads(old_list.read_text())
+                sources = [
+                    (str(e["name"]), base / BM25_SEGMENTS / str(e["name"]), "") for e in listed
+                ]
+        if sources:
+            for name, source, prefix in sources:
+                for file in (VOCAB_FILE, ARRAYS_FILE):
+                    link(source / f"{prefix}{file}", directory / f"{bm25_prefix(name)}{file}")
             rows = new
         else:
+            listed = []
             rows = kept() + new
         if rows:
             name = f"s{len(listed):05d}"
-            TermStats.build([embedding_text(p) for p in rows]).save(directory / name)
+            TermStats.build([embedding_text(p) for p in rows]).save(directory, bm25_prefix(name))
             listed.append({"name": name, "rows": len(rows)})
-        (directory / SEGMENTS_FILE).write_text(json.dumps(listed) + "\n")
         return listed
 
     def _build_ann(self, scratch: Path, config: AnnConfig, n_rows: int) -> dict[str, Any]:

@@ -5,9 +5,17 @@ A version's rows are its base followed by the segments of the writes since the l
     documents.jsonl  passages.jsonl  embeddings.f32  row_docs.npy  doc_ids.json
                             the base: what a build or a merge wrote (the version directory's
                             own files; every version before segments is a base alone)
-    records/segments.json   [{"name", "rows", "documents"}, ...] in write order
-    records/<name>/         one write's upserted documents, their passages and vectors, each
-                            row's document line and the documents' ids (the same five files)
+    <name>.documents.jsonl ... <name>.doc_ids.json
+                            one write's upserted documents, their passages and vectors, each
+                            row's document line and the documents' ids (the same five files,
+                            named after the segment), listed in the manifest's ``records``
+                            ([{"name", "rows", "documents"}, ...] in write order)
+
+Every file sits in the version directory itself (``"layout": "flat"`` in the manifest): a
+write creates no directory but its version's, so sealing it fsyncs one directory however many
+segments there are. Versions written before that keep each segment in ``records/<name>/``
+with the list in ``records/segments.json``; they load as before and the next write links
+their files under the flat names.
 
 A write hard-links the base and the earlier segments (their checksums carry over,
 ``shared.artifacts``) and writes only its own segment; rows it replaces or deletes go to the
@@ -47,6 +55,13 @@ DOC_IDS = "doc_ids.json"
 SEGMENT_FILES = (DOCUMENTS, PASSAGES, EMBEDDINGS, ROW_DOCS, DOC_IDS)
 RECORDS_DIR = "records"
 LIST_FILE = "segments.json"
+#: The manifest's ``layout`` of versions whose segment files sit in the version directory.
+FLAT = "flat"
+
+
+def segment_prefix(name: str) -> str:
+    """The prefix of segment ``name``'s files in a flat version (``""``: the base)."""
+    return f"{name}." if name else ""
 
 
 class DocIds:
@@ -69,9 +84,9 @@ def record_ids(records: Sequence[Any], field: str) -> list[str]:
     return [str(getattr(record, field)) for record in records]
 
 
-def _doc_ids(directory: Path, documents: JsonlRecords[Document]) -> DocIds:
-    path = directory / DOC_IDS
-    source = path if path.exists() else directory / DOCUMENTS
+def _doc_ids(directory: Path, prefix: str, documents: JsonlRecords[Document]) -> DocIds:
+    path = directory / f"{prefix}{DOC_IDS}"
+    source = path if path.exists() else directory / f"{prefix}{DOCUMENTS}"
     key = inode_key(source)
     with _IDS_LOCK:
         cached = _IDS.get(key)
@@ -89,10 +104,12 @@ def _doc_ids(directory: Path, documents: JsonlRecords[Document]) -> DocIds:
 
 @dataclass(frozen=True)
 class Segment:
-    """One segment's files, opened (``name`` is ``""`` for the base)."""
+    """One segment's files, opened (``name`` is ``""`` for the base): ``directory`` holds
+    them, each named ``prefix`` + its file name."""
 
     name: str
     directory: Path
+    prefix: str
     documents: JsonlRecords[Document]
     passages: JsonlRecords[Passage]
     vectors: np.ndarray
@@ -103,19 +120,22 @@ class Segment:
     def rows(self) -> int:
         return len(self.passages)
 
+    def path(self, file: str) -> Path:
+        return self.directory / f"{self.prefix}{file}"
 
-def _open_segment(name: str, directory: Path, dim: int) -> Segment:
-    documents = JsonlRecords(directory / DOCUMENTS, Document)
-    passages = JsonlRecords(directory / PASSAGES, Passage)
+
+def _open_segment(name: str, directory: Path, prefix: str, dim: int) -> Segment:
+    documents = JsonlRecords(directory / f"{prefix}{DOCUMENTS}", Document)
+    passages = JsonlRecords(directory / f"{prefix}{PASSAGES}", Passage)
     n = len(passages)
     vectors = (
-        np.memmap(directory / EMBEDDINGS, dtype=np.float32, mode="r", shape=(n, dim))
+        np.memmap(directory / f"{prefix}{EMBEDDINGS}", dtype=np.float32, mode="r", shape=(n, dim))
         if n
         else np.zeros((0, dim), dtype=np.float32)
     )
-    ids = _doc_ids(directory, documents)
-    if (directory / ROW_DOCS).exists():
-        row_docs = load_npy(directory / ROW_DOCS)
+    ids = _doc_ids(directory, prefix, documents)
+    if (directory / f"{prefix}{ROW_DOCS}").exists():
+        row_docs = load_npy(directory / f"{prefix}{ROW_DOCS}")
         if row_docs.shape[0] != n:
             raise ValueError(f"{ROW_DOCS} has {row_docs.shape[0]} rows of {n} in {directory}")
     else:  # a version from before row_docs.npy: one sequential scan of the passages
@@ -123,11 +143,14 @@ def _open_segment(name: str, directory: Path, dim: int) -> Segment:
             [ids.line_of.get(doc_id, -1) for doc_id in record_ids(passages, "doc_id")],
             dtype=np.int64,
         ).reshape(n)
-    return Segment(name, directory, documents, passages, vectors, row_docs, ids)
+    return Segment(name, directory, prefix, documents, passages, vectors, row_docs, ids)
 
 
-def segment_list(base: Path) -> list[dict[str, Any]]:
-    """The version's write segments in order (none for a base alone)."""
+def segment_list(base: Path, manifest: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The version's write segments in order (none for a base alone): the manifest's list in
+    a flat version, ``records/segments.json`` in one from before."""
+    if manifest is not None and manifest.get("layout") == FLAT:
+        return list(manifest.get("records") or [])
     listing = base / RECORDS_DIR / LIST_FILE
     if not listing.exists():
         return []
@@ -177,12 +200,19 @@ class VersionRows:
         ]
 
 
-def load_rows(base: Path, dim: int, dead_rows: np.ndarray) -> VersionRows:
-    """The version at ``base``: its base and write segments, tombstones ``dead_rows``."""
-    segments = [_open_segment("", base, dim)]
-    for entry in segment_list(base):
+def load_rows(
+    base: Path, dim: int, dead_rows: np.ndarray, manifest: dict[str, Any] | None = None
+) -> VersionRows:
+    """The version at ``base`` (``manifest``: its manifest, which says the layout): its base
+    and write segments, tombstones ``dead_rows``."""
+    flat = manifest is not None and manifest.get("layout") == FLAT
+    segments = [_open_segment("", base, "", dim)]
+    for entry in segment_list(base, manifest):
         name = str(entry["name"])
-        segments.append(_open_segment(name, base / RECORDS_DIR / name, dim))
+        if flat:
+            segments.append(_open_segment(name, base, segment_prefix(name), dim))
+        else:
+            segments.append(_open_segment(name, base / RECORDS_DIR / name, "", dim))
     n = sum(s.rows for s in segments)
     live = np.ones(n, dtype=bool)
     live[dead_rows] = False
@@ -214,9 +244,9 @@ def load_rows(base: Path, dim: int, dead_rows: np.ndarray) -> VersionRows:
     return VersionRows(
         segments=segments,
         documents=JsonlRecords(
-            [s.directory / DOCUMENTS for s in segments], Document, select=live_records
+            [s.path(DOCUMENTS) for s in segments], Document, select=live_records
         ),
-        passages=JsonlRecords([s.directory / PASSAGES for s in segments], Passage),
+        passages=JsonlRecords([s.path(PASSAGES) for s in segments], Passage),
         vectors=SegmentedVectors([s.vectors for s in segments], dim),
         live=live,
         passage_doc_index=passage_doc_index,
@@ -244,8 +274,9 @@ def write_segment(
     kept_from: VersionRows | None = None,
     kept_docs: np.ndarray | None = None,
     kept_rows: np.ndarray | None = None,
+    prefix: str = "",
 ) -> None:
-    """A segment's five files: ``kept_from``'s live documents ``kept_docs`` and rows
+    """A segment's five files (in ``directory``, each named ``prefix`` + its name): ``kept_from``'s live documents ``kept_docs`` and rows
     ``kept_rows`` first (a compaction: their bytes copied, their vectors gathered in blocks),
     then ``documents`` and ``passages`` serialised here with ``vectors``. ``row_docs`` covers
     every row of the segment."""
@@ -256,24 +287,27 @@ def write_segment(
         (DOCUMENTS, docs_kept, documents, None if kept_from is None else kept_from.documents),
         (PASSAGES, rows_kept, passages, None if kept_from is None else kept_from.passages),
     ):
-        with (directory / name).open("wb") as handle:
+        with (directory / f"{prefix}{name}").open("wb") as handle:
             if source is not None:
                 source.copy_to(handle, kept)
             for record in new:
                 handle.write((json.dumps(record.model_dump(), ensure_ascii=False) + "\n").encode())
-    np.save(directory / ROW_DOCS, np.asarray(row_docs, dtype=np.int64))
+    np.save(directory / f"{prefix}{ROW_DOCS}", np.asarray(row_docs, dtype=np.int64))
     ids = kept_from.doc_ids(docs_kept) if kept_from is not None else []
-    (directory / DOC_IDS).write_text(
+    (directory / f"{prefix}{DOC_IDS}").write_text(
         json.dumps(ids + [doc.id for doc in documents], ensure_ascii=False), encoding="utf-8"
     )
     n = rows_kept.shape[0] + vectors.shape[0]
     if kept_from is None or rows_kept.shape[0] == 0:
         # A write's own rows: one plain write (a memmap's flush is an msync the seal's fsync
         # repeats: 37 ms of a one-document write on the loaded machine).
-        np.ascontiguousarray(vectors, dtype=np.float32).tofile(directory / EMBEDDINGS)
+        np.ascontiguousarray(vectors, dtype=np.float32).tofile(directory / f"{prefix}{EMBEDDINGS}")
         return
     out = np.memmap(
-        directory / EMBEDDINGS, dtype=np.float32, mode="w+", shape=(n, vectors.shape[1])
+        directory / f"{prefix}{EMBEDDINGS}",
+        dtype=np.float32,
+        mode="w+",
+        shape=(n, vectors.shape[1]),
     )
     # In blocks, so a million-row collection is never read into memory at once.
     for start in range(0, rows_kept.shape[0], 65536):
@@ -287,31 +321,29 @@ def write_segment(
 def link_segments(
     previous: VersionRows, target: Path, new: dict[str, Any] | None
 ) -> list[dict[str, Any]]:
-    """``target`` (a version being built) gets ``previous``'s base and write segments as hard
-    links, and ``new`` (already written under ``records/``) after them. A base from before
-    ``row_docs.npy`` / ``doc_ids.json`` gets them written (once: later versions link them)."""
+    """``target`` (a flat version being built) gets ``previous``'s base and write segments as
+    hard links in its own directory, and ``new`` (already written there) after them; returns
+    the list for the manifest's ``records``. A base from before ``row_docs.npy`` /
+    ``doc_ids.json`` gets them written (once: later versions link them)."""
     base = previous.segments[0]
     for name in (DOCUMENTS, PASSAGES, EMBEDDINGS):
-        link(base.directory / name, target / name)
-    if (base.directory / ROW_DOCS).exists():
-        link(base.directory / ROW_DOCS, target / ROW_DOCS)
+        link(base.path(name), target / name)
+    if base.path(ROW_DOCS).exists():
+        link(base.path(ROW_DOCS), target / ROW_DOCS)
     else:
         np.save(target / ROW_DOCS, base.row_docs.astype(np.int64))
-    if (base.directory / DOC_IDS).exists() and len(base.ids.ids) == len(base.documents):
-        link(base.directory / DOC_IDS, target / DOC_IDS)
+    if base.path(DOC_IDS).exists() and len(base.ids.ids) == len(base.documents):
+        link(base.path(DOC_IDS), target / DOC_IDS)
     else:
         (target / DOC_IDS).write_text(json.dumps(base.ids.ids, ensure_ascii=False))
     listed: list[dict[str, Any]] = []
     for segment in previous.segments[1:]:
-        (target / RECORDS_DIR / segment.name).mkdir(parents=True)
+        prefix = segment_prefix(segment.name)
         for name in SEGMENT_FILES:
-            link(segment.directory / name, target / RECORDS_DIR / segment.name / name)
+            link(segment.path(name), target / f"{prefix}{name}")
         listed.append(
             {"name": segment.name, "rows": segment.rows, "documents": len(segment.documents)}
         )
     if new is not None:
         listed.append(new)
-    if listed:
-        (target / RECORDS_DIR).mkdir(exist_ok=True)
-        (target / RECORDS_DIR / LIST_FILE).write_text(json.dumps(listed) + "\n")
     return listed

@@ -28,17 +28,15 @@ def test_the_index_refuses_a_tampered_collection_and_serves_the_others(
     assert version is not None
     passages = family.versions_dir / version / "passages.jsonl"
     passages.write_bytes(passages.read_bytes().replace(b"Mona", b"Mono", 1))
-    # A collection with a write segment (records/w00001/) serves from another process, which
+    # A collection with a write segment (w00001.*) serves from another process, which
     # checks the linked base and the segment; a tampered segment file is refused the same way.
     shutil.copytree(collections / "wiki", collections / "wiki-seg")
     engine = IndexEngine(data_dir, lambda: get_embedder(make_settings(data_dir)))
     engine.upsert("wiki-seg", [Document(id="Zorblax", title="Zorblax", text="a purple moon")])
     shutil.copytree(collections / "wiki-seg", collections / "wiki-seg-bad")
     bad = ArtifactFamily(collections / "wiki-seg-bad")
-    segment = bad.versions_dir / str(bad.current_version()) / "records" / "w00001"
-    (segment / "passages.jsonl").write_bytes(
-        (segment / "passages.jsonl").read_bytes().replace(b"purple", b"purpel")
-    )
+    segment = bad.versions_dir / str(bad.current_version()) / "w00001.passages.jsonl"
+    segment.write_bytes(segment.read_bytes().replace(b"purple", b"purpel"))
 
     port = free_port()
     env = stack_env(data_dir, LODESTAR_INDEX_PORT=str(port))
@@ -63,7 +61,7 @@ def test_the_index_refuses_a_tampered_collection_and_serves_the_others(
         )
         assert refused.status_code == 503, refused.text
         message = refused.json()["error"]["message"]
-        assert "records/w00001/passages.jsonl does not match its checksum" in message
+        assert "w00001.passages.jsonl does not match its checksum" in message
         ready = httpx.get(f"{url}/readyz").json()
         assert "wiki-copy" in str(ready) and "wiki-copy" not in ready.get("collections", [])
     finally:

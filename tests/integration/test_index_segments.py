@@ -42,11 +42,10 @@ def engine(built_data_dir: Path, tmp_path: Path) -> IndexEngine:
 
 
 def _segments(engine: IndexEngine) -> list[dict[str, object]]:
-    family = engine.family("wiki")
-    version = family.current_version()
-    assert version is not None
-    listing = family.versions_dir / version / BM25_SEGMENTS / SEGMENTS_FILE
-    entries: list[dict[str, object]] = json.loads(listing.read_text())
+    """The current version's BM25 segments (the manifest lists them in the flat layout)."""
+    manifest = engine.family("wiki").read_manifest()
+    assert manifest["layout"] == "flat"
+    entries: list[dict[str, object]] = manifest["bm25"]["segments"]
     return entries
 
 
@@ -86,8 +85,8 @@ def test_writes_append_segments_and_scores_stay_those_of_a_fresh_index(
     versions = sorted(p for p in family.versions_dir.iterdir() if p.is_dir())
     old, current = versions[-2], versions[-1]
     name = str(first[0]["name"])
-    assert (old / BM25_SEGMENTS / name / "postings.npz").stat().st_ino == (
-        current / BM25_SEGMENTS / name / "postings.npz"
+    assert (old / f"bm25.{name}.postings.npz").stat().st_ino == (
+        current / f"bm25.{name}.postings.npz"
     ).stat().st_ino
     engine.upsert("wiki", [new.model_copy(update={"text": "Zorblax is now a green comet."})])
     engine.delete("wiki", "Eiffel Tower")
@@ -216,9 +215,13 @@ def test_a_version_from_before_segments_loads_and_its_next_write_segments_it(
     legacy = bm25s.BM25(k1=BM25_K1, b=BM25_B)
     legacy.index(engine_module._bm25_tokenize(live_texts), show_progress=False)
     legacy.save(str(base / "bm25"))
-    shutil.rmtree(base / BM25_SEGMENTS)
+    for path in base.glob("bm25.*"):
+        path.unlink()
     (base / segments_module.ROW_DOCS).unlink()  # nor row -> document map, nor the id list
     (base / segments_module.DOC_IDS).unlink()
+    manifest = json.loads((base / "manifest.json").read_text())
+    del manifest["layout"]  # verified already in this process: the manifest is not re-checked
+    (base / "manifest.json").write_text(json.dumps(manifest))
     fresh = IndexEngine(engine.root.parent, engine._embedder_factory)
     old = fresh.snapshot("wiki")
     assert isinstance(old.bm25, engine_module.BM25Searcher)
@@ -265,13 +268,12 @@ def test_a_write_adds_only_its_own_record_segment_and_links_the_rest(
     old, current = _version_dirs(engine)
     for name in base_files:
         assert (old / name).stat().st_ino == (current / name).stat().st_ino, name
-    listed = json.loads((current / "records" / "segments.json").read_text())
-    assert listed == [{"name": "w00001", "rows": 1, "documents": 1}]
-    segment = current / "records" / "w00001"
-    assert (segment / "embeddings.f32").stat().st_size == 384 * 4
-    assert json.loads((segment / "doc_ids.json").read_text()) == ["Zorblax"]
-    assert np.load(segment / "row_docs.npy").tolist() == [0]
     manifest = family.read_manifest()
+    assert manifest["records"] == [{"name": "w00001", "rows": 1, "documents": 1}]
+    assert not [p for p in current.iterdir() if p.is_dir()]  # the flat layout: files only
+    assert (current / "w00001.embeddings.f32").stat().st_size == 384 * 4
+    assert json.loads((current / "w00001.doc_ids.json").read_text()) == ["Zorblax"]
+    assert np.load(current / "w00001.row_docs.npy").tolist() == [0]
     previous = json.loads((old / "manifest.json").read_text())
     for name in base_files:
         assert manifest["files"][name] == previous["files"][name]
@@ -279,10 +281,11 @@ def test_a_write_adds_only_its_own_record_segment_and_links_the_rest(
     engine.upsert("wiki", [Document(id="Quokka", title="Quokka", text="a small green comet")])
     engine.delete("wiki", "Eiffel Tower")
     old, current = _version_dirs(engine)
-    assert not (current / "records" / "w00003").exists()  # a delete adds no segment
+    assert not list(current.glob("w00003.*"))  # a delete adds no segment
     for name in ("w00001", "w00002"):
-        for path in (old / "records" / name).iterdir():
-            assert path.stat().st_ino == (current / "records" / name / path.name).stat().st_ino
+        for file in base_files:
+            path = f"{name}.{file}"
+            assert (old / path).stat().st_ino == (current / path).stat().st_ino, path
     tombstones = np.load(current / engine_module.TOMBSTONES)
     assert tombstones.shape[0] == family.read_manifest()["tombstones"] > 0
     assert len(list(family.versions_dir.iterdir())) == 2  # pruned; the links keep the files
@@ -325,7 +328,9 @@ def test_segmented_records_read_what_a_compacted_version_holds(engine: IndexEngi
     engine.merge("wiki")
     merged = engine.snapshot("wiki")
     assert len(merged.rows.segments) == 1 and merged.live.all()
-    assert not (engine.family("wiki").current_path() / "records").exists()  # type: ignore[operator]
+    current = engine.family("wiki").current_path()
+    assert current is not None and not list(current.glob("w0*"))
+    assert engine.family("wiki").read_manifest()["records"] == []
     assert _live_view(merged) == view
     assert [d.id for d in merged.documents] == ids
     after = [ranked(merged, engine.search("wiki", q, 5, ["dense", "bm25"])[1]) for q in queries]
@@ -376,7 +381,9 @@ def _flatten_to_the_layout_before_record_segments(engine: IndexEngine) -> None:
     family = engine.family("wiki")
     source = family.versions_dir / snapshot.version
     manifest = {
-        k: v for k, v in snapshot.manifest.items() if k not in ("files", "version", "records")
+        k: v
+        for k, v in snapshot.manifest.items()
+        if k not in ("files", "version", "records", "layout")
     }
     with family.lock(), family.build(manifest) as scratch:
         (scratch / "passages.jsonl").write_bytes(
@@ -394,7 +401,15 @@ def _flatten_to_the_layout_before_record_segments(engine: IndexEngine) -> None:
         )
         for name in (engine_module.TOMBSTONES,):
             shutil.copyfile(source / name, scratch / name)
-        shutil.copytree(source / BM25_SEGMENTS, scratch / BM25_SEGMENTS)
+        listed = snapshot.manifest["bm25"]["segments"]
+        for entry in listed:  # BM25 segments in bm25seg/<name>/, listed in bm25seg/segments.json
+            (scratch / BM25_SEGMENTS / entry["name"]).mkdir(parents=True)
+            for file in ("vocab.json", "postings.npz"):
+                shutil.copyfile(
+                    source / f"bm25.{entry['name']}.{file}",
+                    scratch / BM25_SEGMENTS / entry["name"] / file,
+                )
+        (scratch / BM25_SEGMENTS / SEGMENTS_FILE).write_text(json.dumps(listed))
 
 
 def test_a_version_from_before_record_segments_loads_and_its_next_write_links_it(

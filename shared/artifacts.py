@@ -35,6 +35,28 @@ MANIFEST = "manifest.json"
 CURRENT = "CURRENT"
 #: fsyncs a seal keeps in flight at once (files and directories it wrote).
 _SYNC_THREADS = 8
+_SYNC_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (the pid that started it, it)
+_SYNC_POOL_LOCK = threading.Lock()
+
+
+def _sync_pool() -> ThreadPoolExecutor:
+    """The threads seals fsync on, started once per process (starting them per seal cost a
+    few ms of a one-document index write). A forked child (a Celery worker) starts its own:
+    its parent's threads did not come with it, and the inherited pool would wait on them."""
+    global _SYNC_POOL
+    with _SYNC_POOL_LOCK:
+        if _SYNC_POOL is None or _SYNC_POOL[0] != os.getpid():
+            pool = ThreadPoolExecutor(max_workers=_SYNC_THREADS, thread_name_prefix="fsync")
+            _SYNC_POOL = (os.getpid(), pool)
+        return _SYNC_POOL[1]
+
+
+def _forget_sync_pool() -> None:
+    global _SYNC_POOL, _SYNC_POOL_LOCK
+    _SYNC_POOL, _SYNC_POOL_LOCK = None, threading.Lock()  # the lock may have been held
+
+
+os.register_at_fork(after_in_child=_forget_sync_pool)
 
 
 class ArtifactError(RuntimeError):
@@ -182,13 +204,13 @@ class ArtifactFamily:
             return sha256_of(path)
 
         # ``scratch`` itself is fsynced once, after the manifest is in it.
-        with ThreadPoolExecutor(max_workers=_SYNC_THREADS) as pool:
-            digests = [pool.submit(seal_file, path) for _, path, _ in fresh]
-            synced = [pool.submit(_fsync_dir, d) for d in sorted(directories)]
-            for future in synced:
-                future.result()
-            for (rel, _, size), digest in zip(fresh, digests, strict=True):
-                files[rel] = {"bytes": size, "sha256": digest.result()}
+        pool = _sync_pool()
+        digests = [pool.submit(seal_file, path) for _, path, _ in fresh]
+        synced = [pool.submit(_fsync_dir, d) for d in sorted(directories)]
+        for future in synced:
+            future.result()
+        for (rel, _, size), digest in zip(fresh, digests, strict=True):
+            files[rel] = {"bytes": size, "sha256": digest.result()}
         full = {**manifest, "version": version, "created_at": time.time(), "files": files}
         manifest_path = scratch / MANIFEST
         with manifest_path.open("w") as handle:
@@ -226,12 +248,13 @@ class ArtifactFamily:
         """``CURRENT.tmp`` naming ``version``, written and fsynced while ``beside`` runs in
         another thread; returns it once both are done (``build`` renames it into place)."""
         tmp = self.root / f"{CURRENT}.tmp"
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            other = pool.submit(beside)
+        other = _sync_pool().submit(beside)
+        try:
             with tmp.open("w") as handle:
                 handle.write(version + "\n")
                 handle.flush()
                 os.fsync(handle.fileno())
+        finally:
             other.result()
         return tmp
 

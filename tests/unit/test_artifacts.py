@@ -193,3 +193,27 @@ def test_version_names_sort_in_creation_order_across_a_second_boundary(
     assert first == "20231114T221320-999999999"
     assert second == "20231114T221321-000000001"
     assert first < second
+
+
+def _publish_in_a_forked_child(root: str) -> None:
+    publish(ArtifactFamily(Path(root)), "from the child")
+
+
+def test_a_forked_child_seals_on_its_own_fsync_threads(tmp_path: Path) -> None:
+    """A seal fsyncs on a pool of threads started once per process; a forked child (a Celery
+    prefork worker) gets none of its parent's threads, and must not wait on them."""
+    import multiprocessing
+
+    family = ArtifactFamily(tmp_path / "fam")
+    publish(family, "parent")  # the parent's pool is running
+    child = multiprocessing.get_context("fork").Process(
+        target=_publish_in_a_forked_child, args=(str(family.root),)
+    )
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked child's seal hung")
+    assert child.exitcode == 0
+    assert (family.current_path() / "data.txt").read_text() == "from the child"  # type: ignore[operator]
+    publish(family, "parent again")

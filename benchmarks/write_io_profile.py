@@ -229,6 +229,8 @@ def main() -> int:
         return 0
     if args.compare is None:
         parser.error("--measure or --compare")
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    load_at_start = [round(x, 2) for x in os.getloadavg()]
     runs = []
     for size in [int(n) for n in args.sizes.split(",")]:
         for label, tree in zip(("before", "after"), args.compare, strict=True):
@@ -246,8 +248,9 @@ def main() -> int:
             runs.append(result)
     report = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+        "started": started,
+        "load_average_at_start": load_at_start,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "runs": runs,
     }
     if args.out is not None:

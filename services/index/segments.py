@@ -35,7 +35,7 @@ import shutil
 import threading
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +115,7 @@ class Segment:
     vectors: np.ndarray
     row_docs: np.ndarray
     ids: DocIds
+    opened: _Opened | None = field(default=None, repr=False, compare=False)  # keeps it cached
 
     @property
     def rows(self) -> int:
@@ -124,7 +125,54 @@ class Segment:
         return self.directory / f"{self.prefix}{file}"
 
 
+class _Opened:
+    """What opening a segment's files costs (memory maps, its row -> line map, its ids), kept
+    once per set of files while a snapshot holds it: every later version hard-links the same
+    files, so loading a new version opens only the write's own segment."""
+
+    def __init__(
+        self,
+        documents: JsonlRecords[Document],
+        passages: JsonlRecords[Passage],
+        vectors: np.ndarray,
+        row_docs: np.ndarray,
+        ids: DocIds,
+    ) -> None:
+        self.documents, self.passages, self.vectors = documents, passages, vectors
+        self.row_docs, self.ids = row_docs, ids
+
+
+#: Opened segments by the (device, inode, size, mtime) of their files and the dimension.
+_OPENED: weakref.WeakValueDictionary[tuple[Any, ...], _Opened] = weakref.WeakValueDictionary()
+_OPENED_LOCK = threading.Lock()
+
+
 def _open_segment(name: str, directory: Path, prefix: str, dim: int) -> Segment:
+    keys: list[Any] = [dim]
+    for file in (DOCUMENTS, PASSAGES, EMBEDDINGS, ROW_DOCS, DOC_IDS):
+        path = directory / f"{prefix}{file}"
+        keys.append(inode_key(path) if file in (DOCUMENTS, PASSAGES) or path.exists() else None)
+    key = tuple(keys)
+    with _OPENED_LOCK:
+        opened = _OPENED.get(key)
+    if opened is None:
+        opened = _open_files(directory, prefix, dim)
+        with _OPENED_LOCK:
+            opened = _OPENED.setdefault(key, opened)
+    return Segment(
+        name,
+        directory,
+        prefix,
+        opened.documents,
+        opened.passages,
+        opened.vectors,
+        opened.row_docs,
+        opened.ids,
+        opened,
+    )
+
+
+def _open_files(directory: Path, prefix: str, dim: int) -> _Opened:
     documents = JsonlRecords(directory / f"{prefix}{DOCUMENTS}", Document)
     passages = JsonlRecords(directory / f"{prefix}{PASSAGES}", Passage)
     n = len(passages)
@@ -143,7 +191,7 @@ def _open_segment(name: str, directory: Path, prefix: str, dim: int) -> Segment:
             [ids.line_of.get(doc_id, -1) for doc_id in record_ids(passages, "doc_id")],
             dtype=np.int64,
         ).reshape(n)
-    return Segment(name, directory, prefix, documents, passages, vectors, row_docs, ids)
+    return _Opened(documents, passages, vectors, row_docs, ids)
 
 
 def segment_list(base: Path, manifest: dict[str, Any] | None = None) -> list[dict[str, Any]]:

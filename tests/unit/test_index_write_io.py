@@ -235,3 +235,29 @@ def test_a_write_killed_at_any_point_leaves_the_previous_version(
     assert not list(family.versions_dir.glob("*.tmp"))
     assert fresh.snapshot("c").rows_of("new-99")
     family.verify()
+
+
+def test_loading_a_new_version_opens_only_the_writes_own_segment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services.index import segments
+
+    engine = make_engine(tmp_path)
+    seed(engine)
+    for i in range(5):
+        engine.upsert("c", [one_doc(i)])
+    engine.snapshot("c")
+    opened: list[str] = []
+    real = segments._open_files
+
+    def spy(directory: Path, prefix: str, dim: int) -> object:
+        opened.append(prefix)
+        return real(directory, prefix, dim)
+
+    monkeypatch.setattr(segments, "_open_files", spy)
+    engine.upsert("c", [one_doc(5)])
+    snapshot = engine.snapshot("c")
+    assert opened == ["w00006."]
+    assert len(snapshot.rows.segments) == 7
+    assert [snapshot.passages[r].doc_id for r in snapshot.rows_of("new-5")] == ["new-5"]
+    assert [snapshot.passages[r].doc_id for r in snapshot.rows_of("new-0")] == ["new-0"]

@@ -17,6 +17,7 @@ def register(sub: Any) -> None:
     from lodestar.bench.rerun import register as register_rerun
     from lodestar.bench.search import register as register_search
     from lodestar.bench.soak import register as register_soak
+    from lodestar.bench.write_io import register as register_write_io
 
     group = sub.add_parser(
         "bench", help="speed and memory benchmarks (JSON under benchmarks/results)"
@@ -32,5 +33,6 @@ def register(sub: Any) -> None:
         register_rerun,
         register_search,
         register_soak,
+        register_write_io,
     ):
         register_benchmark(group)

@@ -1,9 +1,10 @@
-"""One-document upserts in process, by count and as a ratio to one query encode (issue #23).
+"""``lodestar bench write-io``: one-document upserts in process, by count and as a ratio to one
+query encode.
 
-    .venv/bin/python benchmarks/write_io_profile.py --compare BEFORE_TREE AFTER_TREE \\
-        --sizes 10000,100000 --out benchmarks/results/write_io_profile.json
+    lodestar bench write-io --compare BEFORE_TREE AFTER_TREE --sizes 10000,100000
 
-runs ``--measure`` once per tree and size, alternating the trees, each in its own process that
+runs ``--measure`` (this file run as a script) once per tree and size (without ``--compare``:
+this checkout alone), alternating the trees, each in its own process that
 imports the index engine from that tree (``git archive <commit> | tar -x -C BEFORE_TREE``): a
 collection of ``--passages`` synthetic one-passage documents (hashed vectors, so building it
 costs no encoding; the default ANN configuration: flat below 20k passages, IVF-PQ + exact
@@ -61,7 +62,8 @@ def measure(root: Path, n_docs: int, pre_segments: int, repeats: int) -> dict[st
                 np.random.default_rng(zlib.crc32(t.encode())).standard_normal(384) for t in texts
             ]
             out = np.asarray(rows, dtype=np.float32)
-            return out / np.linalg.norm(out, axis=1, keepdims=True)
+            unit: np.ndarray = out / np.linalg.norm(out, axis=1, keepdims=True)
+            return unit
 
         def encode_queries(self, texts: list[str]) -> np.ndarray:
             return np.asarray(real.encode(texts), dtype=np.float32)
@@ -121,8 +123,12 @@ def measure(root: Path, n_docs: int, pre_segments: int, repeats: int) -> dict[st
     profile = cProfile.Profile()
     with tempfile.TemporaryDirectory(prefix="lodestar-write-io-") as tmp:
         engine = IndexEngine(
-            Path(tmp), lambda: embed, ann=AnnConfig(), max_candidates=1000, device="cpu"
-        )  # type: ignore[arg-type, return-value]
+            Path(tmp),
+            lambda: embed,  # type: ignore[arg-type, return-value]
+            ann=AnnConfig(),
+            max_candidates=1000,
+            device="cpu",
+        )
         started = time.perf_counter()
         for start in range(0, n_docs, 20000):
             engine.upsert("bench", docs[start : start + 20000])
@@ -211,29 +217,38 @@ def measure(root: Path, n_docs: int, pre_segments: int, repeats: int) -> dict[st
     }
 
 
+#: This checkout: the tree measured when no ``--compare`` is given.
+REPO = Path(__file__).resolve().parents[2]
+RESULTS_PATH = REPO / "benchmarks" / "results" / "write_io.json"
+
+
+def _add_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sizes", default="10000", help="collection sizes in passages")
+    parser.add_argument("--pre-segments", type=int, default=4, help="upserts before measuring")
+    parser.add_argument("--repeats", type=int, default=6, help="measured upserts")
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--measure", type=Path, help="one tree: print its JSON result")
-    parser.add_argument("--compare", nargs=2, type=Path, metavar=("BEFORE", "AFTER"))
-    parser.add_argument("--sizes", default="10000")
+    """The per-tree measurement, in a process of its own (``--measure TREE``)."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--measure", type=Path, required=True, help="print this tree's result")
     parser.add_argument("--passages", type=int, default=10000)
-    parser.add_argument("--pre-segments", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=6)
-    parser.add_argument("--out", type=Path)
+    _add_options(parser)
     args = parser.parse_args()
-    if args.measure is not None:
-        result = measure(args.measure.resolve(), args.passages, args.pre_segments, args.repeats)
-        print("RESULT " + json.dumps(result), flush=True)
-        return 0
-    if args.compare is None:
-        parser.error("--measure or --compare")
+    result = measure(args.measure.resolve(), args.passages, args.pre_segments, args.repeats)
+    print("RESULT " + json.dumps(result), flush=True)
+    return 0
+
+
+def command(args: argparse.Namespace, settings: Any) -> int:
+    del settings  # each tree's engine runs in a process of its own, on synthetic documents
+    trees = args.compare or [REPO]
+    labels = ("before", "after") if args.compare else ("this",)
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     load_at_start = [round(x, 2) for x in os.getloadavg()]
     runs = []
     for size in [int(n) for n in args.sizes.split(",")]:
-        for label, tree in zip(("before", "after"), args.compare, strict=True):
+        for label, tree in zip(labels, trees, strict=True):
             command = [
                 sys.executable, __file__, "--measure", str(tree), "--passages", str(size),
                 "--pre-segments", str(args.pre_segments), "--repeats", str(args.repeats),
@@ -247,16 +262,32 @@ def main() -> int:
             print(json.dumps({k: v for k, v in result.items() if k != "upserts"}), flush=True)
             runs.append(result)
     report = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": " ".join(["lodestar", *sys.argv[1:]]),
         "started": started,
         "load_average_at_start": load_at_start,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "runs": runs,
     }
-    if args.out is not None:
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
     return 0
+
+
+def register(group: Any) -> None:
+    """``lodestar bench write-io`` on the ``bench`` group."""
+    parser = group.add_parser(
+        "write-io", help="one-document upserts by I/O count and as a ratio to one query encode"
+    )
+    parser.add_argument(
+        "--compare",
+        nargs=2,
+        type=Path,
+        metavar=("BEFORE", "AFTER"),
+        help="two source trees (e.g. git archive <commit> | tar -x -C DIR), alternated",
+    )
+    _add_options(parser)
+    parser.add_argument("--out", default=str(RESULTS_PATH), help="JSON results")
+    parser.set_defaults(handler=command)
 
 
 if __name__ == "__main__":

@@ -143,11 +143,6 @@ class Settings(BaseSettings):
     downstream_timeout_s: float = 10.0
     """Timeout of one inter-service call (capped by the remaining request deadline)."""
 
-    malloc_arena_max: int = Field(default=2, ge=0)
-    """glibc malloc arenas per service process (0: glibc's default, 8 per core). Each request
-    thread otherwise gets a heap of its own, and freed buffers of varying sizes stay spread over
-    all of them (the soak's RSS, docs/api.md)."""
-
     # --- storage and jobs ---------------------------------------------------------------------
     database_url: str | None = None
     """SQLAlchemy URL of the trace and feedback store; empty means SQLite in WAL mode under

@@ -26,6 +26,7 @@ from shared.app import (
 )
 from shared.errors import ErrorCode, LodestarError
 from shared.schemas import (
+    NON_BLANK,
     CollectionInfo,
     Document,
     EmbedResponse,
@@ -226,8 +227,8 @@ class RerankDocumentIn(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={
             "anyOf": [
-                {"properties": {"title": {"pattern": r"\S"}}, "required": ["title"]},
-                {"properties": {"text": {"pattern": r"\S"}}},
+                {"properties": {"title": {"pattern": NON_BLANK}}, "required": ["title"]},
+                {"properties": {"text": {"pattern": NON_BLANK}}},
             ]
         }
     )

@@ -21,12 +21,17 @@ BM25_TERMS_MAX = 256
 # The text and k limits are settings, checked by ``shared.app.check_text``/``check_k`` so that an
 # empty text stays a 400 ``empty`` (docs/api.md, "Errors") rather than a schema 422. The OpenAPI
 # document still states them (with the settings' defaults), so a generated client knows the rule.
+#: "At least one character ``str.strip`` keeps", as a JSON Schema pattern. The pattern dialect
+#: is ECMA-262, whose ``\s`` is not Python's: ``\S`` there matches U+0085 and U+001C-U+001F,
+#: which ``strip`` removes (a question of U+0085 passed the schema and got 400 ``empty``). The
+#: class lists exactly the characters ``str.isspace`` accepts (tests/unit/test_schemas.py).
+NON_BLANK = "[^\\t-\\r\\x1c- \\x85\\xa0\\u1680\\u2000-\\u200a\\u2028\\u2029\\u202f\\u205f\\u3000]"
 MAX_QUERY_CHARS_DEFAULT: int = Settings.model_fields["max_query_chars"].default
 MAX_K_DEFAULT: int = Settings.model_fields["max_k"].default
 QueryText = Annotated[
     str,
     Field(
-        json_schema_extra={"pattern": r"\S", "maxLength": MAX_QUERY_CHARS_DEFAULT},
+        json_schema_extra={"pattern": NON_BLANK, "maxLength": MAX_QUERY_CHARS_DEFAULT},
         description="Text with at least one non-space character (else 400 `empty`)",
     ),
 ]
@@ -132,7 +137,9 @@ class IndexSearchRequest(BaseModel):
         default=None,
         min_length=1,
         max_length=BM25_TERMS_MAX,
-        json_schema_extra={"propertyNames": {"minLength": 1, "maxLength": 64, "pattern": r"\S"}},
+        json_schema_extra={
+            "propertyNames": {"minLength": 1, "maxLength": 64, "pattern": NON_BLANK}
+        },
     )
     """A weighted BM25 query (term -> weight > 0, e.g. RM3 expansion interpolated with the
     query) scored as sum_t weight_t * BM25(t, d) instead of ``query``; bm25 only."""
